@@ -1,0 +1,98 @@
+"""Tokenizers and chat templates: the template applied exactly once, stop ids as a list.
+
+Text crosses stage boundaries; token ids are made here, per model, because the policy and the
+reward model may use different tokenizers (the paper pairs a Mistral policy with a Llama-3 RM).
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+_SENTINEL = "\u2063MT-RESPONSE\u2063"
+
+
+class ChatTemplateError(ValueError):
+    """A tokenizer that cannot render chats; the message names the directory and what to change."""
+
+
+def load_tokenizer(path) -> PreTrainedTokenizerBase:
+    """The checkpoint's own tokenizer, offline; a pad id is guaranteed (eos if the model has none).
+
+    The pad id only fills tensors: every position we read comes from explicit lengths, so pad == eos
+    is harmless here (DESIGN.md §4).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ChatTemplateError(f"{path}: tokenizer directory does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises many types here; ours names the directory
+        raise ChatTemplateError(f"{path}: could not load a tokenizer ({type(e).__name__}: {e})") from None
+    if tok.chat_template is None:
+        raise ChatTemplateError(
+            f"{path}: the tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
+            "chat_template.jinja); a chat model needs one. Add the model's template to tokenizer_config.json.")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.name_or_path = str(path)
+    return tok
+
+
+def render(tok, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_prompt(tok, messages: list[dict]) -> list[int]:
+    """Prompt ids ending in the assistant header. The template emits BOS itself: no second BOS."""
+    return tok(render(tok, messages, True), add_special_tokens=False)["input_ids"]
+
+
+@lru_cache(maxsize=None)
+def _end_of_turn_text(tok) -> str:
+    """What the template writes right after an assistant message (e.g. '<|eot_id|>' or '<|im_end|>\\n')."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+    text = render(tok, msgs, False)
+    if _SENTINEL not in text:
+        raise ChatTemplateError(f"{tok.name_or_path}: the chat template drops the assistant message")
+    return text.split(_SENTINEL, 1)[1]
+
+
+def end_of_turn_id(tok) -> int:
+    """The token that ends an assistant turn: the first special token the template writes after it."""
+    suffix = _end_of_turn_text(tok)
+    ids = tok(suffix, add_special_tokens=False)["input_ids"] if suffix.strip() else []
+    if not ids:
+        if tok.eos_token_id is None:
+            raise ChatTemplateError(f"{tok.name_or_path}: cannot tell which token ends an assistant turn")
+        return tok.eos_token_id
+    return ids[0]
+
+
+def encode_response(tok, response: str) -> list[int]:
+    """A finished response's ids, ending in the end-of-turn token (what the policy generated)."""
+    return tok(response, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tok)]
+
+
+def encode_conversation(tok, messages: list[dict], response: str) -> list[int]:
+    """The whole chat with the response as the assistant turn, for a reward model to score."""
+    text = render(tok, messages + [{"role": "assistant", "content": response}], False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_ids(tok, model_dir=None) -> list[int]:
+    """Every id that ends generation: generation_config's eos list, the tokenizer's eos, end of turn.
+
+    Llama-3 Instruct stops on both <|eot_id|> and <|end_of_text|>; ChatML models on <|im_end|>.
+    """
+    ids = []
+    gen = Path(model_dir or tok.name_or_path) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+    ids.append(end_of_turn_id(tok))
+    return sorted(set(int(i) for i in ids))

@@ -1,0 +1,217 @@
+"""Read and write Hugging Face model directories (config.json + safetensors), atomically.
+
+What we save loads in `transformers` unchanged: same parameter names, same config fields, the
+tokenizer and generation_config copied alongside.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mt.model import ConfigError, ModelConfig, Transformer, rope_inv_freq
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "generation_config.json")
+ARCHITECTURES = {("llama", "lm"): "LlamaForCausalLM", ("llama", "score"): "LlamaForSequenceClassification",
+                 ("mistral", "lm"): "MistralForCausalLM", ("mistral", "score"): "MistralForSequenceClassification",
+                 ("qwen2", "lm"): "Qwen2ForCausalLM", ("qwen2", "score"): "Qwen2ForSequenceClassification"}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A model directory we cannot read; the message names the path and what is wrong."""
+
+
+def read_config(path, head: str | None = None) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: model directory does not exist (expected a Hugging Face directory "
+                              "with config.json and *.safetensors)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file}: missing; {path} is not a Hugging Face model directory")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+    try:
+        return ModelConfig.from_hf(d, head=head, source=str(cfg_file))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / f for f in sorted(set(weight_map.values()))]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                              "(PyTorch .bin checkpoints are not read: convert them to safetensors)")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in the index but missing")
+    return files
+
+
+def load_state_dict(path) -> dict[str, torch.Tensor]:
+    sd = {}
+    for f in weight_files(Path(path)):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                sd[k] = fh.get_tensor(k)
+    return sd
+
+
+def load_model(path, dtype=torch.float32, device="cpu", head: str | None = None) -> Transformer:
+    """Load a Hugging Face directory into our model.
+
+    head="score" on a causal-LM directory gives a reward model with a fresh, randomly initialised
+    score head (the usual way to start an RM from a policy); head="lm" on an RM directory is an error.
+    """
+    path = Path(path)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    cfg = read_config(path, head=head)
+    src_head = read_config(path).head
+    if src_head == "score" and cfg.head == "lm":
+        raise CheckpointError(f"{path}: is a reward model (score head); it has no LM head to load")
+    sd = load_state_dict(path)
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    fresh_score = src_head == "lm" and cfg.head == "score"
+    if fresh_score:
+        sd.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.tie_weights()
+    expected = set(model.state_dict())
+    if cfg.head == "lm" and cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # tied: the embedding is the head
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(sd) - ({"score.weight"} if fresh_score else set()))
+    unexpected = sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match config.json ({cfg.model_type}, {cfg.num_hidden_layers} layers): "
+            + (f"missing {len(missing)} tensors, e.g. {missing[:3]}" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"unexpected {len(unexpected)} tensors, e.g. {unexpected[:3]}" if unexpected else ""))
+    shapes = model.state_dict()
+    for k, v in sd.items():
+        if v.shape != shapes[k].shape:
+            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config.json implies "
+                                  f"{tuple(shapes[k].shape)}")
+    with torch.no_grad():
+        if fresh_score:
+            model.score.weight.normal_(std=cfg.hf.get("initializer_range", 0.02))
+        model.load_state_dict(sd, strict=False)
+        model.inv_freq.copy_(rope_inv_freq(cfg))  # buffers are not in the checkpoint
+    return model.to(dtype)
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """The config.json we write: the source config with the architecture and head fields made right."""
+    d = {k: v for k, v in cfg.hf.items() if k not in ("_name_or_path", "transformers_version")}
+    d["architectures"] = [ARCHITECTURES[(cfg.model_type, cfg.head)]]
+    d["model_type"] = cfg.model_type
+    d["torch_dtype"] = d["dtype"] = str(dtype).removeprefix("torch.")
+    if cfg.head == "score":
+        d["num_labels"] = 1
+        d["id2label"], d["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+    else:
+        d.pop("id2label", None), d.pop("label2id", None), d.pop("num_labels", None)
+    return d
+
+
+def save_model(model_or_state, out_dir, cfg: ModelConfig | None = None, tokenizer_dir=None,
+               generation_config: dict | None = None, max_shard_bytes: int = 5 * 2**30):
+    """Write a Hugging Face directory atomically: a temp directory in the same parent, then a rename.
+
+    `model_or_state` is our Transformer or a full (gathered) state dict, with `cfg` then required.
+    Files from `tokenizer_dir` (tokenizer, chat template, generation_config) are copied alongside.
+    """
+    if isinstance(model_or_state, Transformer):
+        cfg = model_or_state.cfg
+        state = model_or_state.state_dict()
+    else:
+        state = model_or_state
+        assert cfg is not None, "save_model(state_dict, ...) needs cfg"
+    if cfg.head == "lm" and cfg.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    dtype = next(iter(state.values())).dtype
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        if generation_config is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2))
+        _write_shards(state, tmp, max_shard_bytes)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_shards(state: dict, out: Path, max_shard_bytes: int):
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + n
+    shards.append(cur)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def replace_dir(tmp: Path, out: Path):
+    """Swap a finished temp directory into place; the old one is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

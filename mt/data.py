@@ -1,0 +1,470 @@
+"""Validated readers and atomic writers for the files the stages exchange, plus padding helpers.
+
+Row schemas (all text, never token ids; DESIGN.md section 2):
+  prompts  {"prompt_id"|"id": str, "prompt": str | [messages]}      (or UltraFeedback-binarized rows)
+  samples  {"prompt_id", "prompt", "responses": [str], "finish_reasons": ["stop"|"length"], "num_tokens": [int]}
+  scores   {"prompt_id", "scores": [float]}                           (aligned with "responses")
+  pairs    {"prompt_id", "prompt", "chosen": str, "rejected": str, "chosen_score"?, "rejected_score"?, ...extra}
+A bad row raises DataError naming file, line, field and the fix; readers never write anything.
+"""
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+ROLES = ("system", "user", "assistant")
+FINISH_REASONS = ("stop", "length")  # "length": hit the token cap without a stop token (truncated)
+EXTENSIONS = (".jsonl", ".json", ".parquet")
+
+
+class DataError(ValueError):
+    """A malformed input file or row; the message says where (file:line), which field, and what to change."""
+
+
+class _Bad(Exception):
+    """Raised by the row parsers; the reader adds the file and line."""
+
+    def __init__(self, field: str | None, problem: str, fix: str):
+        super().__init__(problem)
+        self.field, self.problem, self.fix = field, problem, fix
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    messages: list[dict]  # [{"role": ..., "content": ...}], ends with a user turn
+
+    def to_row(self) -> dict:
+        return {"prompt_id": self.id, "prompt": self.messages}
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt_id: str
+    prompt: list[dict]
+    chosen: str
+    rejected: str
+    chosen_score: float | None = None
+    rejected_score: float | None = None
+    extra: dict = field(default_factory=dict)  # any other fields of the row (e.g. delta_r, eps_t), kept as is
+
+    def to_row(self) -> dict:
+        row = {"prompt_id": self.prompt_id, "prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+        if self.chosen_score is not None:
+            row["chosen_score"] = self.chosen_score
+        if self.rejected_score is not None:
+            row["rejected_score"] = self.rejected_score
+        for k, v in self.extra.items():
+            row.setdefault(k, v)  # the named fields win over a clashing extra key
+        return row
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt_id: str
+    prompt: list[dict]
+    responses: list[str]  # may contain "" (an empty response is kept here and excluded from pairs later)
+    finish_reasons: list[str]
+    num_tokens: list[int]
+
+    def to_row(self) -> dict:
+        return asdict(self)  # field names are the row's keys
+
+
+@dataclass(frozen=True)
+class Scores:
+    prompt_id: str
+    scores: list[float]  # one per response of the matching Sample, same order
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ReadReport:
+    """What a reader kept and, with on_error="skip", what it dropped ("file:line: reason")."""
+    path: str = ""
+    kept: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        head = f"{self.path}: kept {self.kept} rows, skipped {len(self.skipped)}"
+        return "\n".join([head] + ["  " + s for s in self.skipped])
+
+
+# ---- field checks (raise _Bad; JSON type names in messages since users edit JSON)
+
+def _jtype(v: Any) -> str:
+    names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
+             list: "array", dict: "object"}
+    return names.get(type(v), type(v).__name__)
+
+
+def _get(row: dict, key: str, what: str) -> Any:
+    if key not in row:
+        raise _Bad(key, "missing", f"add a '{key}' field ({what})")
+    return row[key]
+
+
+def _id(v: Any, key: str) -> str:
+    # ints are accepted (common in datasets) and become strings, so ids compare the same after a round-trip
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise _Bad(key, f"must be a string, got {_jtype(v)}", f"write the id as a string, e.g. \"{key}\": \"42\"")
+    if isinstance(v, str) and not v.strip():
+        raise _Bad(key, "is empty", "give every row a non-empty id")
+    return str(v)
+
+
+def _text(v: Any, key: str, allow_empty: bool = False) -> str:
+    if not isinstance(v, str):
+        raise _Bad(key, f"must be a string, got {_jtype(v)}", "write the text as a JSON string")
+    if not allow_empty and not v.strip():
+        raise _Bad(key, "is empty or whitespace only", f"put the text in '{key}' or drop the row")
+    return v
+
+
+def _score(v: Any, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _Bad(key, f"must be a number, got {_jtype(v)}", "write the score as a JSON number")
+    if not math.isfinite(v):
+        raise _Bad(key, f"is {v} (not finite)", "re-score this response; scores must be finite numbers")
+    return float(v)
+
+
+def _list(v: Any, key: str, what: str) -> list:
+    if not isinstance(v, list):
+        raise _Bad(key, f"must be an array, got {_jtype(v)}", f"write '{key}' as a JSON array of {what}")
+    if not v:
+        raise _Bad(key, "is an empty array", f"give at least one {what[:-1]} in '{key}' or drop the row")
+    return v
+
+
+def _messages(v: Any, key: str) -> list[dict]:
+    """A chat as [{"role", "content"}]; a plain string becomes one user message."""
+    if isinstance(v, str):
+        return [{"role": "user", "content": _text(v, key)}]
+    if not isinstance(v, list):
+        raise _Bad(key, f"must be a string or an array of messages, got {_jtype(v)}",
+                   'write it as "text" or [{"role": "user", "content": "text"}]')
+    if not v:
+        raise _Bad(key, "is an empty array", "give at least one {\"role\": \"user\", \"content\": ...} message")
+    out = []
+    for i, m in enumerate(v):
+        where = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            raise _Bad(where, f"must be an object, got {_jtype(m)}",
+                       'write each message as {"role": ..., "content": ...}')
+        for k in ("role", "content"):
+            if k not in m:
+                raise _Bad(f"{where}.{k}", "missing", 'write each message as {"role": ..., "content": ...}')
+        if m["role"] not in ROLES:
+            raise _Bad(f"{where}.role", f"unknown role {m['role']!r}", "use one of " + ", ".join(ROLES))
+        out.append({"role": m["role"], "content": _text(m["content"], f"{where}.content")})
+    return out
+
+
+def prompt_hash(messages: list[dict]) -> str:
+    """Stable id for a row without one: first 16 hex of sha1 of the prompt text (of canonical JSON for chats)."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        text = messages[0]["content"]  # so "text" and [{"role": "user", "content": "text"}] get the same id
+    else:
+        text = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _row_id(row: dict, messages: list[dict]) -> str:
+    for key in ("prompt_id", "id"):
+        if key in row:
+            return _id(row[key], key)
+    return prompt_hash(messages)
+
+
+# ---- row parsers: JSON object -> dataclass
+
+def _parse_prompt(row: dict) -> Prompt:
+    if "prompt" in row:
+        msgs = _messages(row["prompt"], "prompt")
+    elif "messages" in row:  # UltraFeedback-binarized: the prompt is the chat up to the first user turn
+        msgs = _messages(row["messages"], "messages")
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        if not users:
+            raise _Bad("messages", "has no user message", "add the user's prompt as a 'user' message")
+        msgs = msgs[: users[0] + 1]
+    else:
+        raise _Bad("prompt", "missing", "add a 'prompt' field (a string or an array of messages)")
+    if msgs[-1]["role"] != "user":
+        raise _Bad("prompt", f"last message has role {msgs[-1]['role']!r}", "end the prompt with a 'user' message")
+    return Prompt(_row_id(row, msgs), msgs)
+
+
+_PAIR_KEYS = {"prompt_id", "id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score",
+              "score_chosen", "score_rejected", "messages"}
+
+
+def _response(v: Any, key: str) -> tuple[str, list[dict] | None]:
+    """A response as text, or (UltraFeedback) as a chat whose last assistant message is the response."""
+    if isinstance(v, list):
+        msgs = _messages(v, key)
+        idx = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if not idx:
+            raise _Bad(key, "has no assistant message", "end the conversation with the assistant's response")
+        return msgs[idx[-1]]["content"], msgs[: idx[-1]]
+    return _text(v, key), None
+
+
+def _parse_pair(row: dict) -> Pair:
+    chosen, chat = _response(_get(row, "chosen", "the preferred response text"), "chosen")
+    rejected, _ = _response(_get(row, "rejected", "the dispreferred response text"), "rejected")
+    if "prompt" in row:
+        prompt = _messages(row["prompt"], "prompt")
+    elif chat:  # the turns before the chosen response
+        prompt = chat
+    else:
+        raise _Bad("prompt", "missing", "add a 'prompt' field (a string or an array of messages)")
+    if chosen == rejected:
+        raise _Bad("rejected", "is identical to 'chosen'", "a pair needs two different responses; drop this row")
+    scores = []
+    for ours, uf in (("chosen_score", "score_chosen"), ("rejected_score", "score_rejected")):
+        key = ours if ours in row else uf
+        scores.append(None if row.get(key) is None else _score(row[key], key))
+    extra = {k: v for k, v in row.items() if k not in _PAIR_KEYS}
+    return Pair(_row_id(row, prompt), prompt, chosen, rejected, scores[0], scores[1], extra)
+
+
+def _parse_sample(row: dict) -> Sample:
+    pid = _id(_get(row, "prompt_id", "the prompt's id"), "prompt_id")
+    prompt = _messages(_get(row, "prompt", "the prompt's messages"), "prompt")
+    responses = _list(_get(row, "responses", "the sampled texts"), "responses", "strings")
+    responses = [_text(r, f"responses[{i}]", allow_empty=True) for i, r in enumerate(responses)]
+    reasons = _list(_get(row, "finish_reasons", "one per response"), "finish_reasons", "strings")
+    ntok = _list(_get(row, "num_tokens", "one per response"), "num_tokens", "integers")
+    for key, v in (("finish_reasons", reasons), ("num_tokens", ntok)):
+        if len(v) != len(responses):
+            raise _Bad(key, f"has length {len(v)} but 'responses' has length {len(responses)}",
+                       "give one entry per response")
+    for i, r in enumerate(reasons):
+        if r not in FINISH_REASONS:
+            raise _Bad(f"finish_reasons[{i}]", f"is {r!r}",
+                       "use 'stop' (ended on a stop token) or 'length' (truncated)")
+    for i, n in enumerate(ntok):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise _Bad(f"num_tokens[{i}]", f"is {n!r}", "write the response's token count as an integer >= 0")
+    return Sample(pid, prompt, responses, list(reasons), list(ntok))
+
+
+def _parse_scores(row: dict) -> Scores:
+    pid = _id(_get(row, "prompt_id", "the prompt's id"), "prompt_id")
+    scores = _list(_get(row, "scores", "one number per response"), "scores", "numbers")
+    return Scores(pid, [_score(s, f"scores[{i}]") for i, s in enumerate(scores)])
+
+
+# ---- file reading: locate every row, parse it, check ids are unique
+
+def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (1-based line or row number, JSON value or _Bad); file-level problems raise DataError."""
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:  # decode per line, so invalid UTF-8 is reported at its line
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    yield n, _Bad(None, f"invalid UTF-8 at byte {e.start}", "re-save the file as UTF-8")
+                    continue
+                if line.strip():  # blank lines (e.g. a trailing newline) are not rows
+                    try:
+                        yield n, json.loads(line.rstrip())  # rstrip: columns point into the text
+                    except json.JSONDecodeError as e:
+                        yield n, _Bad(None, f"invalid JSON ({e.msg} at column {e.colno})",
+                                      "write exactly one complete JSON object per line")
+        return
+    if path.suffix == ".json":
+        data = path.read_bytes()
+        try:
+            rows = json.loads(data.decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start}. Fix: re-save the file as UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}). "
+                            "Fix: the file must be one JSON array of objects") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: top level is a JSON {_jtype(rows)}. Fix: make it an array of row objects "
+                            "(or write one object per line in a .jsonl file)")
+    else:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading parquet needs pyarrow. Fix: pip install pyarrow, "
+                            "or convert the file to JSONL") from None
+        rows = pq.read_table(path).to_pylist()
+    yield from enumerate(rows, 1)
+
+
+def _read(path, parse: Callable[[dict], Any], key: Callable[[Any], Any], dup: str,
+          on_error: str, report: ReadReport | None) -> list:
+    """Parse every row of `path`: a bad row raises DataError, or with on_error="skip" is listed in `report`."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file. Fix: check the path (cwd is {os.getcwd()})")
+    if path.suffix not in EXTENSIONS:
+        raise DataError(f"{path}: unknown extension {path.suffix!r}. Fix: use one of " + ", ".join(EXTENSIONS))
+    unit = "line" if path.suffix == ".jsonl" else "row"  # JSON arrays and parquet are located by row index
+    silent = report is None  # nobody will look at the report, so a skip must at least warn
+    report = ReadReport() if silent else report
+    report.path, report.kept, report.skipped = str(path), 0, []
+    out, seen, nrows = [], {}, 0
+    for n, row in _raw_rows(path):
+        nrows += 1
+        try:
+            if isinstance(row, _Bad):
+                raise row
+            if not isinstance(row, dict):
+                raise _Bad(None, f"row is a JSON {_jtype(row)}, not an object", "write each row as a {...} object")
+            obj = parse(row)
+            k = key(obj)
+            if k in seen:
+                hashed = " (rows without an id get prompt_hash of their text)" if dup != "row" else ""
+                raise _Bad("prompt_id", f"duplicate {dup} for {k if isinstance(k, str) else k[0]!r} "
+                           f"(first at {unit} {seen[k]})", "drop the repeated row or give it another id" + hashed)
+            seen[k] = n
+        except _Bad as e:
+            loc = f"{path}:{n}" if unit == "line" else f"{path}[row {n}]"
+            msg = f"{loc}:{f' field {e.field!r}:' if e.field else ''} {e.problem}. Fix: {e.fix}"
+            if on_error == "raise":
+                raise DataError(msg) from None
+            report.skipped.append(msg)
+            continue
+        out.append(obj)
+    report.kept = len(out)
+    if nrows == 0:
+        raise DataError(f"{path}: file is empty (no rows). Fix: check the path or the stage that wrote it")
+    if not out:
+        raise DataError(f"{path}: no valid rows (all {nrows} skipped):\n{report}")
+    if report.skipped and silent:
+        warnings.warn(str(report), stacklevel=3)
+    return out
+
+
+def read_prompts(path, on_error: str = "raise", report: ReadReport | None = None) -> list[Prompt]:
+    """Prompts from {"prompt_id"|"id", "prompt"}, {"prompt"} (id = prompt_hash) or UltraFeedback rows."""
+    return _read(path, _parse_prompt, lambda p: p.id, "prompt", on_error, report)
+
+
+def read_pairs(path, on_error: str = "raise", report: ReadReport | None = None) -> list[Pair]:
+    """Preference pairs; the same (prompt_id, chosen, rejected) twice is an error (it would double-weight it)."""
+    return _read(path, _parse_pair, lambda p: (p.prompt_id, p.chosen, p.rejected), "pair", on_error, report)
+
+
+def read_samples(path, on_error: str = "raise", report: ReadReport | None = None) -> list[Sample]:
+    """Sampled responses, one row per prompt."""
+    return _read(path, _parse_sample, lambda s: s.prompt_id, "row", on_error, report)
+
+
+def read_scores(path, on_error: str = "raise", report: ReadReport | None = None) -> list[Scores]:
+    """Reward scores, one row per prompt, aligned with that prompt's responses."""
+    return _read(path, _parse_scores, lambda s: s.prompt_id, "row", on_error, report)
+
+
+def align_scores(samples: list[Sample], scores: list[Scores]) -> list[list[float]]:
+    """Scores for each sample in the samples' order; errors if a prompt is missing or the counts differ."""
+    by_id = {s.prompt_id: s.scores for s in scores}
+    out = []
+    for s in samples:
+        if s.prompt_id not in by_id:
+            raise DataError(f"prompt_id {s.prompt_id!r} has samples but no scores. Fix: re-run scoring "
+                            "on this samples file (the scores file may come from another iteration)")
+        if len(by_id[s.prompt_id]) != len(s.responses):
+            raise DataError(f"prompt_id {s.prompt_id!r}: {len(by_id[s.prompt_id])} scores for {len(s.responses)} "
+                            "responses. Fix: re-run scoring on this samples file")
+        out.append(by_id[s.prompt_id])
+    return out
+
+
+# ---- writing: all-or-nothing
+
+def atomic_write_text(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Write a file atomically: `write(f)` fills a temp file in the same directory, fsync, rename.
+
+    A reader never sees a half-written file, and a failure leaves the previous file untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the temp file lives in the same directory so os.replace is a rename on one filesystem (atomic)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)  # the previous file, if any, is untouched
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(dfd)
+        os.close(dfd)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict | Any]) -> None:
+    """Write rows (dicts, or dataclasses with .to_row()) as JSONL atomically."""
+    def write(f):
+        for row in rows:
+            row = row.to_row() if hasattr(row, "to_row") else row
+            # allow_nan=False: NaN/Infinity are not JSON and our readers reject them anyway
+            f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+    atomic_write_text(path, write)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write one JSON document atomically (configs, manifests, metrics)."""
+    atomic_write_text(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"))
+
+
+def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSONL file this project wrote (no schema: manifests, metrics, ref log-probs)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---- padding / collation
+
+def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token lists into ids (B, T) padded with pad_id on `side`, plus their lengths (B,)."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    if not seqs:
+        raise ValueError("pad_sequences needs at least one sequence")
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)  # (B,)
+    T = int(lengths.max())
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        if s:
+            row = torch.as_tensor(s, dtype=torch.long)
+            if side == "right":
+                ids[i, : len(s)] = row
+            else:
+                ids[i, T - len(s):] = row
+    return ids, lengths
+
+
+def attention_mask_from_lengths(lengths: torch.Tensor, T: int, side: str = "right") -> torch.Tensor:
+    """Bool mask (B, T), True on real tokens; built from lengths, never by searching for pad (pad may equal eos)."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    if lengths.numel() and int(lengths.max()) > T:
+        raise ValueError(f"a length ({int(lengths.max())}) exceeds T={T}")
+    pos = torch.arange(T, device=lengths.device)  # (T,)
+    if side == "right":
+        return pos[None, :] < lengths[:, None]
+    return pos[None, :] >= T - lengths[:, None]

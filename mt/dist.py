@@ -1,0 +1,97 @@
+"""All distributed set-up in one place: torchrun → NCCL on GPU, gloo on CPU; plain python = world of 1."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_STATE = Dist()
+
+
+def init_distributed(device: str | None = None) -> Dist:
+    """Initialise once from torchrun's environment; safe to call again (returns the same state)."""
+    global _STATE
+    if "RANK" not in os.environ:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _STATE = Dist(device=dev)
+        return _STATE
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    _STATE = Dist(rank, world, local, torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu"))
+    return _STATE
+
+
+def get() -> Dist:
+    return _STATE
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def print0(*args, **kwargs):
+    if _STATE.is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def shard(items: list) -> list:
+    """This rank's share of a list, by stride, so shards stay balanced and deterministic."""
+    return items[_STATE.rank::_STATE.world_size]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's object, in rank order, on every rank (small Python objects only)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def destroy():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

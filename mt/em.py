@@ -1,0 +1,240 @@
+"""The decisions of Algorithm 1, as pure functions: partition, pairs, selection, ε_t, filtering, mixing.
+
+Everything here works on plain rows (dicts, as in the JSONL files) and numbers, so each rule is
+tested by hand and reads next to the paper. The stages that produce the rows (sampling, scoring,
+training) live in train_policy.py, train_rm.py and mt/scoring.py; run_em.py strings them together.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+
+# ---- partition (Alg. 1 line 2)
+
+
+def _rank_key(seed: int, prompt_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{prompt_id}".encode()).hexdigest()
+
+
+def partition(prompt_ids: list[str], iters: int, rm_fraction: float, d_ms_size: int, seed: int,
+              rounds: int = 1) -> dict[str, list[str]]:
+    """Split prompt ids into D_MS, D_R and D_1..D_T (per round), deterministically from the seed.
+
+    Prompts are ordered by a hash of (seed, id), not by file position, so the split is stable across
+    restarts and file orderings. D_MS (the fixed model-selection set) is drawn first (appendix B);
+    the rest goes rm_fraction to D_R and equal parts to D_1..D_T (Sec. 5.1: three equal parts for
+    T=2). With several rounds (Sec. 5.3) every round reuses the same partition.
+    """
+    if len(set(prompt_ids)) != len(prompt_ids):
+        raise ValueError("partition: prompt ids must be unique")
+    order = sorted(prompt_ids, key=lambda i: _rank_key(seed, i))
+    if d_ms_size >= len(order):
+        raise ValueError(f"--em.d_ms_size={d_ms_size} leaves no prompts for training: the prompt set has "
+                         f"{len(order)} prompts")
+    d_ms, rest = order[:d_ms_size], order[d_ms_size:]
+    n_r = round(len(rest) * rm_fraction)
+    d_r, policy = rest[:n_r], rest[n_r:]
+    parts = {"D_MS": d_ms, "D_R": d_r}
+    for t in range(iters):
+        parts[f"D_{t + 1}"] = policy[t * len(policy) // iters:(t + 1) * len(policy) // iters]
+    empty = [k for k, v in parts.items() if not v and not (k == "D_MS" and d_ms_size == 0)]
+    if empty:
+        raise ValueError(f"partition: {', '.join(empty)} would be empty with {len(prompt_ids)} prompts, "
+                         f"--iters {iters}, --em.rm_fraction {rm_fraction}, --em.d_ms_size {d_ms_size}: "
+                         "use more prompts or smaller sets")
+    return parts
+
+
+# ---- E-step preference pairs (appendix B "Length control")
+
+
+def valid_responses(sample: dict, keep_truncated: bool = False) -> list[int]:
+    """Indices of responses usable in a pair: non-empty, and finished (unless keep_truncated).
+
+    A truncated response hit the length cap without a stop token; it is excluded rather than given
+    an EOS it never produced (DESIGN.md §4).
+    """
+    out = []
+    for i, (text, reason) in enumerate(zip(sample["responses"], sample["finish_reasons"])):
+        if not text.strip():
+            continue
+        if reason == "length" and not keep_truncated:
+            continue
+        out.append(i)
+    return out
+
+
+def choose_pair(scores: list[float], lengths: list[int], valid: list[int], rule: str):
+    """(chosen index, rejected index) or (None, reason).
+
+    length_control (appendix B): among responses scoring strictly above the prompt's mean (over the
+    valid responses), the shortest is chosen (ties: higher score, then earlier); the lowest-scoring
+    one is rejected (ties: earlier). max_min: highest vs lowest score.
+    """
+    if len(valid) < 2:
+        return None, "too_few_valid"
+    s = {i: scores[i] for i in valid}
+    if max(s.values()) == min(s.values()):
+        return None, "all_equal_scores"
+    rejected = min(valid, key=lambda i: (s[i], i))
+    if rule == "max_min":
+        chosen = min(valid, key=lambda i: (-s[i], i))
+    elif rule == "length_control":
+        mean = sum(s.values()) / len(s)
+        above = [i for i in valid if s[i] > mean]
+        chosen = min(above, key=lambda i: (lengths[i], -s[i], i))
+    else:
+        raise ValueError(f"pair rule {rule!r}: must be length_control or max_min")
+    return chosen, rejected
+
+
+def make_pairs(samples: list[dict], scores: list[dict], rule: str = "length_control",
+               keep_truncated: bool = False) -> tuple[list[dict], Counter]:
+    """One (chosen, rejected) pair per prompt from its M scored responses, with the drop reasons counted."""
+    by_id = {s["prompt_id"]: s["scores"] for s in scores}
+    pairs, stats = [], Counter()
+    for sample in samples:
+        pid = sample["prompt_id"]
+        if pid not in by_id:
+            raise ValueError(f"make_pairs: prompt {pid!r} has samples but no scores")
+        sc = by_id[pid]
+        if len(sc) != len(sample["responses"]):
+            raise ValueError(f"make_pairs: prompt {pid!r} has {len(sample['responses'])} responses but "
+                             f"{len(sc)} scores")
+        stats["responses"] += len(sc)
+        stats["empty_responses"] += sum(not r.strip() for r in sample["responses"])
+        stats["truncated_responses"] += sum(f == "length" for f in sample["finish_reasons"])
+        valid = valid_responses(sample, keep_truncated)
+        c, r = choose_pair(sc, sample["num_tokens"], valid, rule)
+        if c is None:
+            stats[f"dropped_{r}"] += 1
+            continue
+        if sample["responses"][c] == sample["responses"][r]:
+            stats["dropped_identical_text"] += 1
+            continue
+        pairs.append({"prompt_id": pid, "prompt": sample["prompt"],
+                      "chosen": sample["responses"][c], "rejected": sample["responses"][r],
+                      "chosen_score": sc[c], "rejected_score": sc[r],
+                      "chosen_index": c, "rejected_index": r})
+    stats["prompts"] = len(samples)
+    stats["pairs"] = len(pairs)
+    return pairs, stats
+
+
+# ---- model selection (Eq. 6-7)
+
+
+def win_rate(new_scores: list[float], old_scores: list[float]) -> dict:
+    """Eq. 6: a win only if r(y_new) > r(y_old) strictly; ties and losses are not wins."""
+    assert len(new_scores) == len(old_scores) and new_scores, "win_rate needs aligned, non-empty scores"
+    wins = sum(a > b for a, b in zip(new_scores, old_scores))
+    ties = sum(a == b for a, b in zip(new_scores, old_scores))
+    n = len(new_scores)
+    return {"wins": wins, "ties": ties, "losses": n - wins - ties, "n": n, "win_rate": wins / n}
+
+
+def select_checkpoint(win_rates: dict[str, float], tau: float, select: bool = True,
+                      order: list[str] | None = None) -> dict:
+    """Eq. 7: argmax_k w_t^k (ties: the earliest checkpoint, the least drift); stop if max < τ.
+
+    With select=False (ablation "w/o MS", Fig. 6) the last checkpoint is taken and there is no stop.
+    """
+    order = order or list(win_rates)
+    if not select:
+        return {"chosen": order[-1], "win_rate": win_rates.get(order[-1]), "stop": False}
+    best = max(order, key=lambda k: (win_rates[k], -order.index(k)))
+    stop = win_rates[best] < tau
+    return {"chosen": None if stop else best, "best": best, "win_rate": win_rates[best], "stop": stop,
+            "tau": tau}
+
+
+# ---- data filtering for the M-step (Sec. 4.3, appendix F)
+
+
+def epsilon(old_scores: list[float], stat: str = "var", mult: float = 2.0) -> float:
+    """ε_t from the spread of r_{t-1}(y_{t-1}) over D_R.
+
+    Sec. 4.3 writes ε_t = sqrt(Var) (stat="std", mult=1); appendix B reports the run used twice the
+    variance (stat="var", mult=2), the default. Population variance (ddof=0).
+    """
+    n = len(old_scores)
+    assert n > 0, "epsilon needs scores"
+    mean = sum(old_scores) / n
+    var = sum((x - mean) ** 2 for x in old_scores) / n
+    if stat == "var":
+        return mult * var
+    if stat == "std":
+        return mult * math.sqrt(var)
+    raise ValueError(f"--em.eps_stat={stat!r}: must be var or std")
+
+
+def filter_decision(delta: float, eps: float, strategy: str) -> tuple[bool, bool, str]:
+    """(keep, swap, reason) for one pseudo-pair with margin Δr = r(y_t) − r(y_{t-1}) (Eq. 8).
+
+    lqf: drop the confidently wrong, Δr ≤ −ε (Sec. 4.3); −ε < Δr < 0 stays as regularisation.
+    hqs: keep only Δr ≥ ε. dst: keep all, labelled by the sign of Δr (ties have no label: dropped).
+    none: keep all as (y_t ≻ y_{t-1}).
+    """
+    if strategy == "lqf":
+        return (False, False, "lqf_low_quality") if delta <= -eps else (True, False, "kept")
+    if strategy == "hqs":
+        return (True, False, "kept") if delta >= eps else (False, False, "hqs_below_margin")
+    if strategy == "dst":
+        if delta == 0:
+            return False, False, "dst_tie"
+        return (True, False, "kept") if delta > 0 else (True, True, "kept_swapped")
+    if strategy == "none":
+        return True, False, "kept"
+    raise ValueError(f"--em.filter={strategy!r}: must be lqf, hqs, dst or none")
+
+
+def make_pseudo_pairs(new: list[dict], old: list[dict], new_scores: list[dict], old_scores: list[dict],
+                      strategy: str, eps_stat: str, eps_mult: float) -> tuple[list[dict], dict]:
+    """Alg. 1 lines 6-7: (y_t ≻ y_{t-1}) per prompt of D_R, scored by r_{t-1}, then filtered.
+
+    `new`/`old` are samples rows with one response each, from π_t and π_{t-1}. Every pair is written
+    with Δr, ε_t and its decision; only kept pairs enter the M-step. Prompts where either response is
+    empty or truncated give no pair (counted).
+    """
+    s_new = {s["prompt_id"]: s["scores"][0] for s in new_scores}
+    s_old = {s["prompt_id"]: s["scores"][0] for s in old_scores}
+    old_by_id = {o["prompt_id"]: o for o in old}
+    eps = epsilon([s_old[o["prompt_id"]] for o in old], eps_stat, eps_mult)
+    rows, stats = [], Counter()
+    for n in new:
+        pid = n["prompt_id"]
+        o = old_by_id[pid]
+        usable = valid_responses(n) and valid_responses(o)
+        delta = s_new[pid] - s_old[pid]
+        if not usable:
+            keep, swap, reason = False, False, "invalid_response"
+        else:
+            keep, swap, reason = filter_decision(delta, eps, strategy)
+        y_t, y_prev = n["responses"][0], o["responses"][0]
+        if keep and y_t == y_prev:
+            keep, reason = False, "identical_text"
+        chosen, rejected = (y_prev, y_t) if swap else (y_t, y_prev)
+        rows.append({"prompt_id": pid, "prompt": n["prompt"], "chosen": chosen, "rejected": rejected,
+                     "y_t": y_t, "y_prev": y_prev, "score_t": s_new[pid], "score_prev": s_old[pid],
+                     "delta": delta, "eps": eps, "kept": keep, "swapped": swap, "reason": reason})
+        stats[reason] += 1
+    stats["kept_total"] = sum(r["kept"] for r in rows)
+    return rows, {"eps_t": eps, "strategy": strategy, "eps_stat": eps_stat, "eps_mult": eps_mult,
+                  "n": len(rows), **dict(stats)}
+
+
+# ---- the M-step's data (Sec. 5.1, 5.3)
+
+
+def mix_rm_data(pseudo_pairs: list[dict], st_pairs: list[dict], mode: str) -> list[dict]:
+    """pc: the kept pseudo-pairs (policy comparison); st: the E-step pairs of D_1..D_t with the labels
+    the RM gave them (self-training); mixed (the paper's final setting): both."""
+    pc = [p for p in pseudo_pairs if p["kept"]]
+    if mode == "pc":
+        return pc
+    if mode == "st":
+        return list(st_pairs)
+    if mode == "mixed":
+        return pc + list(st_pairs)
+    raise ValueError(f"--em.rm_data={mode!r}: must be mixed, pc or st")

@@ -1,0 +1,322 @@
+"""Our Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2), with Hugging Face parameter names.
+
+One file, plain PyTorch. The same module is the policy (LM head, `lm_head`) and the reward model
+(`score` head, one scalar per sequence read at the last real token). Parameter names equal
+`transformers`' LlamaForCausalLM / LlamaForSequenceClassification, so a checkpoint's state dict
+loads strictly with no key map (see mt/checkpoint.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+class ConfigError(ValueError):
+    """A model config we cannot run; the message names the field and what to change."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", ...} or None
+    qkv_bias: bool = False  # Qwen2: bias on q/k/v only
+    o_bias: bool = False  # Llama's `attention_bias` puts a bias on q/k/v *and* o
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    head: str = "lm"  # "lm" (policy) | "score" (reward model)
+    num_labels: int = 1
+    model_type: str = "llama"
+    hf: dict = field(default_factory=dict, repr=False)  # the source config.json, kept for saving
+
+    @classmethod
+    def from_hf(cls, d: dict, head: str | None = None, source: str = "config.json") -> "ModelConfig":
+        """Read a Hugging Face config dict (transformers 4.x or 5.x spelling)."""
+        mt = d.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"{source}: model_type={mt!r} is not supported; supported: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(d.get(k), int):
+                raise ConfigError(f"{source}: field {k!r} is missing or not an integer")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
+        # Sliding-window attention changes which keys a query sees; we only implement full attention.
+        sliding = d.get("use_sliding_window", True) and d.get("sliding_window") is not None
+        if sliding:
+            raise ConfigError(
+                f"{source}: sliding_window={d['sliding_window']} asks for sliding-window attention, which this "
+                "model does not implement. If every sequence you use is shorter than the window, attention is "
+                "identical: set \"sliding_window\": null in config.json.")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})  # 5.x | 4.x
+        theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; supported: "
+                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        n_heads = d["num_attention_heads"]
+        arch = (d.get("architectures") or [""])[0]
+        if head is None:
+            head = "score" if arch.endswith("ForSequenceClassification") else "lm"
+        num_labels = d.get("num_labels", len(d.get("id2label") or {}) or 1)
+        if head == "score" and num_labels != 1:
+            raise ConfigError(f"{source}: a reward model needs num_labels=1 (one scalar), got {num_labels}")
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=n_heads,
+            num_key_value_heads=d.get("num_key_value_heads") or n_heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-5), rope_theta=theta,
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            qkv_bias=mt == "qwen2" or bool(d.get("attention_bias", False)),
+            o_bias=mt != "qwen2" and bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            head=head, num_labels=1, model_type=mt, hf=dict(d),
+        )
+
+
+# ---- rotary position embedding
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama-3.1 / linear scaling where the config asks."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, T, head_dim) for integer positions (B, T); computed in fp32."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd) rotated by the half-split convention Hugging Face checkpoints use."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ---- KV cache
+
+
+class KVCache(nn.Module):
+    """A preallocated cache of `n_slots` rows of `max_len` positions; row s holds one sequence from 0.
+
+    Keys at positions > a query's position are masked, so a slot is reused without clearing it.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, dtype, device=None):
+        super().__init__()
+        shape = (n_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        for i in range(cfg.num_hidden_layers):
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_len = max_len
+
+    def layer(self, i: int):
+        return getattr(self, f"k{i}"), getattr(self, f"v{i}")
+
+
+# ---- the transformer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32 then cast back before the weight, as the reference implementation does
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache=None, slots=None, positions=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write this step's keys at each row's own positions, attend over the slot
+            k_cache, v_cache = cache
+            rows = slots[:, None] if slots is not None else torch.arange(B, device=x.device)[:, None]
+            k_cache[rows, :, positions] = k.transpose(1, 2)
+            v_cache[rows, :, positions] = v.transpose(1, 2)
+            k, v = (k_cache, v_cache) if slots is None else (k_cache[slots], v_cache[slots])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, slots=None, positions=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots, positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """`model.*` in Hugging Face naming: embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        if cfg.head == "lm":
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            if cfg.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
+        elif cfg.head == "score":
+            self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
+        else:
+            raise ConfigError(f"head must be 'lm' or 'score', got {cfg.head!r}")
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def tie_weights(self):
+        """Re-share lm_head with the embeddings (after moving off the meta device, which unties them)."""
+        if self.cfg.head == "lm" and self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self, std: float = 0.02):
+        """Random init (tests, fresh score heads); pretrained weights come from mt/checkpoint.py."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        self.inv_freq.copy_(rope_inv_freq(self.cfg))
+
+    def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
+                slots=None, return_hidden: bool = False):
+        """Logits (B, T, V) for the LM head, per-token scores (B, T) for the score head.
+
+        attention_mask (B, T), 1 for real tokens, handles left and right padding (positions count real
+        tokens only). With `cache`, `positions` (B, T) say where each row's tokens go in its slot
+        (`slots` (B,) picks cache rows; None = all rows in order) and each query sees its slot's keys up
+        to its own position. Without either, the batch is causal from position 0 (right padding needs
+        no mask: real tokens never attend to the pads after them).
+        """
+        B, T = input_ids.shape
+        dev = input_ids.device
+        mask = None
+        if cache is not None:
+            if positions is None:
+                raise ValueError("a cached forward needs explicit positions (B, T)")
+            key_pos = torch.arange(cache.max_len, device=dev)
+            mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, Tmax)
+        elif attention_mask is not None:
+            am = attention_mask.bool()
+            if positions is None:
+                positions = (am.long().cumsum(-1) - 1).clamp(min=0)
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+            # a pad query sees itself only, so no row is fully masked (which would give NaN)
+            mask = (causal[None] & am[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)[None]
+            mask = mask[:, None]  # (B, 1, T, T)
+        if positions is None:
+            positions = torch.arange(T, device=dev)[None].expand(B, T)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache.layer(i) if cache is not None else None, slots, positions)
+        x = self.model.norm(x)
+        if return_hidden:
+            return x
+        if self.cfg.head == "lm":
+            return self.lm_head(x)
+        return self.score(x).squeeze(-1)
+
+    def rewards(self, input_ids, attention_mask=None, lengths=None):
+        """Reward-model score per sequence (B,), read at each row's last real token.
+
+        The last real token comes from explicit lengths (right padding) or the attention mask (either
+        side), never from searching for a pad id: pad == eos would otherwise pick the wrong position.
+        """
+        assert self.cfg.head == "score", "rewards() needs a model with a score head"
+        B, T = input_ids.shape
+        if attention_mask is None:
+            if lengths is None:
+                raise ValueError("rewards() needs lengths or an attention_mask")
+            attention_mask = torch.arange(T, device=input_ids.device)[None] < lengths[:, None]
+            right_padded = True
+        else:
+            right_padded = bool(attention_mask[:, 0].all())  # host sync, once per batch
+        per_token = self(input_ids, attention_mask=None if right_padded else attention_mask)  # (B, T)
+        last = (torch.arange(T, device=input_ids.device)[None] * attention_mask.long()).argmax(-1)
+        return per_token.gather(1, last[:, None]).squeeze(1)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.model.embed_tokens.weight.numel() if non_embedding else n

@@ -1,0 +1,224 @@
+"""mt/losses.py against closed-form values, a naive per-token loop, and autograd's numerical gradients."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mt import losses
+from mt.losses import bradley_terry_loss, dpo_loss, preference_loss, sequence_logps, simpo_loss
+
+f64 = dict(dtype=torch.float64)
+
+
+def softplus(x):  # -log sigma(x) = log(1 + e^-x), written out independently of torch
+    return math.log1p(math.exp(-x))
+
+
+# ---- closed-form values (float64)
+
+def dpo_inputs():
+    # policy/ref log-ratios: chosen +12, rejected -8 -> h = 20; second pair h = -3
+    pc, pr = torch.tensor([-10.0, -5.0], **f64), torch.tensor([-30.0, -6.0], **f64)
+    rc, rr = torch.tensor([-22.0, -4.0], **f64), torch.tensor([-22.0, -8.0], **f64)
+    return pc, pr, rc, rr
+
+
+def test_dpo_sigmoid_closed_form():
+    loss, m = dpo_loss(*dpo_inputs(), beta=0.1)
+    torch.testing.assert_close(loss, torch.tensor([softplus(2.0), softplus(-0.3)], **f64))
+    torch.testing.assert_close(m["rewards_chosen"], torch.tensor([1.2, -0.1], **f64))
+    torch.testing.assert_close(m["rewards_rejected"], torch.tensor([-0.8, 0.2], **f64))
+    torch.testing.assert_close(m["margin"], torch.tensor([2.0, -0.3], **f64))
+    assert m["correct"].tolist() == [1.0, 0.0]
+    assert all(not v.requires_grad for v in m.values())
+
+
+def test_cdpo_label_smoothing_closed_form():
+    eps = 0.1
+    loss, _ = dpo_loss(*dpo_inputs(), beta=0.1, label_smoothing=eps)
+    want = [(1 - eps) * softplus(b) + eps * softplus(-b) for b in (2.0, -0.3)]
+    torch.testing.assert_close(loss, torch.tensor(want, **f64))
+    ref, _ = preference_loss("cdpo", *dpo_inputs(), beta=0.1, label_smoothing=eps)
+    torch.testing.assert_close(ref, loss)
+
+
+def test_ipo_closed_form():
+    loss, _ = dpo_loss(*dpo_inputs(), beta=0.1, loss_type="ipo")  # (h - 1/(2 beta))^2, 1/(2 beta) = 5
+    torch.testing.assert_close(loss, torch.tensor([15.0**2, 8.0**2], **f64))
+
+
+def test_hinge_closed_form():
+    loss, _ = dpo_loss(*dpo_inputs(), beta=0.1, loss_type="hinge")  # max(0, 1 - beta h)
+    torch.testing.assert_close(loss, torch.tensor([0.0, 1.3], **f64))
+
+
+def test_simpo_closed_form():
+    avg_c, avg_r = torch.tensor([-1.0, -0.5], **f64), torch.tensor([-1.5, -2.0], **f64)
+    loss, m = simpo_loss(avg_c, avg_r, beta=2.0, gamma=1.0)  # 2*(-1+1.5)-1 = 0 ; 2*(-0.5+2)-1 = 2
+    torch.testing.assert_close(loss, torch.tensor([math.log(2.0), softplus(2.0)], **f64))
+    torch.testing.assert_close(m["margin"], torch.tensor([1.0, 3.0], **f64))
+    same, _ = preference_loss("simpo", avg_c, avg_r, beta=2.0, gamma=1.0)
+    torch.testing.assert_close(same, loss)
+
+
+def test_bradley_terry_closed_form():
+    rc, rr = torch.tensor([1.5, 0.0, -2.0], **f64), torch.tensor([0.5, 0.0, 1.0], **f64)
+    loss, m = bradley_terry_loss(rc, rr)
+    torch.testing.assert_close(loss, torch.tensor([softplus(1.0), math.log(2.0), softplus(-3.0)], **f64))
+    assert m["correct"].tolist() == [1.0, 0.0, 0.0]  # a tie is not a correct ranking
+    torch.testing.assert_close(m["margin"], torch.tensor([1.0, 0.0, -3.0], **f64))
+    loss, _ = bradley_terry_loss(rc, rr, margin=1.0)
+    torch.testing.assert_close(loss, torch.tensor([math.log(2.0), softplus(-1.0), softplus(-4.0)], **f64))
+    loss, _ = bradley_terry_loss(rc, rr, margin=torch.tensor([0.0, -2.0, 1.0], **f64))
+    torch.testing.assert_close(loss, torch.tensor([softplus(1.0), softplus(2.0), softplus(-4.0)], **f64))
+
+
+def test_dispatch_errors_name_what_to_change():
+    args = dpo_inputs()
+    for bad, match in [(dict(name="kto"), "expected one of"),
+                       (dict(name="dpo", label_smoothing=0.1), "only to loss='cdpo'"),
+                       (dict(name="cdpo", label_smoothing=0.0), "0 < label_smoothing < 0.5")]:
+        with pytest.raises(ValueError, match=match):
+            preference_loss(bad.pop("name"), *args, beta=0.1, **bad)
+    with pytest.raises(ValueError, match="needs ref_chosen_logps"):
+        preference_loss("ipo", args[0], args[1], beta=0.1)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(*args, beta=0.1, loss_type="cdpo")
+    assert set(losses.USES_REFERENCE) == set(losses.AVERAGE_LOGPS) == set(losses.PREFERENCE_LOSSES)
+
+
+# ---- gradients: autograd vs finite differences, and stability at extreme margins
+
+LOSSES = {
+    "dpo": lambda a, b, c, d: dpo_loss(a, b, c, d, beta=0.1)[0],
+    "cdpo": lambda a, b, c, d: dpo_loss(a, b, c, d, beta=0.1, label_smoothing=0.2)[0],
+    "ipo": lambda a, b, c, d: dpo_loss(a, b, c, d, beta=0.1, loss_type="ipo")[0],
+    "hinge": lambda a, b, c, d: dpo_loss(a, b, c, d, beta=0.1, loss_type="hinge")[0],
+    "simpo": lambda a, b, c, d: simpo_loss(a, b, beta=2.0, gamma=0.5)[0],
+    "bt": lambda a, b, c, d: bradley_terry_loss(a, b, margin=c)[0],
+}
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_gradcheck(name):
+    torch.manual_seed(0)
+    x = [torch.randn(4, **f64, requires_grad=True) for _ in range(4)]  # hinge kink at h=10: not hit
+    assert torch.autograd.gradcheck(lambda *a: LOSSES[name](*a), x)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_at_extreme_margins(name, dtype):
+    pc = torch.tensor([1e4, -1e4, 0.0], dtype=dtype, requires_grad=True)
+    pr = torch.tensor([-1e4, 1e4, 0.0], dtype=dtype, requires_grad=True)
+    zero = torch.zeros(3, dtype=dtype)
+    loss = LOSSES[name](pc, pr, zero, zero)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    if name in ("dpo", "simpo", "bt"):  # -log sigma(+big) -> 0, -log sigma(-big) ~ big: no overflow to inf
+        assert loss[0] < 1e-6 and loss[1] > 100
+
+
+# ---- sequence_logps vs a naive per-token loop
+
+def ragged_batch(B=3, T=9, V=13, seed=0):
+    torch.manual_seed(seed)
+    logits = torch.randn(B, T, V, **f64) * 3
+    labels = torch.randint(0, V, (B, T))
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (start, end) in enumerate([(3, 9), (5, 7), (2, 2)]):  # prompt | response | padding; row 2 empty
+        mask[b, start:end] = True
+    labels[~mask] = -100  # pad / prompt labels must not be looked up
+    return logits, labels, mask
+
+
+def naive_logps(logits, labels, mask, average=False):
+    out = []
+    for b in range(logits.shape[0]):
+        terms = [F.log_softmax(logits[b, t - 1].double(), -1)[labels[b, t]]
+                 for t in range(1, logits.shape[1]) if mask[b, t]]
+        s = sum(terms, torch.tensor(0.0, **f64))
+        out.append(s / max(len(terms), 1) if average else s)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logps_matches_naive_loop(average, monkeypatch):
+    logits, labels, mask = ragged_batch()
+    want = naive_logps(logits, labels, mask, average)
+    torch.testing.assert_close(sequence_logps(logits, labels, mask, average), want)
+    assert want[2] == 0  # a row without response tokens
+    monkeypatch.setattr(losses, "_CHUNK_ELEMS", 2 * logits.shape[-1])  # many chunks of 2 rows
+    torch.testing.assert_close(sequence_logps(logits, labels, mask, average), want)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logps_gradcheck(average, monkeypatch):
+    monkeypatch.setattr(losses, "_CHUNK_ELEMS", 3 * 13)  # exercise the chunked backward too
+    logits, labels, mask = ragged_batch()
+    logits.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: sequence_logps(x, labels, mask, average), (logits,))
+
+
+def test_sequence_logps_bf16_logits_computed_in_fp32():
+    logits, labels, mask = ragged_batch()
+    x16 = logits.bfloat16().requires_grad_(True)
+    out = sequence_logps(x16, labels, mask)
+    assert out.dtype == torch.float32
+    # Same bf16 values, exact arithmetic: only fp32 rounding apart.
+    x64 = x16.detach().double().requires_grad_(True)
+    want = naive_logps(x64, labels, mask)
+    torch.testing.assert_close(out.double(), want.detach(), rtol=1e-6, atol=1e-5)
+    # Against the original fp32 logits: bf16 input rounding only.
+    torch.testing.assert_close(out.double(), naive_logps(logits, labels, mask), rtol=2e-2, atol=5e-2)
+    out.sum().backward()
+    want.sum().backward()
+    assert x16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x16.grad.double(), x64.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_masked_positions_contribute_nothing():
+    logits, labels, mask = ragged_batch()
+    # Position t predicts token t+1: it counts only if token t+1 is a response token.
+    predicts = torch.zeros_like(mask)
+    predicts[:, :-1] = mask[:, 1:]
+
+    def value_and_grad(x, y):
+        x = x.clone().requires_grad_(True)
+        out = sequence_logps(x, y, mask)
+        out.sum().backward()
+        return out.detach(), x.grad
+
+    v0, g0 = value_and_grad(logits, labels)
+    torch.manual_seed(1)
+    logits2 = torch.where(predicts[..., None], logits, 1e3 * torch.randn_like(logits))
+    labels2 = torch.where(mask, labels, torch.randint(0, 13, labels.shape))
+    v1, g1 = value_and_grad(logits2, labels2)
+    torch.testing.assert_close(v1, v0, rtol=0, atol=0)
+    torch.testing.assert_close(g1, g0, rtol=0, atol=0)
+    assert (g0[~predicts] == 0).all() and (g0[predicts] != 0).any()
+
+
+def test_sequence_logps_without_grad():  # the frozen reference runs under no_grad
+    logits, labels, mask = ragged_batch()
+    with torch.no_grad():
+        out = sequence_logps(logits.float(), labels, mask)
+    assert not out.requires_grad
+    torch.testing.assert_close(out.double(), naive_logps(logits.float(), labels, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_no_fp32_copy_of_logits_kept_for_backward():
+    logits, labels, mask = ragged_batch(T=9, V=13)
+    x16 = logits.bfloat16().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = sequence_logps(x16, labels, mask)
+    big = [t for t in saved if t.numel() >= x16.numel()]
+    assert big and all(t.dtype == torch.bfloat16 for t in big)  # only the bf16 logits themselves
+    out.sum().backward()
+    # What a plain `logits.float().logsumexp(-1)` would keep, for contrast: the test can tell them apart.
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        x16.float().logsumexp(-1)
+    assert any(t.dtype == torch.float32 and t.numel() >= x16.numel() for t in saved)
