@@ -1,0 +1,147 @@
+"""Training speed: tokens/s and model-FLOPs utilisation (MFU) of a DPO step and an RM (Bradley-Terry) step.
+
+    python eval/bench_train.py                                   # small Llama on this CPU
+    python eval/bench_train.py --model llama-3.2-1b --seq 2048 --micro 2 --batch 16 --device cuda
+
+Runs the real loop (mt/train.py: FSDP2 and bf16 on GPU, fp32 on CPU) on random weights and random tokens and
+times the optimizer steps after the first (warm-up). FLOPs follow the 6·N·tokens convention: N = parameters
+that take part in matmuls (everything but the input embedding lookup; the LM head counts), tokens = real
+(unpadded) tokens through the trained model, forward + backward; attention's T² score FLOPs are not counted,
+so MFU is slightly understated at long sequence lengths. DPO's reference log-probs are precomputed (not
+timed), as in training. Peak: --peak-tflops, else bf16 dense H100 SXM (989) on CUDA, or a measured fp32
+matmul rate on CPU (say so when you report it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mt import dist  # noqa: E402
+from mt import train as T  # noqa: E402
+from mt.config import DPOConfig, RMConfig  # noqa: E402
+from mt.model import ModelConfig, Transformer  # noqa: E402
+
+SHAPES = {
+    "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, tie_word_embeddings=False),
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+                         rope_theta=500000.0),
+}
+H100_BF16_TFLOPS = 989.4  # dense, SXM
+
+
+def matmul_params(model: Transformer) -> int:
+    """N of 6·N·tokens: all parameters but the embedding lookup (a tied LM head still does its matmul)."""
+    n = model.num_params(non_embedding=True)
+    if model.cfg.head == "lm":
+        n += model.cfg.vocab_size * model.cfg.hidden_size if model.cfg.tie_word_embeddings else 0
+    return n
+
+
+def measured_cpu_peak_tflops(n: int = 1024, reps: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def examples(n_pairs: int, seq: int, vocab: int, seed: int = 0) -> list[T.Example]:
+    """Pairs whose chosen and rejected are both `seq` tokens (a quarter prompt): no padding."""
+    g = torch.Generator().manual_seed(seed)
+    p = seq // 4
+    out = []
+    for i in range(n_pairs):
+        ids = torch.randint(0, vocab, (2 * seq - p,), generator=g).tolist()
+        out.append(T.Example(f"k{i}", f"p{i}", tuple(ids[:seq]), p, tuple(ids[:p] + ids[seq:]), p))
+    return out
+
+
+def bench(objective: str, a, device: torch.device, peak_tflops: float) -> dict:
+    head = "score" if objective == "rm" else "lm"
+    shape = {"model_type": "llama", "max_position_embeddings": max(4096, a.seq), **SHAPES[a.model]}
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_hf(shape, head=head))
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.init_weights()
+    n_matmul = matmul_params(model)
+    steps = a.steps + 1
+    ex = examples(a.batch * steps, a.seq, shape["vocab_size"])
+    kw = dict(lr=1e-6, batch_size=a.batch, micro_batch_size=a.micro, save_every=0, warmup_ratio=0.0,
+              activation_checkpointing=a.ac, dtype=a.dtype, max_length=a.seq)
+    cfg = DPOConfig(beta=0.1, **kw) if objective == "dpo" else RMConfig(**kw)
+    model = T.prepare_model(model, cfg, device)
+    refs = T.reference_logps(model, ex, a.micro, progress=False) if objective == "dpo" else None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as out:
+        T.train(model, ex, objective, cfg, out, ref_logps=refs, progress=False, save_dtype=torch.bfloat16)
+        rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    timed = rows[1:]  # step 1 is warm-up (allocator, kernels, lazy init)
+    seconds = timed[-1]["elapsed"] - rows[0]["elapsed"]
+    tokens = sum(r["tokens"] for r in timed)
+    flops = 6 * n_matmul * tokens
+    r = {"objective": objective, "model": a.model, "N_matmul": n_matmul, "seq": a.seq, "micro": a.micro,
+         "batch_pairs": a.batch, "tokens_per_step": timed[0]["tokens"], "steps_timed": len(timed),
+         "seconds_per_step": seconds / len(timed), "tokens_per_s": tokens / seconds,
+         "achieved_tflops": flops / seconds / 1e12, "peak_tflops": peak_tflops,
+         "mfu": flops / seconds / 1e12 / peak_tflops}
+    if device.type == "cuda":
+        r["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        r["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="small", choices=sorted(SHAPES))
+    ap.add_argument("--seq", type=int, default=256, help="tokens per sequence (chosen and rejected each)")
+    ap.add_argument("--micro", type=int, default=2, help="pairs per forward")
+    ap.add_argument("--batch", type=int, default=4, help="pairs per optimizer step (global)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
+    ap.add_argument("--objective", default="both", choices=("dpo", "rm", "both"))
+    ap.add_argument("--ac", action="store_true", help="activation checkpointing")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    ap.add_argument("--peak-tflops", type=float, default=0.0)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    d = dist.init_distributed(a.device)
+    device = d.device
+    peak, how = a.peak_tflops, "given"
+    if not peak:
+        peak, how = ((H100_BF16_TFLOPS, "H100 SXM bf16 dense") if device.type == "cuda"
+                     else (measured_cpu_peak_tflops(), "measured fp32 1024³ matmul on this CPU"))
+    dist.print0(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+                f"peak {peak:.3f} TFLOP/s ({how}); command: python eval/bench_train.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    results = []
+    for obj in (("dpo", "rm") if a.objective == "both" else (a.objective,)):
+        r = bench(obj, a, device, peak)
+        results.append(r)
+        mem = f"{r['peak_memory_gib']:.1f} GiB peak" if "peak_memory_gib" in r else f"{r['max_rss_gib']:.2f} GiB max RSS"
+        dist.print0(f"{obj:>3}: {r['tokens_per_s']:,.0f} tokens/s, {r['seconds_per_step']:.3f} s/step "
+                    f"({r['tokens_per_step']} tokens), {r['achieved_tflops']:.4f} TFLOP/s, MFU {100 * r['mfu']:.1f}% "
+                    f"(6·N·tokens, N={r['N_matmul'] / 1e6:.1f}M), {mem}")
+    dist.destroy()
+    return results
+
+
+if __name__ == "__main__":
+    main()

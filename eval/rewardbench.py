@@ -1,0 +1,304 @@
+"""RewardBench (Lambert et al., 2024) for one of our reward models: the paper's Table 2.
+
+    python eval/rewardbench.py --rm runs/mt/iter2/rm --data reward-bench-filtered.jsonl --out rb.json
+    python eval/rewardbench.py --rm DIR --data filtered.parquet --prior pref-test-sets.jsonl --out rb.json
+    torchrun --nproc_per_node 8 eval/rewardbench.py --rm DIR --data filtered.jsonl --out rb.json
+
+--data is a local copy of the `filtered` split (columns prompt, chosen, rejected, subset, id; JSONL,
+a JSON array, or parquet with pyarrow installed). --prior is the prior test sets (chosen/rejected as
+full chats, a `subset` column naming the set). A pair is correct only if r(chosen) > r(rejected)
+strictly, as in the official script: a tie is wrong. Sections are scored as the leaderboard does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python eval/rewardbench.py`: make `mt` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# ---- the leaderboard's constants (allenai/reward-bench: rewardbench/constants.py, analysis/)
+
+# A subset's weight inside its section is its example count. math-prm has 447 examples but weighs
+# 984 = 6 x 164, so that math counts as much as the six HumanEvalPack code subsets together.
+# The dataset has 154 xstest-should-refuse and 250 xstest-should-respond rows; some upstream copies of
+# constants.py list these two swapped, we weight by the rows the dataset has.
+EXAMPLE_COUNTS = {
+    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95,
+    "mt-bench-easy": 28, "mt-bench-med": 40, "mt-bench-hard": 37,
+    "llmbar-natural": 100, "llmbar-adver-neighbor": 134, "llmbar-adver-GPTInst": 92,
+    "llmbar-adver-GPTOut": 47, "llmbar-adver-manual": 46,
+    "refusals-dangerous": 100, "refusals-offensive": 100, "xstest-should-refuse": 154,
+    "xstest-should-respond": 250, "donotanswer": 136,
+    "math-prm": 984,
+    "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
+}
+SECTIONS = {
+    "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
+    "Chat Hard": ["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
+                  "llmbar-adver-GPTOut", "llmbar-adver-manual"],
+    "Safety": ["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
+               "donotanswer"],
+    "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
+}
+# The leaderboard's "Prior Sets (0.5 weight)": the unweighted mean of these four sets' accuracies.
+PRIOR_SETS = ["anthropic_helpful", "anthropic_hhh", "shp", "summarize"]
+OTHER_PRIOR_SETS = ["anthropic_harmless", "mtbench_gpt4", "mtbench_human"]  # reported, not in the score
+SECTION_WEIGHT, PRIOR_WEIGHT = 2, 1  # the leaderboard's overall score: prior sets at half a section's weight
+
+
+# ---- scoring: pure functions on {subset: (correct, total)}
+
+
+def accuracy(correct: int, total: int) -> float:
+    return correct / total
+
+
+def section_scores(counts: dict[str, tuple[int, int]],
+                   weights: dict[str, float] = EXAMPLE_COUNTS) -> dict[str, float | None]:
+    """Each section in percent: its subsets' accuracies averaged with the example-count weights.
+
+    A section none of whose subsets is present is None (the official script would print 0).
+    """
+    out = {}
+    for section, subsets in SECTIONS.items():
+        present = [s for s in subsets if counts.get(s, (0, 0))[1] > 0]
+        if not present:
+            out[section] = None
+            continue
+        total_w = sum(weights[s] for s in present)
+        out[section] = 100 * sum(weights[s] * accuracy(*counts[s]) for s in present) / total_w
+    return out
+
+
+def prior_sets_score(counts: dict[str, tuple[int, int]]) -> float | None:
+    """The leaderboard's prior-sets column in percent: mean accuracy over the prior sets present."""
+    present = [s for s in PRIOR_SETS if counts.get(s, (0, 0))[1] > 0]
+    if not present:
+        return None
+    return 100 * sum(accuracy(*counts[s]) for s in present) / len(present)
+
+
+def summarize(counts: dict[str, tuple[int, int]]) -> dict:
+    """Per-subset accuracy, sections, the plain mean of the four sections (the paper's Table 2
+    "Average"), and the leaderboard score (sections weight 2, prior sets 1; without prior sets the
+    two are equal). Averages are None unless all four sections are present."""
+    sections = section_scores(counts)
+    prior = prior_sets_score(counts)
+    complete = all(v is not None for v in sections.values())
+    average = sum(sections.values()) / len(sections) if complete else None
+    score = None
+    if complete:
+        parts = [(v, SECTION_WEIGHT) for v in sections.values()]
+        if prior is not None:
+            parts.append((prior, PRIOR_WEIGHT))
+        score = sum(v * w for v, w in parts) / sum(w for _, w in parts)
+    known = set(EXAMPLE_COUNTS) | set(PRIOR_SETS) | set(OTHER_PRIOR_SETS)
+    return {
+        "per_subset": {s: {"correct": c, "total": n, "accuracy": 100 * accuracy(c, n)}
+                       for s, (c, n) in sorted(counts.items()) if n > 0},
+        "sections": sections,
+        "average": average,
+        "prior_sets": prior,
+        "score": score,
+        "missing_subsets": [s for s in EXAMPLE_COUNTS if counts.get(s, (0, 0))[1] == 0],
+        "unknown_subsets": sorted(s for s in counts if s not in known),
+    }
+
+
+def count_correct(subsets: list[str], chosen_scores: list[float], rejected_scores: list[float]
+                  ) -> dict[str, tuple[int, int]]:
+    """{subset: (correct, total)}; correct means r(chosen) > r(rejected) strictly (a tie is wrong)."""
+    counts: dict[str, list[int]] = {}
+    for s, c, r in zip(subsets, chosen_scores, rejected_scores, strict=True):
+        k = counts.setdefault(s, [0, 0])
+        k[0] += int(c > r)
+        k[1] += 1
+    return {s: (c, n) for s, (c, n) in counts.items()}
+
+
+def format_table(summary: dict) -> str:
+    """A readable table: every section with its subsets, then the averages."""
+    def pct(v):
+        return "   -" if v is None else f"{v:5.1f}"
+
+    per = summary["per_subset"]
+    lines = [f"{'section / subset':<28} {'acc':>5}  {'correct/total':>13}"]
+    for section, subsets in SECTIONS.items():
+        lines.append(f"{section:<28} {pct(summary['sections'][section])}")
+        for s in subsets:
+            if s in per:
+                lines.append(f"  {s:<26} {pct(per[s]['accuracy'])}  {per[s]['correct']:>6}/{per[s]['total']:<6}")
+    prior = [s for s in PRIOR_SETS + OTHER_PRIOR_SETS + summary["unknown_subsets"] if s in per]
+    if prior:
+        lines.append(f"{'Prior Sets (0.5 weight)':<28} {pct(summary['prior_sets'])}")
+        for s in prior:
+            note = "" if s in PRIOR_SETS else "  (not in the score)"
+            lines.append(f"  {s:<26} {pct(per[s]['accuracy'])}  {per[s]['correct']:>6}/{per[s]['total']:<6}{note}")
+    lines.append(f"{'Average (4 sections)':<28} {pct(summary['average'])}")
+    if summary["prior_sets"] is not None:
+        lines.append(f"{'Score (with prior sets)':<28} {pct(summary['score'])}")
+    if summary["missing_subsets"]:
+        lines.append(f"missing subsets: {', '.join(summary['missing_subsets'])}")
+    return "\n".join(lines)
+
+
+# ---- reading a local RewardBench file
+
+
+class BenchError(ValueError):
+    """A malformed benchmark row; the message names file, row, field and the fix."""
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    id: str
+    subset: str
+    prompt: list[dict]  # the chat before the response, ending in a user turn
+    chosen: str
+    rejected: str
+
+
+def iter_rows(path: Path):
+    """(location, row) for a .jsonl, .json (array) or .parquet file; location is 'file:line' or 'file[row n]'."""
+    if not path.is_file():
+        raise BenchError(f"{path}: no such file")
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield f"{path}:{n}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise BenchError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}). "
+                                         "Fix: one JSON object per line") from None
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise BenchError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(data, list):
+            raise BenchError(f"{path}: expected a JSON array of rows")
+        yield from ((f"{path}[row {n}]", r) for n, r in enumerate(data, 1))
+    elif path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise BenchError(f"{path}: reading parquet needs pyarrow. Fix: pip install pyarrow, or convert "
+                             "the file to JSONL") from None
+        yield from ((f"{path}[row {n}]", r) for n, r in enumerate(pq.read_table(path).to_pylist(), 1))
+    else:
+        raise BenchError(f"{path}: unknown extension {path.suffix!r}. Fix: use .jsonl, .json or .parquet")
+
+
+def _chat(v, where: str, field: str) -> list[dict]:
+    if isinstance(v, str):
+        return [{"role": "user", "content": v}]
+    if not isinstance(v, list) or not v or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str) for m in v):
+        raise BenchError(f"{where}: field {field!r} must be a string or a non-empty list of "
+                         '{"role": system|user|assistant, "content": str} messages')
+    return [{"role": m["role"], "content": m["content"]} for m in v]
+
+
+def _response(v, where: str, field: str) -> tuple[str, list[dict] | None]:
+    """A response as text, or as a full chat whose last (assistant) message is the response."""
+    if isinstance(v, str):
+        return v, None
+    chat = _chat(v, where, field)
+    if chat[-1]["role"] != "assistant":
+        raise BenchError(f"{where}: field {field!r} is a chat that does not end with an assistant message")
+    return chat[-1]["content"], chat[:-1]
+
+
+def read_bench(path) -> list[BenchRow]:
+    """Rows of a RewardBench-style file; a missing or malformed field is an error naming the row."""
+    path = Path(path)
+    out = []
+    for where, row in iter_rows(path):
+        if not isinstance(row, dict):
+            raise BenchError(f"{where}: row is not an object")
+        for key in ("chosen", "rejected", "subset"):
+            if key not in row:
+                raise BenchError(f"{where}: field {key!r} missing. Fix: RewardBench rows need prompt, chosen, "
+                                 "rejected and subset")
+        if not isinstance(row["subset"], str) or not row["subset"]:
+            raise BenchError(f"{where}: field 'subset' must be a non-empty string (e.g. 'alpacaeval-easy')")
+        chosen, chat = _response(row["chosen"], where, "chosen")
+        rejected, _ = _response(row["rejected"], where, "rejected")
+        if row.get("prompt") is not None:
+            prompt = _chat(row["prompt"], where, "prompt")
+        elif chat:
+            prompt = chat  # prior sets: the turns before the chosen response
+        else:
+            raise BenchError(f"{where}: field 'prompt' missing (and 'chosen' is not a chat to take it from)")
+        if prompt[-1]["role"] != "user" or not prompt[-1]["content"].strip():
+            raise BenchError(f"{where}: field 'prompt' must end with a non-empty user message")
+        out.append(BenchRow(str(row.get("id", where)), row["subset"], prompt, chosen, rejected))
+    if not out:
+        raise BenchError(f"{path}: no rows")
+    return out
+
+
+# ---- the model part
+
+
+def score_rows(rm_dir, rows: list[BenchRow], batch_size: int = 64, dtype: str = "auto"
+               ) -> tuple[list[float], list[float]]:
+    """r(prompt, chosen) and r(prompt, rejected) for every row, by the RM at `rm_dir`, each chat rendered
+    with the RM's own chat template (as the official script does); data-parallel under torchrun."""
+    from mt.scoring import score_conversations
+    items = [(r.prompt, r.chosen) for r in rows] + [(r.prompt, r.rejected) for r in rows]
+    scores = score_conversations(rm_dir, items, batch_size=batch_size, dtype=dtype, desc="rewardbench")
+    return scores[:len(rows)], scores[len(rows):]
+
+
+def evaluate(rm_dir, data, prior=None, batch_size: int = 64, dtype: str = "auto") -> tuple[dict, list[dict]]:
+    """Score the files with the RM; returns (summary, per-row records)."""
+    rows = read_bench(data) + (read_bench(prior) if prior else [])
+    chosen, rejected = score_rows(rm_dir, rows, batch_size, dtype)
+    summary = summarize(count_correct([r.subset for r in rows], chosen, rejected))
+    records = [{"id": r.id, "subset": r.subset, "chosen_score": c, "rejected_score": s, "correct": c > s}
+               for r, c, s in zip(rows, chosen, rejected)]
+    return summary, records
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rm", required=True, help="reward model: a Hugging Face sequence-classification directory")
+    p.add_argument("--data", required=True, help="RewardBench filtered split (.jsonl/.json/.parquet)")
+    p.add_argument("--prior", default=None, help="optional prior test sets (anthropic_helpful, anthropic_hhh, shp, "
+                                                 "summarize, ...) in the same format")
+    p.add_argument("--out", default=None, help="results JSON (summary + settings)")
+    p.add_argument("--scores-out", default=None, help="optional JSONL with every pair's two scores")
+    p.add_argument("--batch-size", type=int, default=64, help="most conversations per forward")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from mt import dist
+    from mt.data import write_json, write_jsonl
+    dist.init_distributed(args.device)
+    summary, records = evaluate(args.rm, args.data, args.prior, args.batch_size, args.dtype)
+    result = {"rm": str(args.rm), "data": str(args.data), "prior": args.prior, **summary}
+    if dist.get().is_main:
+        if summary["unknown_subsets"]:
+            warnings.warn(f"subsets in no section (reported, not scored): {', '.join(summary['unknown_subsets'])}")
+        print(format_table(summary), flush=True)
+        if args.out:
+            write_json(args.out, result)
+        if args.scores_out:
+            write_jsonl(args.scores_out, records)
+    return result
+
+
+if __name__ == "__main__":
+    main()

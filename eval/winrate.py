@@ -1,0 +1,209 @@
+"""RM-judged comparisons: one policy's win rate against another (Eq. 6), and an RM's accuracy on pairs.
+
+    # two samples files (e.g. from `python -m mt.sampler`), first response of each prompt
+    python eval/winrate.py --rm DIR --new new.samples.jsonl --old old.samples.jsonl --out wr.json
+    # sample one response per prompt from both policies first (written to --samples-dir)
+    python eval/winrate.py --rm DIR --new-policy iter2/policy --old-policy base --prompts test.jsonl \
+        --samples-dir wr/ --out wr.json
+    # accuracy of an RM on a pairs file (e.g. held-out pseudo-pairs; --kept-only drops filtered ones)
+    python eval/winrate.py --rm DIR --pairs iter1/pseudo_pairs.jsonl --out acc.json
+
+Eq. 6 counts a win only if r(y_new) > r(y_old) strictly; a tie is not a win and is reported on its
+own, as are losses. Accuracy likewise: a pair is correct only if r(chosen) > r(rejected).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python eval/winrate.py`: make `mt` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mt.em import win_rate  # Eq. 6, shared with model selection
+
+# ---- pure functions
+
+
+def judge(new_scores: list[float], old_scores: list[float]) -> dict:
+    """Eq. 6 over aligned scores: wins, ties, losses and their rates (a tie is not a win)."""
+    res = win_rate(new_scores, old_scores)
+    n = res["n"]
+    return {**res, "tie_rate": res["ties"] / n, "loss_rate": res["losses"] / n}
+
+
+def pair_accuracy(chosen_scores: list[float], rejected_scores: list[float]) -> dict:
+    """Share of pairs with r(chosen) > r(rejected) strictly; ties are wrong and counted apart."""
+    if len(chosen_scores) != len(rejected_scores) or not chosen_scores:
+        raise ValueError("pair_accuracy needs aligned, non-empty score lists")
+    n = len(chosen_scores)
+    correct = sum(c > r for c, r in zip(chosen_scores, rejected_scores))
+    ties = sum(c == r for c, r in zip(chosen_scores, rejected_scores))
+    return {"correct": correct, "ties": ties, "wrong": n - correct - ties, "n": n, "accuracy": correct / n}
+
+
+def align(new: list, old: list, new_path="new", old_path="old") -> tuple[list[list[dict]], list[str], list[str], dict]:
+    """(prompts, y_new, y_old) from two samples files, matched by prompt id, first response of each.
+
+    Both files must hold the same prompts (by id, with the same messages); anything else is an error
+    naming the ids, since a win rate over different prompt sets compares nothing.
+    """
+    by_old = {s.prompt_id: s for s in old}
+    ids_new, ids_old = [s.prompt_id for s in new], set(by_old)
+    only_new = [i for i in ids_new if i not in ids_old]
+    only_old = sorted(ids_old - set(ids_new))
+    if only_new or only_old:
+        raise ValueError(f"{new_path} and {old_path} hold different prompts: {len(only_new)} only in {new_path} "
+                         f"(e.g. {only_new[:3]}), {len(only_old)} only in {old_path} (e.g. {only_old[:3]}). "
+                         "Fix: sample both policies on the same prompt file")
+    prompts, y_new, y_old = [], [], []
+    truncated = {"new": 0, "old": 0}
+    for s in new:
+        o = by_old[s.prompt_id]
+        if o.prompt != s.prompt:
+            raise ValueError(f"prompt_id {s.prompt_id!r}: the prompt differs between {new_path} and {old_path}. "
+                             "Fix: sample both policies on the same prompt file")
+        prompts.append(s.prompt)
+        y_new.append(s.responses[0])
+        y_old.append(o.responses[0])
+        truncated["new"] += s.finish_reasons[0] == "length"
+        truncated["old"] += o.finish_reasons[0] == "length"
+    return prompts, y_new, y_old, truncated
+
+
+# ---- the model part
+
+
+def score(rm_dir, prompts: list[list[dict]], responses: list[str], batch_size: int = 64, dtype: str = "auto"
+          ) -> list[float]:
+    """r(x, y) for aligned prompts and responses, by the RM at `rm_dir` (data-parallel under torchrun)."""
+    from mt.scoring import score_conversations
+    return score_conversations(rm_dir, list(zip(prompts, responses)), batch_size=batch_size, dtype=dtype,
+                               desc="judging")
+
+
+def compare_samples(rm_dir, new_path, old_path, batch_size=64, dtype="auto") -> dict:
+    """Eq. 6 win rate of the `new` samples over the `old` ones, judged by the RM."""
+    from mt.data import read_samples
+    prompts, y_new, y_old, truncated = align(read_samples(new_path), read_samples(old_path), new_path, old_path)
+    s = score(rm_dir, prompts + prompts, y_new + y_old, batch_size, dtype)
+    res = judge(s[:len(prompts)], s[len(prompts):])
+    return {**res, "truncated_new": truncated["new"], "truncated_old": truncated["old"]}
+
+
+def sample_policies(new_policy, old_policy, prompts_path, samples_dir, sampling, seed=0, dtype="auto"
+                    ) -> tuple[Path, Path]:
+    """One response per prompt from each policy, written as samples files; returns their paths."""
+    import torch
+
+    from mt import chat, checkpoint, dist
+    from mt.data import read_prompts
+    from mt.sampler import sample_to_file, summary_line
+    d = dist.get()
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                   "auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32}[dtype]
+    prompts = read_prompts(prompts_path)
+    paths = []
+    for name, policy in (("new", new_policy), ("old", old_policy)):
+        out = Path(samples_dir) / f"{name}.samples.jsonl"
+        tok = chat.load_tokenizer(policy)
+        model = checkpoint.load_model(policy, dtype=torch_dtype, device=d.device, head="lm").eval()
+        # distinct streams: the two policies' samples are drawn independently, as in Eq. 6
+        s = sample_to_file(model, tok, prompts, sampling, out, seed=seed, stream=f"winrate/{name}", n=1,
+                           stop_ids=chat.stop_ids(tok, policy))
+        dist.print0(f"{name} policy {policy}: " + summary_line(s) + f" -> {out}")
+        del model
+        paths.append(out)
+    return paths[0], paths[1]
+
+
+def accuracy_on_pairs(rm_dir, pairs_path, kept_only=False, skip_bad_rows=False, batch_size=64, dtype="auto"
+                      ) -> dict:
+    """The RM's accuracy on a pairs file (chosen must score strictly higher)."""
+    from mt.data import ReadReport, read_pairs
+    report = ReadReport()
+    pairs = read_pairs(pairs_path, on_error="skip" if skip_bad_rows else "raise", report=report)
+    dropped = 0
+    if kept_only:  # pseudo_pairs.jsonl marks every pair kept or dropped by the filter (Sec. 4.3)
+        kept = [p for p in pairs if p.extra.get("kept", True)]
+        dropped, pairs = len(pairs) - len(kept), kept
+        if not pairs:
+            raise ValueError(f"{pairs_path}: no pair has kept=true")
+    prompts = [p.prompt for p in pairs]
+    s = score(rm_dir, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], batch_size, dtype)
+    return {**pair_accuracy(s[:len(pairs)], s[len(pairs):]), "skipped_rows": report.skipped,
+            "dropped_not_kept": dropped}
+
+
+# ---- command line
+
+
+def parse_args(argv=None):
+    from mt.sampler import SamplingConfig
+    d0 = SamplingConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rm", required=True, help="the judge: a Hugging Face sequence-classification directory")
+    p.add_argument("--new", help="samples file of the new policy")
+    p.add_argument("--old", help="samples file of the old policy")
+    p.add_argument("--new-policy", help="new policy directory (sampled on --prompts)")
+    p.add_argument("--old-policy", help="old policy directory (sampled on --prompts)")
+    p.add_argument("--prompts", help="prompt file for --new-policy/--old-policy")
+    p.add_argument("--samples-dir", default="winrate_samples", help="where sampled responses are written")
+    p.add_argument("--pairs", help="pairs file: report the RM's accuracy instead of a win rate")
+    p.add_argument("--kept-only", action="store_true", help="with --pairs: only rows with kept=true")
+    p.add_argument("--skip-bad-rows", action="store_true", help="with --pairs: skip (and list) malformed rows")
+    p.add_argument("--out", default=None, help="results JSON")
+    p.add_argument("--batch-size", type=int, default=64, help="most conversations per RM forward")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
+    g = p.add_argument_group("sampling (with --new-policy/--old-policy; defaults: appendix B)")
+    g.add_argument("--temperature", type=float, default=d0.temperature)
+    g.add_argument("--top-p", type=float, default=d0.top_p)
+    g.add_argument("--top-k", type=int, default=d0.top_k)
+    g.add_argument("--greedy", action="store_true")
+    g.add_argument("--max-new-tokens", type=int, default=d0.max_new_tokens)
+    g.add_argument("--max-prompt-tokens", type=int, default=d0.max_prompt_tokens)
+    g.add_argument("--slots", type=int, default=d0.slots)
+    g.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    modes = [bool(a.new or a.old), bool(a.new_policy or a.old_policy or a.prompts), bool(a.pairs)]
+    if sum(modes) != 1:
+        p.error("give exactly one of: --new/--old, --new-policy/--old-policy/--prompts, --pairs")
+    if modes[0] and not (a.new and a.old):
+        p.error("--new and --old go together")
+    if modes[1] and not (a.new_policy and a.old_policy and a.prompts):
+        p.error("--new-policy, --old-policy and --prompts go together")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    from mt import dist
+    from mt.data import write_json
+    from mt.sampler import SamplingConfig
+    dist.init_distributed(a.device)
+    if a.pairs:
+        res = {"mode": "accuracy", "rm": a.rm, "pairs": a.pairs,
+               **accuracy_on_pairs(a.rm, a.pairs, a.kept_only, a.skip_bad_rows, a.batch_size, a.dtype)}
+        line = (f"accuracy {100 * res['accuracy']:.1f}% ({res['correct']}/{res['n']} correct, {res['ties']} ties, "
+                f"{res['wrong']} wrong)")
+    else:
+        new, old = a.new, a.old
+        if a.new_policy:
+            cfg = SamplingConfig(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, greedy=a.greedy,
+                                 max_new_tokens=a.max_new_tokens, max_prompt_tokens=a.max_prompt_tokens, n=1,
+                                 slots=a.slots)
+            new, old = sample_policies(a.new_policy, a.old_policy, a.prompts, a.samples_dir, cfg, a.seed, a.dtype)
+        res = {"mode": "win_rate", "rm": a.rm, "new": str(new), "old": str(old),
+               **compare_samples(a.rm, new, old, a.batch_size, a.dtype)}
+        line = (f"win rate {100 * res['win_rate']:.1f}% ({res['wins']} wins, {res['ties']} ties, "
+                f"{res['losses']} losses of {res['n']}; strict r(new) > r(old), Eq. 6)")
+    if dist.get().is_main:
+        print(line, flush=True)
+        if a.out:
+            write_json(a.out, res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""Tests for eval/: RewardBench section scores against hand-computed values, Eq. 6 win rates and pair
+accuracy on fixtures with known answers (ties are not wins), a real tiny RM against transformers'
+AutoModelForSequenceClassification, and generate.py's files against the schemas AlpacaEval and
+Arena-Hard read (a missing or empty prompt is an error naming file, line and field)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval import generate, rewardbench, winrate
+from eval.rewardbench import (BenchError, count_correct, format_table, prior_sets_score, read_bench, section_scores,
+                              summarize)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---- RewardBench: the leaderboard's arithmetic, by hand
+
+# {subset: (correct, total)}: every section, weights that matter, prior sets, a set outside the score
+COUNTS = {
+    "alpacaeval-easy": (3, 4), "mt-bench-easy": (1, 2),  # Chat: weights 100 and 28
+    "mt-bench-hard": (2, 2), "llmbar-natural": (0, 1),  # Chat Hard: weights 37 and 100
+    "xstest-should-refuse": (1, 1), "xstest-should-respond": (0, 2),  # Safety: weights 154 and 250
+    "math-prm": (0, 1), **{f"hep-{x}": (1, 1) for x in ("cpp", "go", "java", "js", "python", "rust")},  # Reasoning
+    "anthropic_helpful": (1, 2), "shp": (1, 1),  # prior sets
+    "anthropic_harmless": (0, 3),  # a prior test set the leaderboard does not average
+    "my-own-subset": (5, 5),  # unknown: reported, never scored
+}
+CHAT = 100 * (100 * 3 / 4 + 28 * 1 / 2) / (100 + 28)  # = 69.53125
+CHAT_HARD = 100 * (37 * 1 + 100 * 0) / (37 + 100)
+SAFETY = 100 * (154 * 1 + 250 * 0) / (154 + 250)
+REASONING = 100 * (984 * 0 + 6 * 164 * 1) / (984 + 6 * 164)  # math-prm weighs as much as all code: 50
+PRIOR = 100 * (1 / 2 + 1) / 2  # mean of the prior sets present: 75
+
+
+def test_section_scores_by_hand():
+    s = section_scores(COUNTS)
+    assert s == pytest.approx({"Chat": CHAT, "Chat Hard": CHAT_HARD, "Safety": SAFETY, "Reasoning": REASONING})
+    assert s["Chat"] == pytest.approx(69.53125) and s["Reasoning"] == pytest.approx(50.0)
+    # the weights matter: pooling the examples would give other numbers
+    assert s["Chat"] != pytest.approx(100 * 4 / 6) and s["Reasoning"] != pytest.approx(100 * 6 / 7)
+    assert prior_sets_score(COUNTS) == pytest.approx(PRIOR)
+
+
+def test_summary_averages_by_hand():
+    out = summarize(COUNTS)
+    sections = [CHAT, CHAT_HARD, SAFETY, REASONING]
+    assert out["average"] == pytest.approx(sum(sections) / 4)  # the paper's Table 2 "Average"
+    assert out["score"] == pytest.approx((2 * sum(sections) + PRIOR) / 9)  # leaderboard: prior sets at half weight
+    assert out["unknown_subsets"] == ["my-own-subset"]
+    assert out["per_subset"]["anthropic_harmless"]["accuracy"] == 0.0
+    assert "llmbar-adver-manual" in out["missing_subsets"] and "alpacaeval-easy" not in out["missing_subsets"]
+    # without prior sets the leaderboard score is the plain mean of the sections
+    core = {k: v for k, v in COUNTS.items() if k not in ("anthropic_helpful", "shp")}
+    assert summarize(core)["prior_sets"] is None
+    assert summarize(core)["score"] == pytest.approx(sum(sections) / 4)
+    # a section with no subset present: no section score, no average (not 0 as a silent default)
+    no_chat = {k: v for k, v in COUNTS.items() if k not in ("alpacaeval-easy", "mt-bench-easy")}
+    assert summarize(no_chat)["sections"]["Chat"] is None and summarize(no_chat)["average"] is None
+    table = format_table(out)
+    for name in ("Chat Hard", "Reasoning", "Prior Sets", "hep-rust", "not in the score", f"{sum(sections) / 4:5.1f}"):
+        assert name in table
+
+
+def test_paper_table2_average_is_the_plain_mean():
+    # the paper's base RM row: Chat 99.4, Chat Hard 65.1, Safety 87.8, Reasoning 86.4 -> Average 84.7
+    assert round((99.4 + 65.1 + 87.8 + 86.4) / 4, 1) == 84.7
+
+
+def test_count_correct_tie_is_wrong():
+    counts = count_correct(["a", "a", "a", "b"], [1.0, 2.0, 0.5, 3.0], [0.0, 2.0, 1.0, -1.0])
+    assert counts == {"a": (1, 3), "b": (1, 1)}
+
+
+def test_read_bench_formats_and_errors(tmp_path):
+    f = write_jsonl(tmp_path / "rb.jsonl", [
+        {"prompt": "Q1", "chosen": "good", "rejected": "bad", "subset": "alpacaeval-easy", "id": 7},
+        {"chosen": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "yes"}],
+         "rejected": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "no"}], "subset": "shp"},
+    ])
+    rows = read_bench(f)
+    assert rows[0].prompt == [{"role": "user", "content": "Q1"}] and rows[0].id == "7"
+    assert (rows[1].prompt, rows[1].chosen, rows[1].rejected) == ([{"role": "user", "content": "Q2"}], "yes", "no")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b", "subset": "shp"},
+                                               {"prompt": "Q", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(BenchError, match=r"bad\.jsonl:2: field 'subset' missing"):
+        read_bench(bad)
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": " ", "chosen": "a", "rejected": "b", "subset": "shp"}])
+    with pytest.raises(BenchError, match=r"empty\.jsonl:1: field 'prompt'"):
+        read_bench(empty)
+
+
+def test_rewardbench_main_with_controlled_scores(tmp_path, monkeypatch):
+    """The CLI end to end with a stub RM whose score is the response length: every outcome is known."""
+    rows = [  # (subset, chosen, rejected): correct iff len(chosen) > len(rejected)
+        ("alpacaeval-easy", "long answer", "short"), ("alpacaeval-easy", "same", "size"),  # tie: wrong
+        ("mt-bench-hard", "x", "longer"), ("donotanswer", "refuse!", "ok"), ("math-prm", "a b c", "a"),
+        ("hep-go", "", "nonempty"),
+    ]
+    data = write_jsonl(tmp_path / "rb.jsonl", [{"prompt": "Q", "chosen": c, "rejected": r, "subset": s, "id": i}
+                                               for i, (s, c, r) in enumerate(rows)])
+    prior = [("shp", "aa", "a"), ("anthropic_hhh", "b", "bb"), ("anthropic_hhh", "cc", "c")]
+    chat = [{"role": "user", "content": "Q"}]  # prior sets: chosen/rejected as full chats
+    prior_file = write_jsonl(tmp_path / "prior.jsonl", [
+        {"chosen": chat + [{"role": "assistant", "content": c}],
+         "rejected": chat + [{"role": "assistant", "content": r}], "subset": s} for s, c, r in prior])
+
+    def stub(rm_dir, rows, batch_size=64, dtype="auto"):
+        return [float(len(r.chosen)) for r in rows], [float(len(r.rejected)) for r in rows]
+
+    monkeypatch.setattr(rewardbench, "score_rows", stub)
+    res = rewardbench.main(["--rm", "unused", "--data", str(data), "--prior", str(prior_file),
+                            "--out", str(tmp_path / "rb.json"), "--scores-out", str(tmp_path / "scores.jsonl")])
+    assert res["per_subset"]["alpacaeval-easy"] == {"correct": 1, "total": 2, "accuracy": 50.0}
+    assert res["sections"] == pytest.approx({"Chat": 50.0, "Chat Hard": 0.0, "Safety": 100.0,
+                                             "Reasoning": 100 * 984 / (984 + 164)})
+    assert res["prior_sets"] == pytest.approx(100 * (1 + 1 / 2) / 2)  # shp 1/1, anthropic_hhh 1/2
+    sections = sum(res["sections"].values())
+    assert res["average"] == pytest.approx(sections / 4) and res["score"] == pytest.approx((2 * sections + 75) / 9)
+    assert json.loads((tmp_path / "rb.json").read_text())["score"] == pytest.approx(res["score"])
+    recs = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert [r["correct"] for r in recs] == [True, False, False, True, True, False, True, False, True]
+
+
+# ---- win rate (Eq. 6) and accuracy
+
+
+def test_judge_counts_ties_as_not_wins():
+    res = winrate.judge([3.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 5.0])
+    assert (res["wins"], res["ties"], res["losses"], res["n"]) == (1, 2, 1, 4)
+    assert res["win_rate"] == 0.25 and res["tie_rate"] == 0.5 and res["loss_rate"] == 0.25
+
+
+def test_pair_accuracy_ties_are_wrong():
+    res = winrate.pair_accuracy([1.0, 0.0, 2.0], [0.0, 0.0, 3.0])
+    assert (res["correct"], res["ties"], res["wrong"], res["accuracy"]) == (1, 1, 1, 1 / 3)
+
+
+def _samples(path, responses, prompt="Q", reasons=None):
+    return write_jsonl(path, [{"prompt_id": f"p{i}", "prompt": f"{prompt}{i}", "responses": [y],
+                               "finish_reasons": [(reasons or {}).get(i, "stop")], "num_tokens": [len(y)]}
+                              for i, y in enumerate(responses)])
+
+
+def len_score(rm_dir, prompts, responses, batch_size=64, dtype="auto"):
+    """A stub RM: r(x, y) = len(y)."""
+    return [float(len(y)) for y in responses]
+
+
+def test_winrate_from_samples_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(winrate, "score", len_score)
+    new = _samples(tmp_path / "new.jsonl", ["aaaa", "bb", "c", "dddd", "e"], reasons={3: "length"})
+    old = _samples(tmp_path / "old.jsonl", ["a", "bb", "cc", "d", "eeeeee"])
+    res = winrate.main(["--rm", "unused", "--new", str(new), "--old", str(old), "--out", str(tmp_path / "wr.json")])
+    assert (res["wins"], res["ties"], res["losses"]) == (2, 1, 2)
+    assert res["win_rate"] == 0.4 and res["truncated_new"] == 1 and res["truncated_old"] == 0
+    assert json.loads((tmp_path / "wr.json").read_text())["wins"] == 2
+    # the files are matched by prompt id, not by line
+    write_jsonl(tmp_path / "old_rev.jsonl", list(reversed([json.loads(x) for x in old.read_text().splitlines()])))
+    assert winrate.main(["--rm", "u", "--new", str(new), "--old", str(tmp_path / "old_rev.jsonl")])["wins"] == 2
+    # different prompt sets compare nothing: an error naming the ids
+    _samples(tmp_path / "short.jsonl", ["a", "b"])
+    with pytest.raises(ValueError, match=r"3 only in .*new\.jsonl.*'p2'"):
+        winrate.main(["--rm", "u", "--new", str(new), "--old", str(tmp_path / "short.jsonl")])
+
+
+def test_accuracy_on_pairs_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(winrate, "score", len_score)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt_id": "a", "prompt": "Q", "chosen": "long", "rejected": "s", "kept": True},
+        {"prompt_id": "b", "prompt": "Q", "chosen": "ab", "rejected": "cd", "kept": True},  # tie: wrong
+        {"prompt_id": "c", "prompt": "Q", "chosen": "x", "rejected": "yyy", "kept": False},
+    ])
+    res = winrate.main(["--rm", "u", "--pairs", str(pairs)])
+    assert (res["correct"], res["ties"], res["wrong"], res["n"]) == (1, 1, 1, 3)
+    res = winrate.main(["--rm", "u", "--pairs", str(pairs), "--kept-only"])
+    assert (res["correct"], res["n"], res["dropped_not_kept"]) == (1, 2, 1)
+
+
+def test_winrate_samples_both_policies(tmp_path, monkeypatch, tiny_llama_dir):
+    """--new-policy/--old-policy: both sampled (same policy, independent streams), then judged."""
+    monkeypatch.setattr(winrate, "score", len_score)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt_id": f"p{i}", "prompt": f"Hello {i}"}
+                                                       for i in range(3)])
+    res = winrate.main(["--rm", "u", "--new-policy", str(tiny_llama_dir), "--old-policy", str(tiny_llama_dir),
+                        "--prompts", str(prompts), "--samples-dir", str(tmp_path / "s"), "--max-new-tokens", "6",
+                        "--device", "cpu"])
+    from mt.data import read_samples
+    new, old = read_samples(tmp_path / "s" / "new.samples.jsonl"), read_samples(tmp_path / "s" / "old.samples.jsonl")
+    expected = winrate.judge([len(s.responses[0]) for s in new], [len(s.responses[0]) for s in old])
+    assert res["n"] == 3 and {k: res[k] for k in expected} == expected
+
+
+# ---- a real tiny RM against transformers
+
+
+def test_real_rm_matches_transformers(tmp_path, tiny_rm_dir):
+    """Scores through mt.scoring on a tiny Llama RM equal AutoModelForSequenceClassification's on the same
+    chat-templated text, and so do the accuracy and win rate computed from them."""
+    from conftest import hf_model
+
+    from mt.chat import encode_conversation, load_tokenizer
+    torch.manual_seed(0)
+    tok = load_tokenizer(tiny_rm_dir)
+    ref = hf_model(tiny_rm_dir, head="score")
+    # transformers pools at the last token that is not pad_token_id; here pad == eos == <|eot_id|>, which ends
+    # every chat, so it would pool one token early (DESIGN.md section 4). One unpadded row per call and no
+    # pad id make it read the last token, the position an RM is trained to score.
+    ref.config.pad_token_id = None
+    questions = ("Hello world", "What is two plus two?", "Why is the sky blue")
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    chosen = ["I am fine, thank you.", "Two plus two is four.", "Blue light scatters most."]
+    rejected = ["The quick brown fox", "five", "No."]
+
+    def hf_scores(responses):
+        out = []
+        for p, y in zip(prompts, responses):
+            ids = torch.tensor([encode_conversation(tok, p, y)])
+            out.append(ref(input_ids=ids).logits[0, 0].item())
+        return out
+
+    ref_c, ref_r = hf_scores(chosen), hf_scores(rejected)
+    ours = winrate.score(tiny_rm_dir, prompts + prompts, chosen + rejected, batch_size=2, dtype="fp32")
+    assert ours == pytest.approx(ref_c + ref_r, abs=1e-4)
+    # through the CLIs: a pairs file and a RewardBench file give the accuracy the reference scores give
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt_id": str(i), "prompt": p, "chosen": c, "rejected": r}
+                                                   for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected))])
+    res = winrate.main(["--rm", str(tiny_rm_dir), "--pairs", str(pairs), "--device", "cpu", "--dtype", "fp32"])
+    assert res["correct"] == sum(c > r for c, r in zip(ref_c, ref_r))
+    bench = write_jsonl(tmp_path / "rb.jsonl", [{"prompt": p[0]["content"], "chosen": c, "rejected": r,
+                                                 "subset": "alpacaeval-easy", "id": i}
+                                                for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected))])
+    res = rewardbench.main(["--rm", str(tiny_rm_dir), "--data", str(bench), "--device", "cpu", "--dtype", "fp32"])
+    assert res["per_subset"]["alpacaeval-easy"]["correct"] == sum(c > r for c, r in zip(ref_c, ref_r))
+    new, old = _samples(tmp_path / "new.jsonl", chosen, prompt="P"), _samples(tmp_path / "old.jsonl", rejected, "P")
+    for path, ys in ((new, chosen), (old, rejected)):  # the same prompts as the reference
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        write_jsonl(path, [{**r, "prompt": p} for r, p in zip(rows, prompts)])
+    res = winrate.main(["--rm", str(tiny_rm_dir), "--new", str(new), "--old", str(old), "--device", "cpu",
+                        "--dtype", "fp32"])
+    assert res == {**res, **winrate.judge(ref_c, ref_r)}
+
+
+# ---- generate.py: the judges' file formats
+
+ALPACAEVAL_ROW = {"instruction": str, "output": str, "generator": str}  # + "dataset" when the input had it
+ARENAHARD_ROW = {"question_id": (str, int), "answer_id": str, "model_id": str, "choices": list, "tstamp": float,
+                 "conv_metadata": dict}
+
+
+def check_alpacaeval(path, instructions, generator):
+    """What alpaca_eval reads: a JSON array of objects with instruction/output/generator strings, in order."""
+    data = json.loads(Path(path).read_text())
+    assert isinstance(data, list) and len(data) == len(instructions)
+    for row, inst in zip(data, instructions):
+        assert set(row) - {"dataset"} == set(ALPACAEVAL_ROW)
+        for k, t in ALPACAEVAL_ROW.items():
+            assert isinstance(row[k], t), k
+        assert row["instruction"] == inst and row["generator"] == generator
+    return data
+
+
+def check_arenahard(path, question_ids, model_id):
+    """What Arena-Hard v0.1 reads: one JSON object per line; the answer is choices[0].turns[0].content and its
+    length turns[0].token_len or conv_metadata.token_len; the model name is the file name."""
+    assert Path(path).name == f"{model_id}.jsonl"
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == question_ids
+    for r in rows:
+        assert set(r) == set(ARENAHARD_ROW)
+        for k, t in ARENAHARD_ROW.items():
+            assert isinstance(r[k], t), k
+        assert r["model_id"] == model_id
+        assert len(r["choices"]) == 1 and r["choices"][0]["index"] == 0 and len(r["choices"][0]["turns"]) == 1
+        turn = r["choices"][0]["turns"][0]
+        assert isinstance(turn["content"], str)
+        assert isinstance(turn["token_len"], int) and turn["token_len"] == r["conv_metadata"]["token_len"] >= 0
+    assert len({r["answer_id"] for r in rows}) == len(rows)
+    return rows
+
+
+def test_generate_alpacaeval_file(tmp_path, tiny_llama_dir):
+    inp = tmp_path / "alpaca_eval.json"
+    inp.write_text(json.dumps([{"dataset": "helpful_base", "instruction": "Hello world", "output": "ref",
+                                "generator": "gpt4_turbo"},
+                               {"dataset": "koala", "instruction": "What is two plus two?"}]))
+    out = tmp_path / "res" / "model_outputs.json"
+    res = generate.main(["--policy", str(tiny_llama_dir), "--format", "alpacaeval", "--prompts", str(inp),
+                         "--out", str(out), "--name", "tiny", "--max-new-tokens", "5", "--device", "cpu"])
+    data = check_alpacaeval(out, ["Hello world", "What is two plus two?"], "tiny")
+    assert [d["dataset"] for d in data] == ["helpful_base", "koala"]
+    from mt.data import read_samples
+    samples = read_samples(res["samples"])
+    assert [d["output"] for d in data] == [s.responses[0].strip() for s in samples]
+    assert all(n <= 5 for s in samples for n in s.num_tokens)
+
+
+def test_generate_arenahard_file(tmp_path, tiny_llama_dir):
+    qs = write_jsonl(tmp_path / "question.jsonl", [
+        {"question_id": "328c149ed45a41c0b9d6f14659e63599", "category": "arena-hard-v0.1", "cluster": "c",
+         "turns": [{"content": "Write a short poem about the sea."}]},
+        {"question_id": "b43c07656ead4150b360294ee932b410", "category": "arena-hard-v0.1", "cluster": "c",
+         "turns": [{"content": "Explain why the sky is blue."}]}])
+    out = tmp_path / "model_answer" / "tiny-mt.jsonl"
+    res = generate.main(["--policy", str(tiny_llama_dir), "--format", "arenahard", "--prompts", str(qs),
+                         "--out", str(out), "--name", "tiny-mt", "--greedy", "--max-new-tokens", "4",
+                         "--device", "cpu"])
+    rows = check_arenahard(out, ["328c149ed45a41c0b9d6f14659e63599", "b43c07656ead4150b360294ee932b410"], "tiny-mt")
+    # the raw samples are not in model_answer/*.jsonl, where Arena-Hard would take them for a model
+    assert sorted(p.name for p in out.parent.glob("*.jsonl")) == ["tiny-mt.jsonl"]
+    from mt.data import read_samples
+    samples = read_samples(res["samples"])
+    for r, s in zip(rows, samples):
+        assert r["choices"][0]["turns"][0]["token_len"] == s.num_tokens[0] - (s.finish_reasons[0] == "stop")
+        assert r["choices"][0]["turns"][0]["content"] == s.responses[0].strip()
+    assert all(n <= 4 for s in samples for n in s.num_tokens)
+    with pytest.raises(SystemExit, match="must be 'other.jsonl'"):  # the file name is the model name
+        generate.main(["--policy", str(tiny_llama_dir), "--format", "arenahard", "--prompts", str(qs),
+                       "--out", str(out), "--name", "other"])
+
+
+def test_arenahard_writer_keeps_question_id_types():
+    rows = generate.arenahard_answers([{"question_id": 3, "content": "q"}, {"question_id": "x", "content": "r"}],
+                                      ["a", "b"], [1, 2], "m", tstamp=1.5)
+    assert [r["question_id"] for r in rows] == [3, "x"] and rows[0]["tstamp"] == 1.5
+    assert rows[1]["choices"] == [{"index": 0, "turns": [{"content": "b", "token_len": 2}]}]
+
+
+@pytest.mark.parametrize("fmt,rows,where,field", [
+    ("alpacaeval", [{"instruction": "ok"}, {"dataset": "koala"}], ":2", "'instruction' missing"),
+    ("alpacaeval", [{"instruction": "ok"}, {"instruction": "  \n"}], ":2", "'instruction' is empty"),
+    ("alpacaeval", [{"instruction": 5}], ":1", "'instruction' must be a string"),
+    ("arenahard", [{"question_id": "a", "turns": [{"content": "q"}]}, {"question_id": "b", "turns": []}], ":2",
+     "'turns' missing or empty"),
+    ("arenahard", [{"question_id": "a", "turns": [{"content": ""}]}], ":1", "turns[0]: field 'content' is empty"),
+    ("arenahard", [{"turns": [{"content": "q"}]}], ":1", "'question_id' missing"),
+    ("arenahard", [{"question_id": "a", "turns": [{"content": "q"}]},
+                   {"question_id": "a", "turns": [{"content": "r"}]}], ":2", "repeats"),
+])
+def test_generate_bad_prompt_is_an_error(tmp_path, fmt, rows, where, field):
+    f = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    reader = generate.read_alpacaeval if fmt == "alpacaeval" else generate.read_arenahard
+    with pytest.raises(generate.PromptFileError) as e:
+        reader(f)
+    assert f"prompts.jsonl{where}" in str(e.value) and field in str(e.value)
+    # and the CLI stops before loading any model (the policy path does not even exist)
+    out = tmp_path / ("model_outputs.json" if fmt == "alpacaeval" else "m.jsonl")
+    with pytest.raises(generate.PromptFileError):
+        generate.main(["--policy", str(tmp_path / "no-model"), "--format", fmt, "--prompts", str(f),
+                       "--out", str(out), "--name", "m"])
+    assert not out.exists()
+
+
+def test_generate_json_array_error_names_row(tmp_path):
+    f = tmp_path / "alpaca_eval.json"
+    f.write_text(json.dumps([{"instruction": "a"}, {"instruction": "b"}, {"output": "no instruction"}]))
+    with pytest.raises(generate.PromptFileError, match=r"alpaca_eval\.json\[row 3\]: field 'instruction' missing"):
+        generate.read_alpacaeval(f)
