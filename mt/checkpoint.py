@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mt.model import ConfigError, ModelConfig, Transformer, rope_inv_freq
+from mt.model import ConfigError, ModelConfig, Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
@@ -52,7 +52,11 @@ def read_config(path, head: str | None = None) -> ModelConfig:
 def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (needs a \"weight_map\" object): "
+                                  f"{type(e).__name__}: {e}") from None
         files = [path / f for f in sorted(set(weight_map.values()))]
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
@@ -81,7 +85,10 @@ def load_model(path, dtype=torch.float32, device="cpu", head: str | None = None)
     score head (the usual way to start an RM from a policy); head="lm" on an RM directory is an error.
     """
     path = Path(path)
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     cfg = read_config(path, head=head)
     src_head = read_config(path).head
     if src_head == "score" and cfg.head == "lm":
@@ -93,7 +100,8 @@ def load_model(path, dtype=torch.float32, device="cpu", head: str | None = None)
         sd.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.to_empty(device=device)
+    # cast while still on meta (free), so memory is allocated once, in the dtype asked for
+    model.to(dtype).to_empty(device=device)
     model.tie_weights()
     expected = set(model.state_dict())
     if cfg.head == "lm" and cfg.tie_word_embeddings:
@@ -115,9 +123,8 @@ def load_model(path, dtype=torch.float32, device="cpu", head: str | None = None)
     with torch.no_grad():
         if fresh_score:
             model.score.weight.normal_(std=cfg.hf.get("initializer_range", 0.02))
-        model.load_state_dict(sd, strict=False)
-        model.inv_freq.copy_(rope_inv_freq(cfg))  # buffers are not in the checkpoint
-    return model.to(dtype)
+        model.load_state_dict(sd, strict=False)  # copies (and casts) into our dtype
+    return model
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:

@@ -7,8 +7,10 @@ type-checked against the defaults; unknown keys are rejected with the list of va
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +83,7 @@ class EMConfig:
     update_rm: bool = True  # False = iterative DPO with a fixed RM (baseline)
     rm_restart: bool = True  # appendix B: each RM iteration starts from r0
     rounds: int = 1  # Sec. 5.3: a second round restarts both models from the base models
+    rm_heldout: float = 0.05  # share of D_R held out of RM training to report RM accuracy on pseudo-pairs
 
 
 @dataclass
@@ -192,20 +195,45 @@ CHOICES = {"em.pair_rule": ("length_control", "max_min"), "em.filter": ("lqf", "
            "dpo.dtype": ("auto", "fp32", "bf16"), "rm_train.dtype": ("auto", "fp32", "bf16")}
 
 
+POSITIVE = ("dpo.lr", "dpo.beta", "rm_train.lr", "sampling.temperature", "em.eps_mult", "dpo.batch_size",
+            "dpo.micro_batch_size", "rm_train.batch_size", "rm_train.micro_batch_size", "dpo.epochs",
+            "rm_train.epochs", "sampling.slots", "sampling.max_prompt_tokens", "dpo.max_length", "rm_train.max_length")
+NON_NEGATIVE = ("dpo.weight_decay", "rm_train.weight_decay", "dpo.grad_clip", "rm_train.grad_clip", "em.tau",
+                "em.d_ms_size", "dpo.save_every", "rm_train.save_every", "sampling.top_k", "dpo.label_smoothing",
+                "rm_train.margin", "em.rm_heldout", "dpo.simpo_gamma")
+
+
+def _get(cfg, key):
+    obj = cfg
+    for p in key.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
 def validate(cfg: Config) -> Config:
     """Reject inconsistent configs before any compute, naming the field and the allowed values."""
+    for key, typ in flat_keys(cfg).items():
+        v = _get(cfg, key)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"--{key}={v}: must be a finite number")
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"--{key}={_get(cfg, key)}: must be > 0")
+    for key in NON_NEGATIVE:
+        if not _get(cfg, key) >= 0:
+            raise ConfigError(f"--{key}={_get(cfg, key)}: must be >= 0")
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"--preset {cfg.preset!r}: unknown; presets: {', '.join(PRESETS)}")
     for key, allowed in CHOICES.items():
-        obj = cfg
-        for p in key.split("."):
-            obj = getattr(obj, p)
-        if obj not in allowed:
-            raise ConfigError(f"--{key}={obj!r}: must be one of {', '.join(allowed)}")
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"--{key}={_get(cfg, key)!r}: must be one of {', '.join(allowed)}")
     if cfg.iters < 1:
         raise ConfigError(f"--iters={cfg.iters}: must be >= 1")
     if cfg.em.n_samples < 2:
         raise ConfigError(f"--em.n_samples={cfg.em.n_samples}: pairs need at least 2 responses per prompt")
-    if not 0.0 < cfg.em.rm_fraction < 1.0:
-        raise ConfigError(f"--em.rm_fraction={cfg.em.rm_fraction}: must be in (0, 1)")
+    if not 0.0 <= cfg.em.rm_fraction < 1.0 or (cfg.em.update_rm and cfg.em.rm_fraction == 0):
+        raise ConfigError(f"--em.rm_fraction={cfg.em.rm_fraction}: must be in (0, 1) (0 only with "
+                          "--em.update_rm false, the fixed-RM baseline)")
     if cfg.em.rounds < 1:
         raise ConfigError(f"--em.rounds={cfg.em.rounds}: must be >= 1")
     for name in ("dpo", "rm_train"):
@@ -222,7 +250,7 @@ def validate(cfg: Config) -> Config:
 
 def parse_args(argv: list[str], base: Config | None = None) -> Config:
     """`--preset NAME` first (paper defaults otherwise), then `--a.b value` overrides in order."""
-    cfg = base or Config()
+    cfg = copy.deepcopy(base) if base is not None else Config()
     pairs = []
     it = iter(argv)
     for tok in it:

@@ -32,7 +32,7 @@ class ModelConfig:
     num_key_value_heads: int
     head_dim: int
     max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-6  # transformers' default for all three families, when config.json omits it
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", ...} or None
     qkv_bias: bool = False  # Qwen2: bias on q/k/v only
@@ -71,10 +71,17 @@ class ModelConfig:
                               f"{', '.join(SUPPORTED_ROPE_TYPES)}")
         n_heads = d["num_attention_heads"]
         arch = (d.get("architectures") or [""])[0]
+        if arch and not arch.endswith(("ForCausalLM", "ForSequenceClassification")):
+            raise ConfigError(f"{source}: architectures={d['architectures']} is not supported; expected a "
+                              "*ForCausalLM (policy) or *ForSequenceClassification (reward model)")
+        is_rm = arch.endswith("ForSequenceClassification")
         if head is None:
-            head = "score" if arch.endswith("ForSequenceClassification") else "lm"
+            head = "score" if is_rm else "lm"
+        if head not in ("lm", "score"):
+            raise ConfigError(f"head must be 'lm' or 'score', got {head!r}")
+        # a causal LM's id2label (if any) says nothing about the fresh score head we would give it
         num_labels = d.get("num_labels", len(d.get("id2label") or {}) or 1)
-        if head == "score" and num_labels != 1:
+        if head == "score" and is_rm and num_labels != 1:
             raise ConfigError(f"{source}: a reward model needs num_labels=1 (one scalar), got {num_labels}")
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
@@ -82,7 +89,7 @@ class ModelConfig:
             num_key_value_heads=d.get("num_key_value_heads") or n_heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
             max_position_embeddings=d.get("max_position_embeddings", 4096),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-5), rope_theta=theta,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta,
             rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
             qkv_bias=mt == "qwen2" or bool(d.get("attention_bias", False)),
             o_bias=mt != "qwen2" and bool(d.get("attention_bias", False)),
@@ -240,6 +247,13 @@ class Transformer(nn.Module):
         else:
             raise ConfigError(f"head must be 'lm' or 'score', got {cfg.head!r}")
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) / .half() / to_empty() would also cast or blank the rope frequencies; rebuild them in fp32
+        # (as transformers keeps them) so angles at long positions stay exact in any parameter dtype.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+        return self
 
     def tie_weights(self):
         """Re-share lm_head with the embeddings (after moving off the meta device, which unties them)."""
