@@ -40,6 +40,13 @@ def init_distributed(device: str | None = None) -> Dist:
     return _STATE
 
 
+def ensure_process_group(device: torch.device):
+    """FSDP2 needs a process group even for one process (plain `python` on one GPU): make a private one."""
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def get() -> Dist:
     return _STATE
 

@@ -1,0 +1,142 @@
+"""mt/train.py over 2 gloo CPU processes (FSDP2 `fully_shard`) against one plain process, and the non-finite
+stop across ranks. Workers are spawned with torch.multiprocessing and report through files."""
+import hashlib
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import mt.train as T
+from mt.checkpoint import load_state_dict
+from mt.config import DPOConfig, RMConfig
+from test_train import metrics, random_examples, tiny_model
+
+ROOT = str(Path(__file__).resolve().parents[1])
+WORLD = 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(job, out: Path):
+    mp.spawn(_entry, args=(job, str(out), _free_port()), nprocs=WORLD, join=True)
+
+
+def _entry(rank: int, job, out: str, port: int):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    sys.path.insert(0, ROOT)
+    torch.set_num_threads(1)
+    from mt import dist
+    dist.init_distributed("cpu")
+    try:
+        job(rank, Path(out))
+    finally:
+        dist.destroy()
+
+
+# ---- FSDP over 2 processes == 1 process
+
+# 17 pairs, global batch 8, micro 2: steps of 8, 8 and 1 pairs per epoch. World 2 runs accumulation 2, and in
+# the 1-pair step rank 1 has nothing: it must still run a (zero-weight) forward for FSDP's collectives.
+N, CFG = 17, dict(lr=1e-3, batch_size=8, micro_batch_size=2, epochs=2, seed=5)
+
+
+def _config(objective):
+    return DPOConfig(beta=0.5, **CFG) if objective == "dpo" else RMConfig(**CFG)
+
+
+def _train(objective, out: Path):
+    ex = random_examples(N, seed=11)
+    model = tiny_model("score" if objective == "rm" else "lm", seed=2)
+    refs = T.reference_logps(model, ex, 3, progress=False) if objective == "dpo" else None
+    T.train(model, ex, objective, _config(objective), out / objective, ref_logps=refs, progress=False)
+    return refs
+
+
+def _equal_job(rank, out):
+    for objective in ("dpo", "rm"):
+        refs = _train(objective, out)  # the FSDP path: world > 1
+        if rank == 0 and refs is not None:
+            (out / "refs.json").write_text(json.dumps(refs))
+
+
+def test_fsdp_two_processes_equal_one_process(tmp_path):
+    _spawn(_equal_job, tmp_path / "fsdp")
+    refs1 = _train("dpo", tmp_path / "one")
+    _train("rm", tmp_path / "one")
+    refs2 = json.loads((tmp_path / "fsdp" / "refs.json").read_text())
+    assert refs2.keys() == refs1.keys()
+    assert max(abs(a - b) for k in refs1 for a, b in zip(refs1[k], refs2[k])) <= 1e-5
+    for objective in ("dpo", "rm"):
+        one, two = metrics(tmp_path / "one" / objective), metrics(tmp_path / "fsdp" / objective)
+        assert len(one) == len(two) == 6
+        assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) <= 1e-5
+        assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(one, two)) <= 1e-5
+        assert [a["examples"] for a in two] == [8, 8, 1, 8, 8, 1]
+        assert one[-1]["loss"] < one[0]["loss"]
+        p1 = load_state_dict(tmp_path / "one" / objective / "final")
+        p2 = load_state_dict(tmp_path / "fsdp" / objective / "final")
+        assert p1.keys() == p2.keys()
+        assert max((p1[k] - p2[k]).abs().max().item() for k in p1) <= 1e-5
+
+
+# ---- a NaN on one rank stops both ranks before the update; the last checkpoint is untouched
+
+
+def _nan_job(rank, out):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    ex = random_examples(16, seed=12)
+    model = tiny_model(seed=3)
+    refs = T.reference_logps(model, ex, 4, progress=False)
+    real, calls, seen = T.OBJECTIVE_FNS["dpo"], {"n": 0}, {}
+
+    def nan_on_rank1_step3(model, batch, cfg):
+        calls["n"] += 1  # one micro-batch per step per rank (batch 4 = micro 2 × world 2)
+        if calls["n"] == 3 and rank == 0:
+            seen["sha"] = hashlib.sha256((out / "run" / "ckpt-2" / "model.safetensors").read_bytes()).hexdigest()
+        loss, m = real(model, batch, cfg)
+        return (loss * float("nan") if calls["n"] == 3 and rank == 1 else loss), m
+    T.OBJECTIVE_FNS["dpo"] = nan_on_rank1_step3
+    result = {"rank": rank}
+    try:
+        T.train(model, ex, "dpo", DPOConfig(lr=1e-2, beta=0.5, batch_size=4, micro_batch_size=2, save_every=2),
+                out / "run", ref_logps=refs, progress=False)
+    except T.NonFiniteError as e:
+        result["error"] = str(e)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        saved = load_state_dict(out / "run" / "ckpt-2")
+        result["max_diff_vs_ckpt2"] = max((full[k] - saved[k]).abs().max().item() for k in saved)
+        result["sha_before"] = seen["sha"]
+        result["sha_after"] = hashlib.sha256((out / "run" / "ckpt-2" / "model.safetensors").read_bytes()).hexdigest()
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_nan_on_one_rank_stops_every_rank_before_the_update(tmp_path):
+    _spawn(_nan_job, tmp_path)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
+    for r in (r0, r1):  # both ranks raised, and both name the rank and step where it happened
+        assert "step 3/4" in r["error"] and "rank 1 micro-batch 0: loss nan" in r["error"], r
+        assert "before the optimizer step" in r["error"]
+    assert r0["max_diff_vs_ckpt2"] == 0.0  # the sharded weights are still exactly the step-2 weights
+    assert r0["sha_before"] == r0["sha_after"]
+    assert not (tmp_path / "run" / "ckpt-3").exists() and not (tmp_path / "run" / "final").exists()
+    assert json.loads((tmp_path / "run" / "trainer_state" / "meta.json").read_text())["step"] == 2
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2]
