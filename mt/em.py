@@ -38,7 +38,8 @@ def partition(prompt_ids: list[str], iters: int, rm_fraction: float, d_ms_size: 
     parts = {"D_MS": d_ms, "D_R": d_r}
     for t in range(iters):
         parts[f"D_{t + 1}"] = policy[t * len(policy) // iters:(t + 1) * len(policy) // iters]
-    empty = [k for k, v in parts.items() if not v and not (k == "D_MS" and d_ms_size == 0)]
+    empty = [k for k, v in parts.items()
+             if not v and not (k == "D_MS" and d_ms_size == 0) and not (k == "D_R" and rm_fraction == 0)]
     if empty:
         raise ValueError(f"partition: {', '.join(empty)} would be empty with {len(prompt_ids)} prompts, "
                          f"--iters {iters}, --em.rm_fraction {rm_fraction}, --em.d_ms_size {d_ms_size}: "
@@ -190,7 +191,8 @@ def filter_decision(delta: float, eps: float, strategy: str) -> tuple[bool, bool
 
 
 def make_pseudo_pairs(new: list[dict], old: list[dict], new_scores: list[dict], old_scores: list[dict],
-                      strategy: str, eps_stat: str, eps_mult: float) -> tuple[list[dict], dict]:
+                      strategy: str, eps_stat: str, eps_mult: float,
+                      keep_truncated: bool = False) -> tuple[list[dict], dict]:
     """Alg. 1 lines 6-7: (y_t ≻ y_{t-1}) per prompt of D_R, scored by r_{t-1}, then filtered.
 
     `new`/`old` are samples rows with one response each, from π_t and π_{t-1}. Every pair is written
@@ -205,7 +207,7 @@ def make_pseudo_pairs(new: list[dict], old: list[dict], new_scores: list[dict], 
     for n in new:
         pid = n["prompt_id"]
         o = old_by_id[pid]
-        usable = valid_responses(n) and valid_responses(o)
+        usable = valid_responses(n, keep_truncated) and valid_responses(o, keep_truncated)
         delta = s_new[pid] - s_old[pid]
         if not usable:
             keep, swap, reason = False, False, "invalid_response"
