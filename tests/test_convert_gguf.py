@@ -35,14 +35,6 @@ def llamacpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 # ---- fixtures: the packaged SmolLM2 and transformers' GGUF loader on the same file
 
 @pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory) -> Path:
-    cached = os.environ.get("MT_SMOLLM2_DIR")
-    if cached and Path(cached).is_dir():
-        return ensure_smollm2(cached)  # no-op when CI converted it already
-    return convert(smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2") / "hf")
-
-
-@pytest.fixture(scope="module")
 def ours(smollm2_dir):
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
