@@ -214,7 +214,7 @@ def run(cfg: C.Config, force_config: bool = False) -> dict:
 
             # ---- model selection (Eq. 6-7): every checkpoint vs π_{t-1} on D_MS, judged by r_{t-1}
             stage(m, f"{tag}/select", [gen_pi, gen_r, it / "policy", D_ms], [it / "selection.json"],
-                  lambda: select(it, gen_pi, gen_r, D_ms, cfg, seed, tag), [cfg.sampling, E.tau, E.select, seed])
+                  lambda: select(it, it / "policy", gen_pi, gen_r, D_ms, cfg, seed, tag), [cfg.sampling, E.tau, E.select, seed])
             selection = json.loads((it / "selection.json").read_text())
             metrics = {"round": rnd, "iter": t, "pairs": read_stats(it / "pairs.jsonl"), "dpo": dpo_summary(it),
                        "selection": selection}
@@ -261,44 +261,58 @@ def run(cfg: C.Config, force_config: bool = False) -> dict:
 # ---- the stages that are pure bookkeeping over files (the heavy ones live in train_policy / train_rm)
 
 
-def select(it: Path, pi_prev: Path, r_prev: Path, d_ms: Path, cfg: C.Config, seed: int, tag: str) -> dict:
-    """Eq. 6-7. π_{t-1}'s responses on D_MS are sampled once and reused for every checkpoint k."""
-    sel = it / "selection"
+def select(out: Path, candidates: Path, pi_prev: Path, r_prev: Path, d_ms: Path, cfg: C.Config, seed: int,
+           tag: str) -> dict:
+    """Eq. 6-7: every checkpoint in `candidates` against π_{t-1} on D_MS, judged by r_{t-1}.
+
+    π_{t-1}'s responses on D_MS are sampled once and reused for every checkpoint k. Writes
+    out/selection.json and the responses and scores under out/selection/.
+    """
+    sel = out / "selection"
     one = dict(n=1, seed=seed)
     train_policy.sample(pi_prev, d_ms, sel / "prev.samples.jsonl", cfg.sampling, stream=f"{tag}/select-prev", **one)
     train_policy.score(r_prev, sel / "prev.samples.jsonl", sel / "prev.scores.jsonl")
     old = [r["scores"][0] for r in read_jsonl_rows(sel / "prev.scores.jsonl")]
-    ckpts = train_policy.checkpoints(it / "policy")
+    ckpts = train_policy.checkpoints(candidates)
+    if not ckpts:
+        raise FileNotFoundError(f"{candidates}: no checkpoints (ckpt-*/final) to select from")
     rates = {}
     for k in ckpts:
         s = sel / f"{k}.samples.jsonl"
         # the same stream for every k: candidates are compared on common random numbers
-        train_policy.sample(it / "policy" / k, d_ms, s, cfg.sampling, stream=f"{tag}/select", **one)
+        train_policy.sample(candidates / k, d_ms, s, cfg.sampling, stream=f"{tag}/select", **one)
         train_policy.score(r_prev, s, sel / f"{k}.scores.jsonl")
         new = [r["scores"][0] for r in read_jsonl_rows(sel / f"{k}.scores.jsonl")]
         rates[k] = em.win_rate(new, old)
     choice = em.select_checkpoint({k: v["win_rate"] for k, v in rates.items()}, cfg.em.tau, cfg.em.select, ckpts)
     if dist.get().is_main:
-        write_json(it / "selection.json", {**choice, "candidates": rates})
+        write_json(out / "selection.json", {**choice, "candidates": rates})
     return choice
 
 
-def pseudo_pairs(it: Path, pi_t: Path, pi_prev: Path, r_prev: Path, d_r: Path, cfg: C.Config, seed: int,
-                 tag: str):
-    """(y_t ~ π_t) ≻ (y_{t-1} ~ π_{t-1}) on D_R, scored by r_{t-1}, Δr and ε_t, filtered (Sec. 4.3)."""
-    pp = it / "pseudo"
+def pseudo_pairs(out: Path, pi_t: Path, pi_prev: Path, r_prev: Path, d_r: Path, cfg: C.Config, seed: int,
+                 tag: str) -> dict:
+    """(y_t ~ π_t) ≻ (y_{t-1} ~ π_{t-1}) on D_R, scored by r_{t-1}, filtered with ε_t (Sec. 4.3).
+
+    Writes out/pseudo_pairs.jsonl (every pair with Δr, ε_t and its decision) and pseudo_pairs.info.json.
+    """
+    pp = out / "pseudo"
     one = dict(n=1, seed=seed)
     train_policy.sample(pi_t, d_r, pp / "new.samples.jsonl", cfg.sampling, stream=f"{tag}/pseudo-new", **one)
     train_policy.sample(pi_prev, d_r, pp / "prev.samples.jsonl", cfg.sampling, stream=f"{tag}/pseudo-prev", **one)
     train_policy.score(r_prev, pp / "new.samples.jsonl", pp / "new.scores.jsonl")
     train_policy.score(r_prev, pp / "prev.samples.jsonl", pp / "prev.scores.jsonl")
-    rows, info = em.make_pseudo_pairs(
+    rows = em.make_pseudo_pairs(
         read_jsonl_rows(pp / "new.samples.jsonl"), read_jsonl_rows(pp / "prev.samples.jsonl"),
-        read_jsonl_rows(pp / "new.scores.jsonl"), read_jsonl_rows(pp / "prev.scores.jsonl"),
-        cfg.em.filter, cfg.em.eps_stat, cfg.em.eps_mult, cfg.em.keep_truncated)
+        read_jsonl_rows(pp / "new.scores.jsonl"), read_jsonl_rows(pp / "prev.scores.jsonl"), cfg.em.keep_truncated)
+    return filter_file(rows, out / "pseudo_pairs.jsonl", cfg)
+
+
+def filter_file(rows: list[dict], out_path: Path, cfg: C.Config) -> dict:
+    rows, info = em.filter_pseudo_pairs(rows, cfg.em.filter, cfg.em.eps_stat, cfg.em.eps_mult)
     if dist.get().is_main:
-        write_json(it / "pseudo_pairs.info.json", info)
-        write_jsonl(it / "pseudo_pairs.jsonl", rows)
+        write_json(out_path.with_suffix(".info.json"), info)
+        write_jsonl(out_path, rows)
     return info
 
 
@@ -367,8 +381,65 @@ def table(history: list[dict], cfg: C.Config) -> str:
     return "\n".join(lines)
 
 
+# ---- each stage alone, on explicit files: `python run_em.py STAGE --file args ... [--config.key value ...]`
+
+STAGES = {  # stage -> its file arguments; every other flag is a config override (mt/config.py)
+    "sample": ("--model", "--prompts", "--out"),
+    "score": ("--rm", "--samples", "--out"),
+    "pairs": ("--samples", "--scores", "--out"),
+    "dpo": ("--policy", "--pairs", "--out"),
+    "select": ("--prev", "--candidates", "--rm", "--prompts", "--out"),
+    "pseudo_pairs": ("--new", "--prev", "--rm", "--prompts", "--out"),
+    "filter": ("--pseudo_pairs", "--out"),
+    "rm": ("--init", "--pairs", "--out"),
+}
+
+
+def stage_main(name: str, argv: list[str]):
+    """One stage, reading and writing the files run_em.py uses (DESIGN.md §2)."""
+    import argparse
+    ap = argparse.ArgumentParser(prog=f"python run_em.py {name}", description=STAGE_HELP[name])
+    for flag in STAGES[name]:
+        ap.add_argument(flag, required=True, type=Path)
+    ap.add_argument("--stream", default=name, help="name of the random stream (run_em uses e.g. iter1/e-step)")
+    a, rest = ap.parse_known_args(argv)
+    cfg = C.parse_args(rest)
+    dist.init_distributed(None if cfg.device == "auto" else cfg.device)
+    if name == "sample":
+        return train_policy.sample(a.model, a.prompts, a.out, cfg.sampling, cfg.em.n_samples, cfg.seed, a.stream)
+    if name == "score":
+        return train_policy.score(a.rm, a.samples, a.out)
+    if name == "pairs":
+        return train_policy.pairs(a.samples, a.scores, a.out, cfg.em.pair_rule, cfg.em.keep_truncated)
+    if name == "dpo":
+        train_policy.ref_logps(a.policy, a.pairs, a.out / "ref_logps.jsonl", cfg.dpo)
+        return train_policy.dpo(a.policy, a.pairs, a.out / "ref_logps.jsonl", a.out / "policy", cfg.dpo)
+    if name == "select":
+        return select(a.out, a.candidates, a.prev, a.rm, a.prompts, cfg, cfg.seed, a.stream)
+    if name == "pseudo_pairs":
+        return pseudo_pairs(a.out, a.new, a.prev, a.rm, a.prompts, cfg, cfg.seed, a.stream)
+    if name == "filter":  # re-filter existing pseudo-pairs with another strategy or ε_t, without resampling
+        return filter_file(read_jsonl_rows(a.pseudo_pairs), a.out, cfg)
+    if name == "rm":
+        return train_rm.train(a.init, [Path(p) for p in str(a.pairs).split(",")], a.out, cfg.rm_train)
+
+
+STAGE_HELP = {
+    "sample": "M responses per prompt (--em.n_samples) -> samples.jsonl",
+    "score": "score every response of samples.jsonl with an RM -> scores.jsonl",
+    "pairs": "preference pairs by --em.pair_rule -> pairs.jsonl (+ pairs.stats.json)",
+    "dpo": "reference log-probs and DPO (Eq. 4) -> OUT/ref_logps.jsonl, OUT/policy/ckpt-*, final",
+    "select": "win rate of every checkpoint vs the previous policy on D_MS (Eq. 6-7) -> OUT/selection.json",
+    "pseudo_pairs": "(y_t, y_{t-1}) on D_R, scored and filtered -> OUT/pseudo_pairs.jsonl",
+    "filter": "re-filter pseudo_pairs.jsonl with --em.filter / --em.eps_stat / --em.eps_mult -> OUT",
+    "rm": "Bradley-Terry M-step (Eq. 5) from an RM or causal-LM dir on comma-separated pairs files -> OUT",
+}
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in STAGES:
+        return stage_main(argv[0], argv[1:])
     force = False
     if "--force_config" in argv:
         i = argv.index("--force_config")

@@ -191,39 +191,47 @@ def filter_decision(delta: float, eps: float, strategy: str) -> tuple[bool, bool
 
 
 def make_pseudo_pairs(new: list[dict], old: list[dict], new_scores: list[dict], old_scores: list[dict],
-                      strategy: str, eps_stat: str, eps_mult: float,
-                      keep_truncated: bool = False) -> tuple[list[dict], dict]:
-    """Alg. 1 lines 6-7: (y_t ≻ y_{t-1}) per prompt of D_R, scored by r_{t-1}, then filtered.
+                      keep_truncated: bool = False) -> list[dict]:
+    """Alg. 1 line 6: (y_t ≻ y_{t-1}) per prompt of D_R with its margin Δr = r_{t-1}(y_t) − r_{t-1}(y_{t-1}).
 
-    `new`/`old` are samples rows with one response each, from π_t and π_{t-1}. Every pair is written
-    with Δr, ε_t and its decision; only kept pairs enter the M-step. Prompts where either response is
-    empty or truncated give no pair (counted).
+    `new`/`old` are samples rows with one response each, from π_t and π_{t-1}. A prompt where either
+    response is empty or truncated is marked invalid (it gets no pair, and is counted).
     """
     s_new = {s["prompt_id"]: s["scores"][0] for s in new_scores}
     s_old = {s["prompt_id"]: s["scores"][0] for s in old_scores}
     old_by_id = {o["prompt_id"]: o for o in old}
-    eps = epsilon([s_old[o["prompt_id"]] for o in old], eps_stat, eps_mult)
-    rows, stats = [], Counter()
+    rows = []
     for n in new:
         pid = n["prompt_id"]
         o = old_by_id[pid]
-        usable = valid_responses(n, keep_truncated) and valid_responses(o, keep_truncated)
-        delta = s_new[pid] - s_old[pid]
-        if not usable:
+        rows.append({"prompt_id": pid, "prompt": n["prompt"], "y_t": n["responses"][0], "y_prev": o["responses"][0],
+                     "score_t": s_new[pid], "score_prev": s_old[pid], "delta": s_new[pid] - s_old[pid],
+                     "valid": bool(valid_responses(n, keep_truncated) and valid_responses(o, keep_truncated))})
+    return rows
+
+
+def filter_pseudo_pairs(rows: list[dict], strategy: str, eps_stat: str, eps_mult: float) -> tuple[list[dict], dict]:
+    """Alg. 1 line 7: ε_t from r_{t-1}(y_{t-1}) over D_R, then each pair's decision (Sec. 4.3, appendix F).
+
+    Every row keeps Δr, ε_t, its decision and why; only rows with kept=True enter the M-step, with
+    chosen/rejected set (swapped for a dst pair with Δr < 0).
+    """
+    eps = epsilon([r["score_prev"] for r in rows], eps_stat, eps_mult)
+    out, stats = [], Counter()
+    for r in rows:
+        if not r["valid"]:
             keep, swap, reason = False, False, "invalid_response"
         else:
-            keep, swap, reason = filter_decision(delta, eps, strategy)
-        y_t, y_prev = n["responses"][0], o["responses"][0]
-        if keep and y_t == y_prev:
+            keep, swap, reason = filter_decision(r["delta"], eps, strategy)
+        if keep and r["y_t"] == r["y_prev"]:
             keep, reason = False, "identical_text"
-        chosen, rejected = (y_prev, y_t) if swap else (y_t, y_prev)
-        rows.append({"prompt_id": pid, "prompt": n["prompt"], "chosen": chosen, "rejected": rejected,
-                     "y_t": y_t, "y_prev": y_prev, "score_t": s_new[pid], "score_prev": s_old[pid],
-                     "delta": delta, "eps": eps, "kept": keep, "swapped": swap, "reason": reason})
+        chosen, rejected = (r["y_prev"], r["y_t"]) if swap else (r["y_t"], r["y_prev"])
+        out.append({**r, "chosen": chosen, "rejected": rejected, "eps": eps, "kept": keep, "swapped": swap,
+                    "reason": reason})
         stats[reason] += 1
-    stats["kept_total"] = sum(r["kept"] for r in rows)
-    return rows, {"eps_t": eps, "strategy": strategy, "eps_stat": eps_stat, "eps_mult": eps_mult,
-                  "n": len(rows), **dict(stats)}
+    stats["kept_total"] = sum(r["kept"] for r in out)
+    return out, {"eps_t": eps, "strategy": strategy, "eps_stat": eps_stat, "eps_mult": eps_mult,
+                 "n": len(out), **dict(stats)}
 
 
 # ---- the M-step's data (Sec. 5.1, 5.3)
