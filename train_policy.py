@@ -80,16 +80,15 @@ def pairs(samples_path, scores_path, out_path, rule: str = "length_control", kee
 
 def _policy_and_examples(policy_dir, pairs_path, cfg: C.DPOConfig):
     from mt import chat
-    from mt.checkpoint import load_model
     from mt.data import read_pairs
-    from mt.train import policy_examples, prepare_model
+    from mt.train import load_for_training, policy_examples
     tok = chat.load_tokenizer(policy_dir)
     pair_rows = read_pairs(pairs_path)
     examples, dropped = policy_examples(tok, pair_rows, cfg.max_length)
     if dropped:
         dist.print0(f"{pairs_path}: dropped {dropped} of {len(pair_rows)} pairs longer than "
                     f"max_length={cfg.max_length} tokens (--dpo.max_length)")
-    model = prepare_model(load_model(policy_dir, torch.float32, "cpu"), cfg)
+    model = load_for_training(policy_dir, cfg)  # under FSDP only rank 0 reads the weights
     return model, examples, {"pairs": len(pair_rows), "dropped_too_long": dropped}, tok.pad_token_id or 0
 
 

@@ -28,9 +28,8 @@ def train(init_dir, pair_files: list, out_dir, cfg: C.RMConfig) -> dict:
     out_dir is the new RM's Hugging Face directory. Returns the training summary.
     """
     from mt.chat import load_tokenizer
-    from mt.checkpoint import load_model
     from mt.data import read_pairs
-    from mt.train import rm_examples
+    from mt.train import load_for_training, rm_examples
     from mt.train import train as run_training
     tok = load_tokenizer(init_dir)
     rows = [p for f in pair_files for p in read_pairs(f)]
@@ -38,8 +37,8 @@ def train(init_dir, pair_files: list, out_dir, cfg: C.RMConfig) -> dict:
     if dropped:
         dist.print0(f"dropped {dropped} of {len(rows)} pairs longer than max_length={cfg.max_length} tokens "
                     "(--rm_train.max_length)")
-    torch.manual_seed(cfg.seed)  # a fresh score head must start identical on every rank
-    model = load_model(init_dir, torch.float32, "cpu", head="score")
+    torch.manual_seed(cfg.seed)  # a fresh score head is drawn on rank 0 (FSDP broadcasts it): reproducible
+    model = load_for_training(init_dir, cfg, head="score")
     if model.cfg.hf.get("pad_token_id") is None:
         # transformers' sequence classifiers need a pad id to batch; ours read lengths and do not care
         model.cfg.hf["pad_token_id"] = tok.pad_token_id

@@ -5,6 +5,8 @@ M-step Eq. 5) and plain SFT (next-token NLL on responses, for building a base po
 
 - FSDP2 (`fully_shard` per block, then the root) when world > 1, on GPU, or for bf16; bf16 compute with
   fp32 master weights on GPU, plain fp32 on CPU; optional activation checkpointing.
+- `load_for_training(dir, cfg)` reads the weights on rank 0 only and broadcasts each rank its shards
+  (torchtitan-style meta-device init), so 8 ranks do not hold 8 full copies in host memory.
 - Global batch = micro × accumulation × world. Every loss is summed per example and divided by the
   GLOBAL count of the step (pairs, or response tokens for SFT), known on the host before the step, so
   accumulation and world size do not change the result (DESIGN.md §4).
@@ -36,9 +38,10 @@ import torch
 import torch.distributed as tdist
 
 from mt import dist
-from mt.checkpoint import replace_dir, save_model
+from mt.checkpoint import CheckpointError, load_model, read_config, replace_dir, save_model
 from mt.config import DPOConfig, RMConfig, TrainConfig
 from mt.losses import AVERAGE_LOGPS, USES_REFERENCE, bradley_terry_loss, preference_loss, sequence_logps
+from mt.model import Transformer
 
 OBJECTIVES = ("dpo", "rm", "sft")
 
@@ -228,7 +231,7 @@ def loss_units(objective: str, e: Example) -> int:
     return len(e.chosen) - max(e.chosen_start, 1) if objective == "sft" else 1  # token 0 is never a target
 
 
-# ---- model preparation: FSDP2, mixed precision, activation checkpointing
+# ---- model preparation: FSDP2, mixed precision, activation checkpointing, loading on rank 0
 
 
 def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -242,20 +245,32 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def uses_fsdp(cfg: TrainConfig, device: torch.device, fsdp: bool | None = None) -> bool:
+    """FSDP when asked, else whenever world > 1, on GPU, or for bf16 (mixed precision is FSDP's policy)."""
+    if fsdp is not None:
+        return fsdp
+    return dist.get().world_size > 1 or device.type == "cuda" or compute_dtype(cfg, device) != torch.float32
+
+
 def prepare_model(model, cfg: TrainConfig, device=None, fsdp: bool | None = None):
     """fp32 master weights on `device`; FSDP2 per block then the root (bf16 params, fp32 reductions on
-    GPU); activation checkpointing per block. Returns the same module, wrapped in place; idempotent."""
+    GPU); activation checkpointing per block. Returns the same module, wrapped in place; idempotent.
+
+    A model on the meta device (see load_for_training) is sharded first, then only this rank's shards
+    are allocated, empty: the caller loads the weights."""
     if is_sharded(model):
         return model
     d = dist.get()
     device = torch.device(device or d.device)
     dtype = compute_dtype(cfg, device)
-    if fsdp is None:
-        fsdp = d.world_size > 1 or device.type == "cuda" or dtype != torch.float32
+    fsdp = uses_fsdp(cfg, device, fsdp)
     if dtype != torch.float32 and not fsdp:
         raise TrainError(f"dtype {dtype} needs FSDP's mixed precision (fsdp=True)")
     if d.world_size > 1 and not fsdp:
         raise TrainError(f"world size {d.world_size} needs FSDP (fsdp=True): nothing else syncs the gradients")
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and not fsdp:
+        raise TrainError("a model on the meta device has no weights: load it with load_model (or use FSDP)")
     model.float()  # master weights stay fp32; FSDP casts a bf16 copy for compute
     if cfg.activation_checkpointing:
         from torch.utils.checkpoint import checkpoint
@@ -272,6 +287,43 @@ def prepare_model(model, cfg: TrainConfig, device=None, fsdp: bool | None = None
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)  # embeddings, final norm, head; moves shards to the device
+    if on_meta:
+        # allocate this rank's shards only (uninitialised); Transformer._apply rebuilds the fp32 rope buffer
+        model.to_empty(device=device)
+    return model
+
+
+def load_for_training(path, cfg: TrainConfig, head: str | None = None, device=None,
+                      fsdp: bool | None = None):
+    """The Hugging Face model at `path`, prepared for train(). Under FSDP only rank 0 reads the weights:
+    every rank shards an empty (meta-device) model, then receives its shards from rank 0, so the host holds
+    one full copy of the weights, not one per rank. Without FSDP it is prepare_model(load_model(path))."""
+    d = dist.get()
+    device = torch.device(device or d.device)
+    if not uses_fsdp(cfg, device, fsdp):
+        return prepare_model(load_model(path, torch.float32, "cpu", head=head), cfg, device, fsdp=False)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    with torch.device("meta"):
+        model = Transformer(read_config(path, head=head))  # config.json only: cheap on every rank
+    model.tie_weights()  # one shared parameter, so FSDP shards (and the optimizer updates) it once
+    prepare_model(model, cfg, device, fsdp=True)
+    full, err = {}, None
+    if d.is_main:
+        try:
+            # load_model's checks and its fresh score head (drawn from rank 0's RNG, broadcast below, so
+            # every rank starts from the same head whatever its own seed)
+            full = load_model(path, torch.float32, "cpu", head=head).state_dict()
+        except Exception as e:
+            err = e
+    # a bad directory must stop every rank, not leave ranks 1.. waiting in the broadcast
+    msg = dist.broadcast_object(None if err is None else f"{type(err).__name__}: {err}")
+    if err is not None:
+        raise err
+    if msg is not None:
+        raise CheckpointError(f"{path}: rank 0 could not load the weights: {msg}")
+    # one tensor at a time from rank 0; each rank keeps its shard (a tied head is one parameter, in the
+    # state dict under both names, as load_model's state_dict has it)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 
