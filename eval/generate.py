@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/generate.py`: make `mt` and `eval` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.rewardbench import iter_rows
+from mt.data import iter_rows
 
 FORMATS = ("alpacaeval", "arenahard")
 

@@ -21,6 +21,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/rewardbench.py`: make `mt` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mt.data import DataError, iter_rows  # noqa: E402
+
 # ---- the leaderboard's constants (allenai/reward-bench: rewardbench/constants.py, analysis/)
 
 # A subset's weight inside its section is its example count. math-prm has 447 examples but weighs
@@ -150,7 +152,7 @@ def format_table(summary: dict) -> str:
 # ---- reading a local RewardBench file
 
 
-class BenchError(ValueError):
+class BenchError(DataError):
     """A malformed benchmark row; the message names file, row, field and the fix."""
 
 
@@ -161,38 +163,6 @@ class BenchRow:
     prompt: list[dict]  # the chat before the response, ending in a user turn
     chosen: str
     rejected: str
-
-
-def iter_rows(path: Path):
-    """(location, row) for a .jsonl, .json (array) or .parquet file; location is 'file:line' or 'file[row n]'."""
-    if not path.is_file():
-        raise BenchError(f"{path}: no such file")
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield f"{path}:{n}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise BenchError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}). "
-                                         "Fix: one JSON object per line") from None
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise BenchError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(data, list):
-            raise BenchError(f"{path}: expected a JSON array of rows")
-        yield from ((f"{path}[row {n}]", r) for n, r in enumerate(data, 1))
-    elif path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise BenchError(f"{path}: reading parquet needs pyarrow. Fix: pip install pyarrow, or convert "
-                             "the file to JSONL") from None
-        yield from ((f"{path}[row {n}]", r) for n, r in enumerate(pq.read_table(path).to_pylist(), 1))
-    else:
-        raise BenchError(f"{path}: unknown extension {path.suffix!r}. Fix: use .jsonl, .json or .parquet")
 
 
 def _chat(v, where: str, field: str) -> list[dict]:

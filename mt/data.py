@@ -308,16 +308,34 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(rows, 1)
 
 
-def _read(path, parse: Callable[[dict], Any], key: Callable[[Any], Any], dup: str,
-          on_error: str, report: ReadReport | None) -> list:
-    """Parse every row of `path`: a bad row raises DataError, or with on_error="skip" is listed in `report`."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+def _check_path(path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file. Fix: check the path (cwd is {os.getcwd()})")
     if path.suffix not in EXTENSIONS:
         raise DataError(f"{path}: unknown extension {path.suffix!r}. Fix: use one of " + ", ".join(EXTENSIONS))
+    return path
+
+
+def iter_rows(path) -> Iterator[tuple[str, Any]]:
+    """(location, JSON row) of a .jsonl / .json / .parquet file, for readers with their own schema (eval/).
+
+    The location is 'file:line' (JSONL) or 'file[row n]'; unreadable rows raise DataError there.
+    """
+    path = _check_path(path)
+    for n, row in _raw_rows(path):
+        where = f"{path}:{n}" if path.suffix == ".jsonl" else f"{path}[row {n}]"
+        if isinstance(row, _Bad):
+            raise DataError(f"{where}: {row.problem}. Fix: {row.fix}")
+        yield where, row
+
+
+def _read(path, parse: Callable[[dict], Any], key: Callable[[Any], Any], dup: str,
+          on_error: str, report: ReadReport | None) -> list:
+    """Parse every row of `path`: a bad row raises DataError, or with on_error="skip" is listed in `report`."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    path = _check_path(path)
     unit = "line" if path.suffix == ".jsonl" else "row"  # JSON arrays and parquet are located by row index
     silent = report is None  # nobody will look at the report, so a skip must at least warn
     report = ReadReport() if silent else report
