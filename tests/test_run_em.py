@@ -135,7 +135,11 @@ def test_torchrun_two_processes_gives_the_same_artifacts(inputs, reference, tmp_
             a, b = load_file(str(reference / name)), load_file(str(out / name))
             assert a.keys() == b.keys()
             for k in a:  # the same computation in another reduction order
-                torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
+                # Adam turns a ~0 gradient into a ±lr step whose sign rounding decides, so a few isolated
+                # coordinates may differ by up to lr per step (tiny preset: lr 1e-3, 3 steps); a real bug
+                # (e.g. a loss normalised by the local instead of the global pair count) moves nearly all
+                diff = (a[k] - b[k]).abs()
+                assert (diff <= 1e-4).float().mean() >= 0.99 and diff.max() <= 3e-3, (name, k, diff.max())
         elif name.endswith((".jsonl", ".json")) and name != "config.json":
             _assert_close_json(_load(ref[name], name), _load(got[name], name), name)
 
