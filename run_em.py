@@ -255,6 +255,10 @@ def run(cfg: C.Config, force_config: bool = False) -> dict:
     if d.is_main:
         write_json(run_dir / "summary.json", summary)
         print(table(history, cfg))
+        if cfg.preset == "sandbox":  # the world's gold reward shows what the RM can only estimate
+            from eval.sandbox_report import gold_table, gold_view
+            print("\nGold view (mt/sandbox.py's gold reward; policy numbers on D_MS):")
+            print(gold_table(gold_view(run_dir)))
     return summary
 
 

@@ -15,6 +15,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from mt.sandbox import SANDBOX_PRESET  # stdlib-only at import: no cycle
+
 
 @dataclass
 class SamplingConfig:
@@ -106,6 +108,8 @@ class Config:
 
 PRESETS: dict[str, dict] = {
     "paper": {},
+    # the embedded default main job (`python run_em.py`): the gold-reward sandbox at a scale for a CPU
+    "sandbox": SANDBOX_PRESET,
     # tests: a handful of prompts, a few optimizer steps, short responses
     "tiny": {
         "iters": 2, "em.n_samples": 3, "em.d_ms_size": 4, "em.tau": 0.0,

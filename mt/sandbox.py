@@ -1,0 +1,452 @@
+"""The gold-reward sandbox: a small world with a known judge, where the paper's problem really happens.
+
+    world = build_world(seed=0)    # π0, r0, prompts; built once (~30 s on 2 CPU cores), then cached
+    python run_em.py               # Mutual-Taught on this world (PRESETS["sandbox"] = SANDBOX_PRESET)
+
+Task: sort a short list of numbers ("sort: 7 3 9 1" -> "1 3 7 9"). The gold reward grades a response
+(order, missing and extra items). π0 is a tiny Llama SFT'd on imperfect demonstrations (swaps, drops);
+r0 is trained with Bradley-Terry on a limited, noisy set of gold-labelled pairs of π0's own samples, so
+it is right on π0's distribution and blind beyond it: DPO against a fixed r0 first improves the policy,
+then finds r0's blind spot (padding with repeats) -- the distribution shift of Sec. 1. The gold metrics
+below measure what the paper can only estimate: policy quality and the RM's agreement with the truth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+# ---- the task: prompts and the gold reward
+
+NUM_MAX = 30  # numbers are 0..NUM_MAX-1, one token each
+LIST_LEN = (3, 8)  # a prompt lists this many distinct numbers (inclusive range)
+PREFIX = "sort:"
+
+
+def make_numbers(rng: random.Random) -> list[int]:
+    """One prompt's numbers: distinct, in random order."""
+    return rng.sample(range(NUM_MAX), rng.randint(*LIST_LEN))
+
+
+def prompt_text(nums: list[int]) -> str:
+    return f"{PREFIX} " + " ".join(map(str, nums))
+
+
+def parse_numbers(text: str) -> list[int]:
+    """The numbers of a prompt ("sort: 7 3 9 1" or a chat whose last user message is that)."""
+    if isinstance(text, list):  # a chat: the task is in the last user message
+        text = [m["content"] for m in text if m["role"] == "user"][-1]
+    body = text.strip()
+    if not body.startswith(PREFIX):
+        raise ValueError(f"not a sandbox prompt (expected {PREFIX!r} then numbers): {text!r}")
+    return [int(t) for t in body[len(PREFIX):].split()]
+
+
+_NUMBER = re.compile(r"0|[1-9][0-9]*")
+
+
+def gold_parts(prompt, response: str) -> dict[str, float]:
+    """The three factors of the gold reward, each in [0, 1].
+
+    recall: share of the prompt's numbers present (multiset); precision: share of the response's tokens
+    that are wanted numbers (repeats, foreign numbers and junk words all count against it); order:
+    1 - 0.5 * inversions / pairs, so a fully reversed list keeps half the credit and one swap costs little.
+    """
+    want = Counter(parse_numbers(prompt))
+    toks = response.split()
+    nums = [int(t) for t in toks if _NUMBER.fullmatch(t)]
+    hit = sum((Counter(nums) & want).values())
+    recall = hit / max(1, sum(want.values()))
+    precision = hit / len(toks) if toks else 0.0
+    pairs = len(nums) * (len(nums) - 1) // 2
+    inversions = sum(a > b for i, a in enumerate(nums) for b in nums[i + 1:])
+    order = 1.0 - 0.5 * inversions / pairs if pairs else 1.0
+    return {"recall": recall, "precision": precision, "order": order}
+
+
+def gold_reward(prompt, response: str) -> float:
+    """Gold reward in [0, 1]: recall * precision * order; 1 exactly for the sorted permutation.
+
+    A missing item (recall (n-1)/n) costs more than one adjacent swap (order 1 - 0.5/C(n,2)) for every
+    n >= 3; empty or junk-only responses score 0.
+    """
+    p = gold_parts(prompt, response)
+    return p["recall"] * p["precision"] * p["order"]
+
+
+def corrupt(target: list[int], rng: random.Random, p_clean: float = 0.3,
+            ops: tuple[str, ...] = ("swap", "drop", "repeat")) -> list[int]:
+    """An imperfect demonstration: the sorted list hit by 1-3 swaps, drops and repeats (or left clean).
+
+    The SFT policy imitates these mistakes, so π0 starts clearly below the best (Sec. 5: the base
+    policy is an SFT model, not an optimal one).
+    """
+    out = list(target)
+    if rng.random() < p_clean:
+        return out
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        op, i = rng.choice(ops), rng.randrange(len(out))
+        if op == "swap" and len(out) > 1:
+            j = i + 1 if i + 1 < len(out) else i - 1
+            out[i], out[j] = out[j], out[i]
+        elif op == "drop" and len(out) > 2:
+            del out[i]
+        elif op == "repeat":
+            out.insert(i, out[i])
+    return out
+
+
+def make_prompts(n: int, seed: int) -> list[dict]:
+    """`n` prompt rows in the project's prompt-file format, {"id", "prompt"}, deterministic from the seed."""
+    rng = random.Random(f"sandbox-prompts:{seed}")
+    return [{"id": f"sort-{seed}-{i:05d}", "prompt": prompt_text(make_numbers(rng))} for i in range(n)]
+
+
+def write_prompts(path, n: int, seed: int):
+    from mt.data import write_jsonl
+    write_jsonl(path, make_prompts(n, seed))
+    return path
+
+
+# ---- the tokenizer: one token per number, word or special token
+
+SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>")
+WORDS = ("sort", ":")
+# The template writes BOS itself (DESIGN.md §4: tokenize its output without adding specials again) and
+# ends every turn with <|end|>, which is what the policy emits to stop (mt/chat.end_of_turn_id).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def build_tokenizer(out_dir):
+    """A word-level PreTrainedTokenizerFast with the chat template, saved as a Hugging Face directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + tuple(map(str, range(NUM_MAX))))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()  # "sort: 7 3" -> sort, :, 7, 3
+    core.add_special_tokens(list(SPECIALS))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", chat_template=CHAT_TEMPLATE,
+                                  clean_up_tokenization_spaces=False)
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+# ---- the world: tokenizer, base policy π0 (SFT), base RM r0 (Bradley-Terry), prompt set, all from a seed
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Everything the built artifacts depend on (with the source code): the cache key."""
+    seed: int = 0
+    n_prompts: int = 1200  # the run's prompt set D (split by run_em into D_1..D_T, D_R, D_MS)
+    # the tiny Llama-shaped models
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    # π0: SFT on imperfect demonstrations
+    demo_clean: float = 0.3  # share of demonstrations left uncorrupted
+    # The corruptions of the others. No repeats on purpose: π0 then never pads, so on π0's samples a
+    # longer response is a more complete one and r0 learns "longer is better" -- right on π0's
+    # distribution, wrong beyond it (padding with repeats): the verbosity blind spot DPO then finds.
+    demo_ops: str = "swap,drop"
+    sft_examples: int = 12800
+    sft_epochs: int = 4
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 64
+    # r0: Bradley-Terry on gold-labelled pairs of π0's own samples
+    rm_prompts: int = 1000
+    rm_samples: int = 4  # per prompt; every pair of them with different gold gives a pair
+    label_noise: float = 0.1  # share of pairs whose gold label is flipped (annotators disagree)
+    rm_epochs: int = 4
+    rm_lr: float = 1e-3
+    rm_batch_size: int = 32
+    # sampling, as run_em samples (SANDBOX_PRESET), so r0 is trained on π0's run-time distribution
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 16
+    eval_prompts: int = 200  # held-out prompts for the build report (world.json)
+
+
+@dataclass(frozen=True)
+class World:
+    root: Path
+    policy_dir: Path  # π0, a LlamaForCausalLM directory with the tokenizer
+    rm_dir: Path  # r0, a LlamaForSequenceClassification directory (num_labels=1)
+    prompts_path: Path  # {"id", "prompt"} JSONL
+    rm_pairs_path: Path  # the gold-labelled (noisy) pairs r0 was trained on
+    config: WorldConfig
+    info: dict  # build report: base gold, r0 agreement with gold, times (world.json)
+    gold: Callable = gold_reward  # gold(prompt, response) -> float
+
+
+def _policy_hf_config(c: WorldConfig, tok) -> dict:
+    """config.json of π0: a Llama with vocabulary = the sandbox tokenizer, positions for the longest chat."""
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": len(tok),
+            "hidden_size": c.hidden_size, "intermediate_size": 3 * c.hidden_size,
+            "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+            "num_key_value_heads": c.num_heads, "head_dim": c.hidden_size // c.num_heads,
+            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+            "tie_word_embeddings": False, "initializer_range": 0.02, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+
+def _sampling(c: WorldConfig, n: int):
+    from mt.sampler import SamplingConfig
+    return SamplingConfig(temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens, n=n,
+                          slots=256, max_prompt_tokens=64)
+
+
+def _prompts(n: int, seed: int, stream: str):
+    """Prompt objects (for the sampler) of a named stream, disjoint in id from the run's prompt file."""
+    from mt.data import Prompt
+    rng = random.Random(f"sandbox-{stream}:{seed}")
+    return [Prompt(f"{stream}-{i:05d}", [{"role": "user", "content": prompt_text(make_numbers(rng))}])
+            for i in range(n)]
+
+
+def gold_pairs(samples: list[dict], label_noise: float = 0.0, seed: int = 0) -> list[dict]:
+    """Every within-prompt pair of responses with different gold, chosen = higher gold (flipped with
+    probability label_noise): the annotated preference data a base RM is trained on."""
+    rng = random.Random(f"sandbox-label-noise:{seed}")
+    out = []
+    for row in samples:
+        ys = row["responses"]
+        g = [gold_reward(row["prompt"], y) for y in ys]
+        for i in range(len(ys)):
+            for j in range(i + 1, len(ys)):
+                if g[i] == g[j] or ys[i] == ys[j]:
+                    continue
+                c, r = (i, j) if g[i] > g[j] else (j, i)
+                flipped = rng.random() < label_noise
+                if flipped:
+                    c, r = r, c
+                out.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"], "chosen": ys[c],
+                            "rejected": ys[r], "chosen_gold": g[c], "rejected_gold": g[r], "flipped": flipped})
+    return out
+
+
+def _build(c: WorldConfig, root: Path) -> dict:
+    """Write tokenizer/, policy/ (π0), rm/ (r0), prompts.jsonl, rm_pairs.jsonl and world.json under root."""
+    import torch
+
+    from mt import chat
+    from mt.checkpoint import load_model
+    from mt.config import RMConfig, TrainConfig
+    from mt.model import ModelConfig, Transformer
+    from mt.data import Pair, write_jsonl
+    from mt.sampler import sample
+    from mt.train import rm_examples, sft_examples, train
+    t0 = time.perf_counter()
+    times = {}
+    tok_dir = root / "tokenizer"
+    build_tokenizer(tok_dir)
+    tok = chat.load_tokenizer(tok_dir)
+    gen_cfg = {"bos_token_id": tok.bos_token_id, "eos_token_id": chat.stop_ids(tok), "pad_token_id": tok.pad_token_id,
+               "do_sample": True, "temperature": c.temperature, "top_p": c.top_p}
+    (tok_dir / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
+    write_prompts(root / "prompts.jsonl", c.n_prompts, c.seed)
+
+    # ---- π0: SFT on imperfect demonstrations (c.demo_ops: swaps and drops by default)
+    rng = random.Random(f"sandbox-demos:{c.seed}")
+    demos = []
+    for i in range(c.sft_examples):
+        nums = make_numbers(rng)
+        demos.append((f"demo-{i}", [{"role": "user", "content": prompt_text(nums)}],
+                      " ".join(map(str, corrupt(sorted(nums), rng, c.demo_clean, tuple(c.demo_ops.split(",")))))))
+    examples, _ = sft_examples(tok, demos, max_length=64)
+    torch.manual_seed(c.seed)
+    policy = Transformer(ModelConfig.from_hf(_policy_hf_config(c, tok)))
+    policy.init_weights()
+    sft = TrainConfig(lr=c.sft_lr, batch_size=c.sft_batch_size, micro_batch_size=c.sft_batch_size,
+                      epochs=c.sft_epochs, warmup_ratio=0.05, max_length=64, save_every=0, seed=c.seed)
+    train(policy, examples, "sft", sft, root / "sft", pad_id=tok.pad_token_id, tokenizer_dir=tok_dir,
+          generation_config=gen_cfg, final_dir=root / "policy", progress=False, desc="sandbox π0 (SFT)")
+    times["sft_s"] = time.perf_counter() - t0
+
+    # ---- r0: Bradley-Terry on gold-labelled pairs of π0's own samples (limited, noisy)
+    policy = load_model(root / "policy").eval()
+    rm_samples = sample(policy, tok, _prompts(c.rm_prompts, c.seed, "rm"), _sampling(c, c.rm_samples),
+                        seed=c.seed, stream="sandbox/rm")
+    pairs = gold_pairs(rm_samples, c.label_noise, c.seed)
+    write_jsonl(root / "rm_pairs.jsonl", pairs)
+    examples, _ = rm_examples(tok, [Pair(p["prompt_id"], p["prompt"], p["chosen"], p["rejected"]) for p in pairs],
+                              max_length=64)
+    torch.manual_seed(c.seed)  # the fresh score head
+    rm = load_model(root / "policy", head="score")
+    rm.cfg.hf["pad_token_id"] = tok.pad_token_id
+    rmc = RMConfig(lr=c.rm_lr, batch_size=c.rm_batch_size, micro_batch_size=c.rm_batch_size, epochs=c.rm_epochs,
+                   warmup_ratio=0.05, max_length=64, save_every=0, seed=c.seed)
+    train(rm, examples, "rm", rmc, root / "rm", pad_id=tok.pad_token_id, tokenizer_dir=tok_dir,
+          generation_config=gen_cfg, final_dir=root / "rm", progress=False, desc="sandbox r0 (Bradley-Terry)")
+    times["rm_s"] = time.perf_counter() - t0 - times["sft_s"]
+
+    # ---- the build report: how good π0 and r0 are, on held-out prompts
+    held = sample(policy, tok, _prompts(c.eval_prompts, c.seed, "eval"), _sampling(c, c.rm_samples),
+                  seed=c.seed, stream="sandbox/eval")
+    info = {"base_gold": policy_gold(held), "base_perfect": policy_gold(held, perfect=True),
+            "rm_pairs": len(pairs), "rm_agreement_base": rm_gold_agreement(root / "rm", sample_pairs(held)),
+            **{k: round(v, 1) for k, v in times.items()}, "build_s": round(time.perf_counter() - t0, 1)}
+    return info
+
+
+# ---- the cached build
+
+
+def _code_hash() -> str:
+    """The source of every module the build runs: a code change never serves a stale world."""
+    h = hashlib.sha256()
+    for name in ("sandbox", "model", "checkpoint", "chat", "train", "losses", "sampler", "scoring", "data"):
+        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return h.hexdigest()
+
+
+def world_key(c: WorldConfig) -> str:
+    payload = json.dumps([dataclasses.asdict(c), _code_hash()], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MT_SANDBOX_CACHE") or Path.home() / ".cache" / "mutual_taught")
+
+
+def _world(c: WorldConfig, root: Path, info: dict) -> World:
+    return World(root, root / "policy", root / "rm", root / "prompts.jsonl", root / "rm_pairs.jsonl", c, info)
+
+
+def build_world(seed: int = 0, cache_dir=None, **overrides) -> World:
+    """The sandbox world for `seed`, built once (≈30-40 s on 2 CPU cores) and then read from the cache.
+
+    `overrides` change WorldConfig fields (tests build smaller worlds). The cache directory is
+    `cache_dir` or $MT_SANDBOX_CACHE or ~/.cache/mutual_taught; a lock file serialises concurrent builds.
+    """
+    c = WorldConfig(seed=seed, **overrides)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = cache / f"sandbox-{world_key(c)}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the world built
+        if not (root / "world.json").is_file():
+            import torch
+            tmp = cache / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
+            threads = torch.get_num_threads()
+            # one thread: as fast for models this small, and no spinning OpenMP workers on a shared machine
+            torch.set_num_threads(1)
+            try:
+                print(f"building the sandbox world (seed {seed}) in {root} ...", flush=True)
+                info = _build(c, tmp)
+                info["config"] = dataclasses.asdict(c)
+                (tmp / "world.json").write_text(json.dumps(info, indent=2))
+                if root.exists():
+                    shutil.rmtree(root)
+                os.replace(tmp, root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            finally:
+                torch.set_num_threads(threads)
+            print(f"sandbox world built in {info['build_s']}s: π0 gold {info['base_gold']:.3f}, r0 agrees with "
+                  f"gold on {100 * info['rm_agreement_base']['agreement']:.1f}% of π0's pairs", flush=True)
+    return _world(c, root, json.loads((root / "world.json").read_text()))
+
+
+# ---- gold metrics (what run_em prints per iteration)
+
+
+def _row(s) -> dict:
+    return s.to_row() if hasattr(s, "to_row") else s
+
+
+def gold_scores(samples) -> list[dict]:
+    """scores.jsonl rows with the GOLD reward: the oracle judge, aligned with each row's responses."""
+    return [{"prompt_id": r["prompt_id"], "scores": [gold_reward(r["prompt"], y) for y in r["responses"]]}
+            for r in map(_row, samples)]
+
+
+def policy_gold(samples, perfect: bool = False) -> float:
+    """Mean gold reward over every response of samples rows (or, with perfect, the share scoring 1)."""
+    g = [s == 1.0 if perfect else s for row in gold_scores(samples) for s in row["scores"]]
+    return sum(g) / max(1, len(g))
+
+
+def gold_win_rate(new_samples, old_samples) -> dict:
+    """Gold win rate of a policy against another (e.g. π0) on the same prompts, response j against j.
+
+    win_rate = (wins + ties / 2) / n; ties are frequent here (both responses perfect), so they are reported.
+    """
+    old = {r["prompt_id"]: r for r in map(_row, old_samples)}
+    w = t = n = 0
+    for r in map(_row, new_samples):
+        o = old.get(r["prompt_id"])
+        if o is None:
+            continue
+        for a, b in zip(r["responses"], o["responses"]):
+            ga, gb = gold_reward(r["prompt"], a), gold_reward(r["prompt"], b)
+            w, t, n = w + (ga > gb), t + (ga == gb), n + 1
+    if n == 0:
+        raise ValueError("gold_win_rate: the two sample sets share no prompt id")
+    return {"win_rate": (w + t / 2) / n, "win": w / n, "tie": t / n, "loss": (n - w - t) / n, "n": n}
+
+
+def sample_pairs(samples) -> list[dict]:
+    """Every within-prompt pair of a policy's responses with different gold (chosen = higher gold)."""
+    return gold_pairs([_row(s) for s in samples], label_noise=0.0)
+
+
+def pair_gold_accuracy(pairs) -> dict:
+    """Share of pairs whose chosen response has strictly higher gold than the rejected one (gold ties
+    are counted apart: `accuracy` is over the pairs gold decides; `ties` over all pairs)."""
+    right = ties = n = 0
+    for p in map(_row, pairs):
+        gc, gr = gold_reward(p["prompt"], p["chosen"]), gold_reward(p["prompt"], p["rejected"])
+        right, ties, n = right + (gc > gr), ties + (gc == gr), n + 1
+    return {"accuracy": right / (n - ties) if n > ties else float("nan"), "ties": ties / max(1, n), "n": n}
+
+
+def rm_gold_agreement(rm, pairs, tok=None) -> dict:
+    """Share of pairs the RM orders as gold does (RM ties count as disagreement); pairs gold ties are
+    skipped. `rm` is a directory or a loaded model with its tokenizer."""
+    from mt.scoring import score_conversations
+    rows = [p for p in map(_row, pairs) if gold_reward(p["prompt"], p["chosen"]) != gold_reward(p["prompt"], p["rejected"])]
+    if not rows:
+        return {"agreement": float("nan"), "n": 0}
+    items = [(p["prompt"], p["chosen"]) for p in rows] + [(p["prompt"], p["rejected"]) for p in rows]
+    s = score_conversations(rm, items, tok, progress=False)
+    n = len(rows)
+    agree = 0
+    for p, sc, sr in zip(rows, s[:n], s[n:]):
+        gold_c_better = gold_reward(p["prompt"], p["chosen"]) > gold_reward(p["prompt"], p["rejected"])
+        agree += (sc > sr) if gold_c_better else (sr > sc)
+    return {"agreement": agree / n, "n": n}
+
+
+# ---- the run_em preset for the sandbox (mt/config.py PRESETS["sandbox"]): the paper's settings, scaled down
+
+SANDBOX_PRESET: dict = {
+    "iters": 2,  # T = 2, as in the paper's main results
+    "em.n_samples": 4,  # M
+    "em.d_ms_size": 100,  # |D_MS| of the 1,200 prompts; the rest: D_R, D_1, D_2 ≈ 367 each (Sec. 5.1)
+    # Eq. 6 counts a win only when r(y_t) > r(y_{t-1}) strictly; here identical responses (every perfect
+    # sort is the same string, and half of π0's responses are perfect) are frequent ties, which caps
+    # the win rate near 0.5-0.6 for a policy that is better by gold, so τ is scaled down from 0.6.
+    "em.tau": 0.4,
+    "sampling.max_new_tokens": 16, "sampling.slots": 256, "sampling.max_prompt_tokens": 64,
+    # ~300 pairs per iteration: 10 steps of 32, checkpoints at 3, 6, 9 and the final one
+    "dpo.batch_size": 32, "dpo.micro_batch_size": 32, "dpo.lr": 3e-4, "dpo.beta": 0.1, "dpo.save_every": 3,
+    "dpo.max_length": 64,
+    "rm_train.batch_size": 32, "rm_train.micro_batch_size": 32, "rm_train.lr": 3e-4, "rm_train.epochs": 2,
+    "rm_train.max_length": 64,
+}

@@ -1,0 +1,215 @@
+"""The gold-reward sandbox: the gold reward's ranking, the tokenizer with mt/chat.py, determinism, the shift."""
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from mt import chat, sandbox
+from mt.sandbox import gold_reward
+
+# ---- the gold reward
+
+P = "sort: 7 3 9 1"
+
+
+def test_gold_ranks_hand_made_responses():
+    perfect, swap, missing, garbage = "1 3 7 9", "1 7 3 9", "1 3 9", "sort : sort"
+    g = [gold_reward(P, r) for r in (perfect, swap, missing, garbage)]
+    assert g[0] == 1.0 and g[0] > g[1] > g[2] > g[3] == 0.0
+    # closed forms: one inversion of C(4,2)=6 pairs costs 0.5/6; one missing item keeps recall 3/4
+    assert g[1] == pytest.approx(1 - 0.5 / 6) and g[2] == pytest.approx(0.75)
+    assert gold_reward(P, "1 3 3 7 9") == pytest.approx(4 / 5)  # a repeat: precision 4/5
+    assert gold_reward(P, "9 7 3 1") == pytest.approx(0.5)  # reversed: all 6 pairs inverted
+    assert gold_reward(P, "") == 0.0 and gold_reward(P, "1 3 7 9 12") == pytest.approx(4 / 5)
+    assert gold_reward([{"role": "user", "content": P}], perfect) == 1.0  # a chat prompt works too
+
+
+@pytest.mark.parametrize("n", range(sandbox.LIST_LEN[0], sandbox.LIST_LEN[1] + 1))
+def test_one_swap_beats_one_missing_item_at_every_length(n):
+    rng = random.Random(n)
+    for _ in range(20):
+        nums = rng.sample(range(sandbox.NUM_MAX), n)
+        s = sorted(nums)
+        i = rng.randrange(n - 1)
+        swapped = s[:i] + [s[i + 1], s[i]] + s[i + 2:]
+        dropped = s[:i] + s[i + 1:]
+        p = sandbox.prompt_text(nums)
+        assert 1.0 == gold_reward(p, " ".join(map(str, s))) > gold_reward(p, " ".join(map(str, swapped))) \
+            > gold_reward(p, " ".join(map(str, dropped))) > 0
+
+
+def test_corrupted_demonstrations_are_imperfect_but_close():
+    rng = random.Random(0)
+    golds = []
+    for _ in range(2000):
+        nums = sandbox.make_numbers(rng)
+        demo = sandbox.corrupt(sorted(nums), rng)
+        golds.append(gold_reward(sandbox.prompt_text(nums), " ".join(map(str, demo))))
+    mean, perfect = sum(golds) / len(golds), sum(g == 1.0 for g in golds) / len(golds)
+    assert 0.7 < mean < 0.95 and 0.2 < perfect < 0.5
+
+
+def test_prompts_are_deterministic_and_readable(tmp_path):
+    from mt.data import read_prompts
+    path = sandbox.write_prompts(tmp_path / "p.jsonl", 50, seed=3)
+    rows = read_prompts(path)
+    assert [p.id for p in rows] == [r["id"] for r in sandbox.make_prompts(50, seed=3)]
+    assert sandbox.make_prompts(50, seed=3) == sandbox.make_prompts(50, seed=3) != sandbox.make_prompts(50, seed=4)
+    for p in rows:
+        nums = sandbox.parse_numbers(p.messages)
+        assert len(set(nums)) == len(nums) and sandbox.LIST_LEN[0] <= len(nums) <= sandbox.LIST_LEN[1]
+
+
+# ---- the tokenizer through mt/chat.py
+
+
+def test_tokenizer_with_chat_helpers(tmp_path):
+    sandbox.build_tokenizer(tmp_path)
+    tok = chat.load_tokenizer(tmp_path)
+    msgs = [{"role": "user", "content": P}]
+    ids = chat.encode_prompt(tok, msgs)
+    assert tok.convert_ids_to_tokens(ids) == ["<s>", "<|user|>", "sort", ":", "7", "3", "9", "1", "<|end|>",
+                                              "<|assistant|>"]  # one BOS, one token per number
+    resp = chat.encode_response(tok, "1 3 7 9")
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert resp[-1] == end == chat.end_of_turn_id(tok) and end in chat.stop_ids(tok)
+    assert tok.decode(resp[:-1]) == "1 3 7 9"  # text round-trips, so gold can read decoded samples
+    assert chat.encode_conversation(tok, msgs, "1 3 7 9") == ids + resp
+
+
+# ---- the build: deterministic, cached, Hugging Face shaped
+
+SMALL = dict(n_prompts=40, sft_examples=640, sft_epochs=1, rm_prompts=40, rm_epochs=1, eval_prompts=16)
+
+
+def _hashes(world) -> dict[str, str]:
+    files = [world.prompts_path, world.rm_pairs_path, world.policy_dir / "model.safetensors",
+             world.rm_dir / "model.safetensors", world.policy_dir / "tokenizer.json",
+             world.policy_dir / "generation_config.json"]
+    return {f.name if f.parent == world.root else f"{f.parent.name}/{f.name}": hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in files}
+
+
+def test_same_seed_same_artifacts(tmp_path):
+    a = sandbox.build_world(seed=5, cache_dir=tmp_path / "a", **SMALL)
+    b = sandbox.build_world(seed=5, cache_dir=tmp_path / "b", **SMALL)
+    c = sandbox.build_world(seed=6, cache_dir=tmp_path / "a", **SMALL)
+    assert _hashes(a) == _hashes(b)  # two independent builds, byte for byte
+    ha, hc = _hashes(a), _hashes(c)
+    assert all(ha[k] != hc[k] for k in ("prompts.jsonl", "policy/model.safetensors", "rm/model.safetensors"))
+    # a second call is served from the cache: same directory, nothing rebuilt
+    stamp = (a.root / "world.json").stat().st_mtime_ns
+    again = sandbox.build_world(seed=5, cache_dir=tmp_path / "a", **SMALL)
+    assert again.root == a.root and (again.root / "world.json").stat().st_mtime_ns == stamp
+    assert again.info["config"]["seed"] == 5 and again.gold is gold_reward
+
+
+def test_world_loads_in_transformers_and_scores_match(tmp_path):
+    """π0 and r0 are plain Hugging Face directories: transformers' Llama classes give our logits and scores."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from mt.checkpoint import load_model
+    from mt.scoring import score_conversations
+    w = sandbox.build_world(seed=5, cache_dir=tmp_path, **SMALL)
+    tok = chat.load_tokenizer(w.policy_dir)
+    msgs = [{"role": "user", "content": P}]
+    items = [(msgs, "1 3 7 9"), (msgs, "9 7"), (msgs, "1 3 3 7 9 9")]
+    ours = score_conversations(w.rm_dir, items, progress=False)
+    hf_rm = AutoModelForSequenceClassification.from_pretrained(str(w.rm_dir), attn_implementation="eager").eval()
+    assert type(hf_rm).__name__ == "LlamaForSequenceClassification"
+    with torch.no_grad():
+        ref = [hf_rm(torch.tensor([chat.encode_conversation(tok, m, y)])).logits.item() for m, y in items]
+    assert ours == pytest.approx(ref, abs=1e-4)
+    # rm_gold_agreement against a naive count with the transformers scores
+    pairs = [{"prompt_id": "a", "prompt": msgs, "chosen": c, "rejected": r} for c, r in
+             [("1 3 7 9", "9 7"), ("9 7", "1 3 7 9"), ("1 3 3 7 9 9", "1 3 7 9"), ("1 3 7 9", "1 3 7 9")]]
+    r = dict(zip([y for _, y in items], ref))
+    want = [(r[p["chosen"]] > r[p["rejected"]]) == (gold_reward(P, p["chosen"]) > gold_reward(P, p["rejected"]))
+            for p in pairs[:3]]  # the last pair is a gold tie: skipped
+    assert sandbox.rm_gold_agreement(w.rm_dir, pairs) == {"agreement": pytest.approx(sum(want) / 3), "n": 3}
+    ids = torch.tensor([chat.encode_prompt(tok, msgs)])
+    hf_lm = AutoModelForCausalLM.from_pretrained(str(w.policy_dir), attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(w.policy_dir)(ids), hf_lm(ids).logits, atol=1e-4, rtol=1e-4)
+    assert chat.stop_ids(tok, w.policy_dir) == [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
+
+
+# ---- gold metrics
+
+
+def test_gold_metrics_on_hand_made_rows():
+    msgs = [{"role": "user", "content": P}]
+    new = [{"prompt_id": "a", "prompt": msgs, "responses": ["1 3 7 9", "1 3 9"]}]
+    old = [{"prompt_id": "a", "prompt": msgs, "responses": ["1 3 9", "1 3 9"]}]
+    assert sandbox.policy_gold(new) == pytest.approx((1 + 0.75) / 2)
+    assert sandbox.policy_gold(new, perfect=True) == 0.5
+    wr = sandbox.gold_win_rate(new, old)
+    assert (wr["win"], wr["tie"], wr["win_rate"]) == (0.5, 0.5, 0.75)
+    pairs = sandbox.sample_pairs(new)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("1 3 7 9", "1 3 9")]
+    flipped = [{**pairs[0], "chosen": "1 3 9", "rejected": "1 3 7 9"}]
+    tie = [{**pairs[0], "chosen": "1 3 9", "rejected": "1 3 9"}]
+    assert sandbox.pair_gold_accuracy(pairs + flipped + tie) == {"accuracy": 0.5, "ties": pytest.approx(1 / 3), "n": 3}
+
+
+# ---- the shift: a fixed r0 judges the drifting policy worse and worse (the paper's problem)
+
+SHIFT_SEEDS = (0, 1, 2)
+
+
+def _fixed_rm_run(world, out: Path, seed: int) -> list[Path]:
+    """Iterative DPO against the FIXED r0 for 2 iterations (the E-step of run_em, no M-step), with the
+    sandbox preset on D_1 and D_2; returns [π0, π1, π2] and the D_MS prompts to measure on."""
+    import train_policy
+    from mt import config as C
+    from mt import em
+    from mt.data import read_prompts, write_jsonl
+    prompts = read_prompts(world.prompts_path)
+    preset = sandbox.SANDBOX_PRESET
+    parts = em.partition([p.id for p in prompts], 2, C.EMConfig().rm_fraction, preset["em.d_ms_size"], seed)
+    by_id = {p.id: p for p in prompts}
+    policies = [world.policy_dir]
+    for t in (1, 2):
+        d = out / f"iter{t}"
+        write_jsonl(d / "prompts.jsonl", [by_id[i].to_row() for i in parts[f"D_{t}"]])
+        cfg = C.Config(policy=str(policies[-1]), rm=str(world.rm_dir), prompts=str(d / "prompts.jsonl"), out=str(d),
+                       seed=seed, device="cpu")
+        for k, v in preset.items():
+            C.set_key(cfg, k, v)
+        cfg.dpo.save_every = 0
+        train_policy.main(cfg)
+        policies.append(d / "policy" / "final")
+    return policies, [by_id[i] for i in parts["D_MS"]]
+
+
+def test_fixed_rm_agrees_less_with_gold_after_two_iterations(tmp_path):
+    """Averaged over seeds, r0 orders pairs of π2's samples (π2: 2 iterations of DPO against the fixed r0)
+    as gold does less often than pairs of π0's own samples -- by a gap far beyond sampling noise.
+
+    Measured (seeds 0, 1, 2; 4 samples on each of the 100 D_MS prompts; agreement over the pairs gold orders):
+      r0 agreement on π0 pairs  0.962 0.941 0.948   mean 0.950
+      r0 agreement on π2 pairs  0.446 0.529 0.425   mean 0.467
+      policy gold π0 -> π2      0.905 -> 0.582, 0.900 -> 0.794, 0.907 -> 0.901
+    π2 pads its answers with repeats, which r0 (trained where longer meant more complete) overrates.
+    Runtime: ≈2 min with a cold cache (builds 3 worlds, ≈35 s each on 2 cores), ≈10 s warm.
+    """
+    from mt.checkpoint import load_model
+    from mt.sampler import SamplingConfig, sample
+    scfg = SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=16, n=4, slots=256, max_prompt_tokens=64)
+    base, drifted, golds = [], [], []
+    for seed in SHIFT_SEEDS:
+        torch.manual_seed(seed)
+        world = sandbox.build_world(seed)
+        (pi0, _, pi2), d_ms = _fixed_rm_run(world, tmp_path / f"seed{seed}", seed)
+        tok = chat.load_tokenizer(world.policy_dir)
+        rows = {name: sample(load_model(p).eval(), tok, d_ms, scfg, seed=seed, stream=f"shift/{name}")
+                for name, p in (("pi0", pi0), ("pi2", pi2))}
+        base.append(sandbox.rm_gold_agreement(world.rm_dir, sandbox.sample_pairs(rows["pi0"]))["agreement"])
+        drifted.append(sandbox.rm_gold_agreement(world.rm_dir, sandbox.sample_pairs(rows["pi2"]))["agreement"])
+        golds.append((sandbox.policy_gold(rows["pi0"]), sandbox.policy_gold(rows["pi2"])))
+    print(f"r0 agreement with gold: π0 pairs {base}, π2 pairs {drifted}; gold (π0, π2) {golds}")
+    # the standard error of one agreement (400-900 pairs) is about 0.02; the measured gap is 0.48
+    assert sum(drifted) / len(drifted) < sum(base) / len(base) - 0.1
