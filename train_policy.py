@@ -135,19 +135,11 @@ def checkpoints(policy_dir) -> list[str]:
 
 
 def summary(train_dir) -> dict:
-    """From metrics.jsonl: steps, last-step loss, and the mean reward accuracy over the last epoch's steps
-    (each measured on its batch before that batch's update, so it is an online, not a memorised, accuracy)."""
-    path = Path(train_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    if not rows:
-        return {}
-    last = [r for r in rows if r["epoch"] == rows[-1]["epoch"]]
-    out = {"steps": rows[-1]["step"], "loss": rows[-1]["loss"], "first_loss": rows[0]["loss"]}
-    if "accuracy" in rows[-1]:
-        out["reward_acc"] = sum(r["accuracy"] for r in last) / len(last)
-        out["margin"] = rows[-1]["margin"]
+    """steps, losses, and `reward_acc`: the mean implicit-reward accuracy over the last epoch's steps."""
+    from mt.train import metrics_summary
+    out = metrics_summary(train_dir)
+    if "accuracy" in out:
+        out["reward_acc"] = out.pop("accuracy")
     return out
 
 

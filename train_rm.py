@@ -62,17 +62,12 @@ def pair_accuracy(rm_dir, pairs_path) -> float:
 
 
 def summary(rm_dir) -> dict:
-    """steps, last-step loss, and `train_acc`: the mean pair accuracy over the last epoch's steps, each
-    measured on its batch before that batch's update."""
-    path = Path(rm_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    if not rows:
-        return {}
-    last = [r for r in rows if r["epoch"] == rows[-1]["epoch"]]
-    return {"steps": rows[-1]["step"], "loss": rows[-1]["loss"], "first_loss": rows[0]["loss"],
-            "train_acc": sum(r["accuracy"] for r in last) / len(last), "margin": rows[-1]["margin"]}
+    """steps, losses, and `train_acc`: the mean pair accuracy over the last epoch's steps."""
+    from mt.train import metrics_summary
+    out = metrics_summary(rm_dir)
+    if "accuracy" in out:
+        out["train_acc"] = out.pop("accuracy")
+    return out
 
 
 # ---- main

@@ -660,6 +660,21 @@ def train(model, examples: list[Example], objective: str, cfg: TrainConfig, out_
     return TrainResult(out_dir, final, checkpoints, total, row, start)
 
 
+def metrics_summary(out_dir) -> dict:
+    """From a stage's metrics.jsonl: steps, last and first loss, and the mean accuracy over the last
+    epoch's steps (each measured on its batch before that batch's update: online, not memorised)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    if not rows:
+        return {}
+    last = [r for r in rows if r["epoch"] == rows[-1]["epoch"]]
+    out = {"steps": rows[-1]["step"], "loss": rows[-1]["loss"], "first_loss": rows[0]["loss"]}
+    if "accuracy" in rows[-1]:
+        out["accuracy"] = sum(r["accuracy"] for r in last) / len(last)
+        out["margin"] = rows[-1]["margin"]
+    return out
+
+
 def grad_norm_value(summed: float, world: int) -> float:
     return summed / world  # every rank contributed the same (global) norm to the sum
 
