@@ -210,3 +210,22 @@ def test_standalone_stage_commands_reproduce_the_run(inputs, reference, tmp_path
     mean = sum(scores) / len(scores)
     eps = (sum((x - mean) ** 2 for x in scores) / len(scores)) ** 0.5
     assert [r["kept"] for r in rows] == [r["valid"] and r["delta"] >= eps and r["y_t"] != r["y_prev"] for r in rows]
+
+
+def test_second_round_restarts_from_the_base_models(inputs, tmp_path):
+    """Sec. 5.3: round 2 samples with round 1's final models, but DPO starts (and takes its reference)
+    from π0 and the RM from r0."""
+    out = tmp_path / "run"
+    run_em(args(inputs, out) + ["--iters", "1", "--em.rounds", "2"])
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    r1, r2 = out / "round1" / "iter1", out / "round2" / "iter1"
+    pi1 = r1 / "policy" / json.loads((r1 / "selection.json").read_text())["chosen"]
+    # round 2's E-step samples came from π_1 of round 1 and were judged by r_1 of round 1 ...
+    assert str(pi1.relative_to(out)) in stages["round2/iter1/sample"]["inputs"]
+    assert "round1/iter1/rm" in stages["round2/iter1/score"]["inputs"]
+    # ... while its DPO started from, and used as the reference, the base policy
+    assert str(inputs / "policy") in stages["round2/iter1/dpo"]["inputs"]
+    assert all(json.loads(line)["ref"] == str(inputs / "policy") for line in open(r2 / "ref_logps.jsonl"))
+    assert str(inputs / "rm") in stages["round2/iter1/rm"]["inputs"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(h["round"], h["iter"]) for h in summary["iterations"]] == [(1, 1), (2, 1)]
