@@ -76,7 +76,7 @@ def test_unknown_key_lists_valid_keys():
     (["--em.filter", "best"], "--em.filter='best': must be one of lqf, hqs, dst, none"),
     (["--dpo.loss", "kto"], "--dpo.loss='kto': must be one of dpo, cdpo, ipo, simpo, hinge"),
     (["--em.rm_data", "all"], "--em.rm_data='all': must be one of mixed, pc, st"),
-    (["--preset", "huge"], "--preset 'huge': unknown; presets: paper, tiny"),
+    (["--preset", "huge"], "--preset 'huge': unknown; presets: paper, sandbox, tiny"),
     (["--iters"], "--iters: missing value"),
     (["iters", "2"], "unexpected argument 'iters'"),
     (["--iters", "0"], "--iters=0: must be >= 1"),
