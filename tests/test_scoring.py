@@ -21,13 +21,6 @@ ANSWERS = ["four", "The sea is blue and wide, and the sky is blue.", "", "Hello 
            "two plus two", "The quick brown fox jumps over the lazy dog. " * 3, "fine"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _items():
     qs = ["What is two plus two?", "Write a short poem about the sea.", "Explain why the sky is blue"]

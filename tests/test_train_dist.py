@@ -7,7 +7,6 @@ import socket
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -19,13 +18,6 @@ from test_train import metrics, random_examples, tiny_model
 ROOT = str(Path(__file__).resolve().parents[1])
 WORLD = 2
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _free_port() -> int:

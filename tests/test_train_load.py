@@ -5,7 +5,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 
 import mt.train as T
@@ -15,13 +14,6 @@ from mt.data import write_jsonl
 from test_train import metrics
 from test_train_dist import WORLD, _spawn
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _count_safetensors_reads(counter: dict):

@@ -19,13 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CFG = DPOConfig(lr=5e-3, beta=0.5, batch_size=4, micro_batch_size=2, epochs=2, save_every=2, seed=1)  # 8 steps
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def job(out, kill: str = ""):
     """Train; with `kill`, SIGKILL this process at a chosen moment (what a preempted job sees)."""

@@ -15,13 +15,6 @@ QUESTIONS = ["What is two plus two?", "Write a short poem about the sea.", "Expl
              "Hello world, how are you today?", "What does the quick brown fox do?", "Is the sea wide?"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _pairs(path):
     rows = [{"prompt_id": f"q{i}", "prompt": [{"role": "user", "content": q}], "chosen": f"{q} Yes, fine.",
