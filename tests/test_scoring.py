@@ -85,6 +85,7 @@ def _worker(rank, rm_dir, out, port):
     try:
         got = score_conversations(rm_dir, _items(), batch_size=2, progress=False)
         Path(out, f"rank{rank}.json").write_text(json.dumps(got))
+        dist.barrier()  # no rank tears gloo down while its peer is still in a collective (SIGABRT under load)
     finally:
         dist.destroy()
 
