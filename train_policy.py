@@ -27,20 +27,15 @@ from mt import dist
 def sample(policy_dir, prompts_path, out_path, sampling: C.SamplingConfig, n: int = 5, seed: int = 0,
            stream: str = "policy") -> dict:
     """samples.jsonl for every prompt of prompts_path; data-parallel over ranks. Returns the summary."""
-    import dataclasses
-
     from mt import chat
     from mt.checkpoint import load_model
     from mt.data import read_prompts
-    from mt.sampler import SamplingConfig, sample_to_file, summary_line
+    from mt.sampler import sample_to_file, summary_line
     d = dist.get()
-    known = {f.name for f in dataclasses.fields(SamplingConfig)}
-    scfg = SamplingConfig(**{f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)
-                             if f.name in known and f.name != "n"}, n=n)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     tok = chat.load_tokenizer(policy_dir)
     model = load_model(policy_dir, dtype, d.device).eval()
-    s = sample_to_file(model, tok, read_prompts(prompts_path), scfg, out_path, seed=seed, stream=stream,
+    s = sample_to_file(model, tok, read_prompts(prompts_path), sampling, out_path, seed=seed, stream=stream, n=n,
                        stop_ids=chat.stop_ids(tok, policy_dir))
     dist.print0(summary_line(s) + f" -> {out_path}")
     return s
@@ -192,4 +187,4 @@ def parse(argv: list[str]) -> tuple[C.Config, str | None]:
 
 
 if __name__ == "__main__":
-    main(*parse(sys.argv[1:]))
+    dist.run(lambda: main(*parse(sys.argv[1:])))

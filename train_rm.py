@@ -98,4 +98,4 @@ def parse(argv: list[str]) -> tuple[C.Config, list[str]]:
 
 
 if __name__ == "__main__":
-    main(*parse(sys.argv[1:]))
+    dist.run(lambda: main(*parse(sys.argv[1:])))

@@ -54,10 +54,9 @@ def stop_set(a, ours, prompts) -> list[int]:
 
 
 def run_ours(a, ours, prompts, stops):
-    cfg = SamplingConfig(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, n=a.n,
-                         slots=a.slots)
+    cfg = SamplingConfig(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, slots=a.slots)
     t0 = time.perf_counter()
-    done = generate(ours, prompts, cfg, stop_ids=stops)
+    done = generate(ours, prompts, cfg, stop_ids=stops, n=a.n)
     dt = time.perf_counter() - t0
     return dt, [c.num_tokens for cs in done for c in cs]
 

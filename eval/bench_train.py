@@ -139,9 +139,8 @@ def main(argv=None):
         dist.print0(f"{obj:>3}: {r['tokens_per_s']:,.0f} tokens/s, {r['seconds_per_step']:.3f} s/step "
                     f"({r['tokens_per_step']} tokens), {r['achieved_tflops']:.4f} TFLOP/s, MFU {100 * r['mfu']:.1f}% "
                     f"(6·N·tokens, N={r['N_matmul'] / 1e6:.1f}M), {mem}")
-    dist.destroy()
     return results
 
 
 if __name__ == "__main__":
-    main()
+    dist.run(main)

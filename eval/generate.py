@@ -159,8 +159,7 @@ def sample_answers(policy, prompts: list, sampling, samples_out, seed: int = 0, 
 
 
 def parse_args(argv=None):
-    from mt.sampler import SamplingConfig
-    d0 = SamplingConfig()
+    from mt.sampler import add_sampling_args, sampling_config
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="policy: a Hugging Face causal-LM directory")
     p.add_argument("--format", required=True, choices=FORMATS)
@@ -172,18 +171,9 @@ def parse_args(argv=None):
     p.add_argument("--no-strip", action="store_true", help="keep leading/trailing whitespace of answers")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
-    g = p.add_argument_group("decoding (defaults: the paper's sampling settings, appendix B)")
-    g.add_argument("--temperature", type=float, default=d0.temperature)
-    g.add_argument("--top-p", type=float, default=d0.top_p)
-    g.add_argument("--top-k", type=int, default=d0.top_k)
-    g.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature, top-p, top-k)")
-    g.add_argument("--max-new-tokens", type=int, default=d0.max_new_tokens)
-    g.add_argument("--max-prompt-tokens", type=int, default=d0.max_prompt_tokens)
-    g.add_argument("--slots", type=int, default=d0.slots)
-    g.add_argument("--seed", type=int, default=0)
+    add_sampling_args(p, "decoding")
     a = p.parse_args(argv)
-    if a.max_new_tokens < 1 or not 0.0 < a.top_p <= 1.0 or a.top_k < 0 or a.temperature < 0:
-        p.error("need --max-new-tokens >= 1, --top-p in (0, 1], --top-k >= 0, --temperature >= 0")
+    a.sampling = sampling_config(p, a)
     return a
 
 
@@ -191,7 +181,6 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     from mt import dist
     from mt.data import Prompt, write_json, write_jsonl
-    from mt.sampler import SamplingConfig
     name = a.name or Path(a.policy).resolve().name
     out = Path(a.out)
     if a.format == "arenahard" and out.name != f"{name}.jsonl":
@@ -202,10 +191,8 @@ def main(argv=None) -> dict:
     rows = read_alpacaeval(a.prompts) if a.format == "alpacaeval" else read_arenahard(a.prompts)
     texts = [r["instruction"] if a.format == "alpacaeval" else r["content"] for r in rows]
     prompts = [Prompt(str(i), [{"role": "user", "content": t}]) for i, t in enumerate(texts)]  # ids: row order
-    cfg = SamplingConfig(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, greedy=a.greedy,
-                         max_new_tokens=a.max_new_tokens, max_prompt_tokens=a.max_prompt_tokens, n=1, slots=a.slots)
     samples_out = Path(a.samples_out) if a.samples_out else default_samples_path(out, a.format)
-    samples = sample_answers(a.policy, prompts, cfg, samples_out, a.seed, a.device, a.dtype)
+    samples = sample_answers(a.policy, prompts, a.sampling, samples_out, a.seed, a.device, a.dtype)
     answers = [s.responses[0] if a.no_strip else s.responses[0].strip() for s in samples]
     truncated = sum(s.finish_reasons[0] == "length" for s in samples)
     if a.format == "alpacaeval":
@@ -221,4 +208,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from mt import dist
+    dist.run(main)

@@ -271,4 +271,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from mt import dist
+    dist.run(main)

@@ -142,4 +142,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from mt import dist
+    dist.run(main)  # compare() runs run_em.py in this process (a private gloo group)

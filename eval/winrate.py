@@ -139,8 +139,7 @@ def accuracy_on_pairs(rm_dir, pairs_path, kept_only=False, skip_bad_rows=False, 
 
 
 def parse_args(argv=None):
-    from mt.sampler import SamplingConfig
-    d0 = SamplingConfig()
+    from mt.sampler import add_sampling_args, sampling_config
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rm", required=True, help="the judge: a Hugging Face sequence-classification directory")
     p.add_argument("--new", help="samples file of the new policy")
@@ -156,16 +155,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="most conversations per RM forward")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
-    g = p.add_argument_group("sampling (with --new-policy/--old-policy; defaults: appendix B)")
-    g.add_argument("--temperature", type=float, default=d0.temperature)
-    g.add_argument("--top-p", type=float, default=d0.top_p)
-    g.add_argument("--top-k", type=int, default=d0.top_k)
-    g.add_argument("--greedy", action="store_true")
-    g.add_argument("--max-new-tokens", type=int, default=d0.max_new_tokens)
-    g.add_argument("--max-prompt-tokens", type=int, default=d0.max_prompt_tokens)
-    g.add_argument("--slots", type=int, default=d0.slots)
-    g.add_argument("--seed", type=int, default=0)
+    add_sampling_args(p, "sampling, with --new-policy/--old-policy")
     a = p.parse_args(argv)
+    a.sampling = sampling_config(p, a)
     modes = [bool(a.new or a.old), bool(a.new_policy or a.old_policy or a.prompts), bool(a.pairs)]
     if sum(modes) != 1:
         p.error("give exactly one of: --new/--old, --new-policy/--old-policy/--prompts, --pairs")
@@ -180,7 +172,6 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     from mt import dist
     from mt.data import write_json
-    from mt.sampler import SamplingConfig
     dist.init_distributed(a.device)
     if a.pairs:
         res = {"mode": "accuracy", "rm": a.rm, "pairs": a.pairs,
@@ -190,10 +181,8 @@ def main(argv=None) -> dict:
     else:
         new, old = a.new, a.old
         if a.new_policy:
-            cfg = SamplingConfig(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, greedy=a.greedy,
-                                 max_new_tokens=a.max_new_tokens, max_prompt_tokens=a.max_prompt_tokens, n=1,
-                                 slots=a.slots)
-            new, old = sample_policies(a.new_policy, a.old_policy, a.prompts, a.samples_dir, cfg, a.seed, a.dtype)
+            new, old = sample_policies(a.new_policy, a.old_policy, a.prompts, a.samples_dir, a.sampling, a.seed,
+                                       a.dtype)
         res = {"mode": "win_rate", "rm": a.rm, "new": str(new), "old": str(old),
                **compare_samples(a.rm, new, old, a.batch_size, a.dtype)}
         line = (f"win rate {100 * res['win_rate']:.1f}% ({res['wins']} wins, {res['ties']} ties, "
@@ -206,4 +195,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from mt import dist
+    dist.run(main)

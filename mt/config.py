@@ -28,6 +28,7 @@ class SamplingConfig:
     greedy: bool = False
     slots: int = 64  # concurrent sequences in the KV cache
     max_prompt_tokens: int = 2048  # longer prompts are an error naming the prompt id
+    check_every: int = 0  # decode steps between host checks for finished rows; 0 = 1 on CPU, 8 on GPU
 
 
 @dataclass
@@ -204,7 +205,7 @@ POSITIVE = ("dpo.lr", "dpo.beta", "rm_train.lr", "sampling.temperature", "em.eps
             "rm_train.epochs", "sampling.slots", "sampling.max_prompt_tokens", "dpo.max_length", "rm_train.max_length")
 NON_NEGATIVE = ("dpo.weight_decay", "rm_train.weight_decay", "dpo.grad_clip", "rm_train.grad_clip", "em.tau",
                 "em.d_ms_size", "dpo.save_every", "rm_train.save_every", "sampling.top_k", "dpo.label_smoothing",
-                "rm_train.margin", "em.rm_heldout", "dpo.simpo_gamma")
+                "rm_train.margin", "em.rm_heldout", "dpo.simpo_gamma", "sampling.check_every")
 
 
 def _get(cfg, key):

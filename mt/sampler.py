@@ -30,24 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mt.config import SamplingConfig  # the one sampling config: --sampling.* in run_em.py, flags here
 from mt.model import KVCache, Transformer
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward; bounds the prefill's activation memory
 WINDOW = 64  # decode attends over the cache's first positions, rounded up to this many (fewer shapes)
-
-
-@dataclass
-class SamplingConfig:
-    """Policy sampling (appendix B, following SimPO): T=0.8, top-p 0.95, max length 2048, M=5."""
-    temperature: float = 0.8
-    top_p: float = 0.95  # 1.0 = off
-    top_k: int = 0  # 0 = off
-    max_new_tokens: int = 2048
-    greedy: bool = False  # argmax decoding; ignores temperature, top-p and top-k
-    n: int = 5  # responses per prompt (M)
-    slots: int = 64  # concurrent sequences in the KV cache
-    max_prompt_tokens: int = 2048  # longer prompts are an error naming the prompt id
-    check_every: int = 0  # decode steps between host checks for finished rows; 0 = 1 on CPU, 8 on GPU
 
 
 @dataclass
@@ -321,10 +308,9 @@ def _check_every(cfg: SamplingConfig, device: torch.device) -> int:
 
 @torch.no_grad()  # not inference_mode: its tensors break the next FSDP training step (DESIGN.md §4)
 def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, keys: list[list[int]] | None = None,
-             stop_ids: list[int] = (), n: int | None = None, return_logps: bool = False,
+             stop_ids: list[int] = (), n: int = 1, return_logps: bool = False,
              progress: bool = False) -> list[list[Completion]]:
     """n completions for each prompt (token ids), as [prompt][sample]; keys[i][j] seeds job (i, j)'s stream."""
-    n = cfg.n if n is None else n
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={cfg.max_new_tokens}: must be >= 1")
     for i, p in enumerate(prompts):
@@ -369,7 +355,7 @@ def gathered(model: torch.nn.Module):
 
 
 def sample(model: Transformer, tok, prompts: list, cfg: SamplingConfig, seed: int = 0, stream: str = "sample",
-           n: int | None = None, stop_ids: list[int] | None = None, return_logps: bool = False,
+           n: int = 1, stop_ids: list[int] | None = None, return_logps: bool = False,
            progress: bool = False) -> list[dict]:
     """samples.jsonl rows, in input order, for prompts with `.id` and `.messages` (this process only).
 
@@ -378,7 +364,6 @@ def sample(model: Transformer, tok, prompts: list, cfg: SamplingConfig, seed: in
     With return_logps the rows also carry "token_ids" and "logps" (untempered) per response.
     """
     from mt import chat
-    n = cfg.n if n is None else n
     ids = []
     for p in prompts:
         x = chat.encode_prompt(tok, p.messages)
@@ -405,7 +390,7 @@ def sample(model: Transformer, tok, prompts: list, cfg: SamplingConfig, seed: in
 
 
 def sample_to_file(model: Transformer, tok, prompts: list, cfg: SamplingConfig, out, seed: int = 0,
-                   stream: str = "sample", n: int | None = None, stop_ids: list[int] | None = None,
+                   stream: str = "sample", n: int = 1, stop_ids: list[int] | None = None,
                    return_logps: bool = False, progress: bool = True) -> dict:
     """Data-parallel sampling to one samples.jsonl: rank r takes prompts[r::world] and writes its shard,
     rank 0 merges the shards in input order (atomically). Returns the global summary on every rank."""
@@ -452,33 +437,56 @@ def summary_line(s: dict) -> str:
 # ---- command line
 
 
+def add_sampling_args(parser: argparse.ArgumentParser, title: str = "sampling") -> None:
+    """The decoding flags of every command that samples (this module, eval/generate.py, eval/winrate.py).
+    Defaults are mt.config.SamplingConfig's, the paper's (appendix B); run_em.py spells them --sampling.*."""
+    d = SamplingConfig()
+    g = parser.add_argument_group(f"{title} (defaults: the paper's, appendix B)")
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus mass; 1.0 = off")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    g.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature, top-p, top-k)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longer prompts are an error")
+    g.add_argument("--slots", type=int, default=d.slots, help="concurrent sequences per process")
+    g.add_argument("--check-every", type=int, default=d.check_every,
+                   help="decode steps between host checks for finished rows (0 = 1 on CPU, 8 on GPU)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def sampling_config(parser: argparse.ArgumentParser, a: argparse.Namespace) -> SamplingConfig:
+    """add_sampling_args' flags as a SamplingConfig; a value out of range is a usage error naming its flag."""
+    bad = [f"--{flag} {getattr(a, flag.replace('-', '_'))}: {why}" for flag, ok, why in (
+        ("temperature", a.temperature > 0 or a.greedy, "must be > 0 (or pass --greedy)"),
+        ("top-p", 0.0 < a.top_p <= 1.0, "must be in (0, 1]"),
+        ("top-k", a.top_k >= 0, "must be >= 0"),
+        ("max-new-tokens", a.max_new_tokens >= 1, "must be >= 1"),
+        ("max-prompt-tokens", a.max_prompt_tokens >= 1, "must be >= 1"),
+        ("slots", a.slots >= 1, "must be >= 1"),
+        ("check-every", a.check_every >= 0, "must be >= 0")) if not ok]
+    if bad:
+        parser.error("; ".join(bad))
+    return SamplingConfig(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens,
+                          greedy=a.greedy, slots=a.slots, max_prompt_tokens=a.max_prompt_tokens,
+                          check_every=a.check_every)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    d0 = SamplingConfig()
     ap = argparse.ArgumentParser(prog="python -m mt.sampler", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="Hugging Face causal-LM directory (weights + tokenizer)")
     ap.add_argument("--prompts", required=True, help="prompt file (.jsonl / .json / .parquet)")
     ap.add_argument("--out", required=True, help="samples.jsonl to write")
     # --num-samples for torchrun, whose own parser rejects --n as an ambiguous prefix of its options
-    ap.add_argument("--n", "--num-samples", dest="n", type=int, default=d0.n, help="responses per prompt")
-    ap.add_argument("--temperature", type=float, default=d0.temperature)
-    ap.add_argument("--top-p", type=float, default=d0.top_p)
-    ap.add_argument("--top-k", type=int, default=d0.top_k)
-    ap.add_argument("--greedy", action="store_true")
-    ap.add_argument("--max-new-tokens", type=int, default=d0.max_new_tokens)
-    ap.add_argument("--max-prompt-tokens", type=int, default=d0.max_prompt_tokens)
-    ap.add_argument("--slots", type=int, default=d0.slots, help="concurrent sequences per process")
-    ap.add_argument("--check-every", type=int, default=d0.check_every)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n", "--num-samples", dest="n", type=int, default=5, help="responses per prompt (M)")
     ap.add_argument("--stream", default="sample", help="names this pass's random streams")
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--logps", action="store_true", help="also write token_ids and untempered logps")
+    add_sampling_args(ap)
     a = ap.parse_args(argv)
-    if a.n < 1 or a.slots < 1 or a.max_new_tokens < 1 or not 0.0 < a.top_p <= 1.0 or a.top_k < 0:
-        ap.error("need --n, --slots, --max-new-tokens >= 1, --top-p in (0, 1] and --top-k >= 0")
-    cfg = SamplingConfig(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens,
-                         greedy=a.greedy, n=a.n, slots=a.slots, max_prompt_tokens=a.max_prompt_tokens,
-                         check_every=a.check_every)
+    if a.n < 1:
+        ap.error(f"--n {a.n}: must be >= 1")
+    cfg = sampling_config(ap, a)
 
     from mt import chat, checkpoint, dist
     from mt.data import read_prompts
@@ -488,13 +496,12 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = read_prompts(a.prompts)
     tok = chat.load_tokenizer(a.model)
     model = checkpoint.load_model(a.model, dtype=dtype, device=d.device).eval()
-    s = sample_to_file(model, tok, prompts, cfg, a.out, seed=a.seed, stream=a.stream,
+    s = sample_to_file(model, tok, prompts, cfg, a.out, seed=a.seed, stream=a.stream, n=a.n,
                        stop_ids=chat.stop_ids(tok, a.model), return_logps=a.logps)
     dist.print0(summary_line(s) + f" -> {a.out}")
     return s
 
 
 if __name__ == "__main__":
-    main()
     from mt import dist
-    dist.destroy()
+    dist.run(main)

@@ -204,10 +204,10 @@ def _policy_hf_config(c: WorldConfig, tok) -> dict:
             "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
 
 
-def _sampling(c: WorldConfig, n: int):
+def _sampling(c: WorldConfig):
     from mt.sampler import SamplingConfig
-    return SamplingConfig(temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens, n=n,
-                          slots=256, max_prompt_tokens=64)
+    return SamplingConfig(temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens, slots=256,
+                          max_prompt_tokens=64)
 
 
 def _prompts(n: int, seed: int, stream: str):
@@ -279,8 +279,8 @@ def _build(c: WorldConfig, root: Path) -> dict:
 
     # ---- r0: Bradley-Terry on gold-labelled pairs of π0's own samples (limited, noisy)
     policy = load_model(root / "policy").eval()
-    rm_samples = sample(policy, tok, _prompts(c.rm_prompts, c.seed, "rm"), _sampling(c, c.rm_samples),
-                        seed=c.seed, stream="sandbox/rm")
+    rm_samples = sample(policy, tok, _prompts(c.rm_prompts, c.seed, "rm"), _sampling(c),
+                        seed=c.seed, stream="sandbox/rm", n=c.rm_samples)
     pairs = gold_pairs(rm_samples, c.label_noise, c.seed)
     write_jsonl(root / "rm_pairs.jsonl", pairs)
     examples, _ = rm_examples(tok, [Pair(p["prompt_id"], p["prompt"], p["chosen"], p["rejected"]) for p in pairs],
@@ -295,8 +295,8 @@ def _build(c: WorldConfig, root: Path) -> dict:
     times["rm_s"] = time.perf_counter() - t0 - times["sft_s"]
 
     # ---- the build report: how good π0 and r0 are, on held-out prompts
-    held = sample(policy, tok, _prompts(c.eval_prompts, c.seed, "eval"), _sampling(c, c.rm_samples),
-                  seed=c.seed, stream="sandbox/eval")
+    held = sample(policy, tok, _prompts(c.eval_prompts, c.seed, "eval"), _sampling(c),
+                  seed=c.seed, stream="sandbox/eval", n=c.rm_samples)
     info = {"base_gold": policy_gold(held), "base_perfect": policy_gold(held, perfect=True),
             "rm_pairs": len(pairs), "rm_agreement_base": rm_gold_agreement(root / "rm", sample_pairs(held)),
             **{k: round(v, 1) for k, v in times.items()}, "build_s": round(time.perf_counter() - t0, 1)}

@@ -361,3 +361,29 @@ def test_generate_json_array_error_names_row(tmp_path):
     f.write_text(json.dumps([{"instruction": "a"}, {"instruction": "b"}, {"output": "no instruction"}]))
     with pytest.raises(generate.PromptFileError, match=r"alpaca_eval\.json\[row 3\]: field 'instruction' missing"):
         generate.read_alpacaeval(f)
+
+
+# ---- one set of sampling flags: mt.sampler, eval/generate.py and eval/winrate.py parse them alike
+
+
+def test_sampling_flags_are_one_set_across_commands(capsys):
+    from mt import sampler
+    from mt.config import SamplingConfig
+    gen_args = ["--policy", "p", "--format", "alpacaeval", "--prompts", "x.json", "--out", "o.json"]
+    win_args = ["--rm", "r", "--new", "a.jsonl", "--old", "b.jsonl"]
+    assert generate.parse_args(gen_args).sampling == SamplingConfig()  # the paper's defaults (appendix B)
+    assert winrate.parse_args(win_args).sampling == SamplingConfig()
+    flags = ["--temperature", "0.5", "--top-p", "0.7", "--top-k", "3", "--max-new-tokens", "9",
+             "--max-prompt-tokens", "33", "--slots", "5", "--check-every", "2"]
+    want = SamplingConfig(temperature=0.5, top_p=0.7, top_k=3, max_new_tokens=9, max_prompt_tokens=33, slots=5,
+                          check_every=2)
+    assert generate.parse_args(gen_args + flags).sampling == want
+    assert winrate.parse_args(win_args + flags).sampling == want
+    assert generate.parse_args(gen_args + ["--greedy", "--temperature", "0"]).sampling.greedy
+    for parse, args in ((generate.parse_args, gen_args), (winrate.parse_args, win_args),
+                        (sampler.main, ["--model", "m", "--prompts", "p", "--out", "o"])):
+        with pytest.raises(SystemExit):  # rejected before any model or file is opened
+            parse(args + ["--top-p", "0", "--slots", "0", "--temperature", "0"])
+        err = capsys.readouterr().err
+        assert "--top-p 0.0: must be in (0, 1]" in err and "--slots 0: must be >= 1" in err
+        assert "--temperature 0.0: must be > 0 (or pass --greedy)" in err

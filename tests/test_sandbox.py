@@ -198,14 +198,14 @@ def test_fixed_rm_agrees_less_with_gold_after_two_iterations(tmp_path):
     """
     from mt.checkpoint import load_model
     from mt.sampler import SamplingConfig, sample
-    scfg = SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=16, n=4, slots=256, max_prompt_tokens=64)
+    scfg = SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=16, slots=256, max_prompt_tokens=64)
     base, drifted, golds = [], [], []
     for seed in SHIFT_SEEDS:
         torch.manual_seed(seed)
         world = sandbox.build_world(seed)
         (pi0, _, pi2), d_ms = _fixed_rm_run(world, tmp_path / f"seed{seed}", seed)
         tok = chat.load_tokenizer(world.policy_dir)
-        rows = {name: sample(load_model(p).eval(), tok, d_ms, scfg, seed=seed, stream=f"shift/{name}")
+        rows = {name: sample(load_model(p).eval(), tok, d_ms, scfg, seed=seed, stream=f"shift/{name}", n=4)
                 for name, p in (("pi0", pi0), ("pi2", pi2))}
         base.append(sandbox.rm_gold_agreement(world.rm_dir, sandbox.sample_pairs(rows["pi0"]))["agreement"])
         drifted.append(sandbox.rm_gold_agreement(world.rm_dir, sandbox.sample_pairs(rows["pi2"]))["agreement"])

@@ -82,12 +82,11 @@ def _worker(rank, rm_dir, out, port):
     torch.set_num_threads(1)
     from mt import dist
     dist.init_distributed("cpu")
-    try:
+
+    def job():
         got = score_conversations(rm_dir, _items(), batch_size=2, progress=False)
         Path(out, f"rank{rank}.json").write_text(json.dumps(got))
-        dist.barrier()  # no rank tears gloo down while its peer is still in a collective (SIGABRT under load)
-    finally:
-        dist.destroy()
+    dist.run(job)  # the commands' own exit path
 
 
 def test_two_processes_score_like_one(tiny_rm_dir, tmp_path):

@@ -37,10 +37,7 @@ def _entry(rank: int, job, out: str, port: int):
     torch.set_num_threads(1)
     from mt import dist
     dist.init_distributed("cpu")
-    try:
-        job(rank, Path(out))
-    finally:
-        dist.destroy()
+    dist.run(lambda: job(rank, Path(out)))  # the commands' own exit path
 
 
 # ---- FSDP over 2 processes == 1 process
