@@ -78,35 +78,26 @@ def load_state_dict(path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_model(path, dtype=torch.float32, device="cpu", head: str | None = None) -> Transformer:
-    """Load a Hugging Face directory into our model.
+def read_weights(path, head: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """config.json and the weights of a Hugging Face directory, checked against each other, in the dtype they
+    are stored in (nothing is cast or copied into a model: a bf16 8B checkpoint stays 16 GB).
 
-    head="score" on a causal-LM directory gives a reward model with a fresh, randomly initialised
-    score head (the usual way to start an RM from a policy); head="lm" on an RM directory is an error.
+    head="score" on a causal-LM directory gives a reward model with a fresh score head, drawn here in fp32
+    from the caller's RNG (the usual way to start an RM from a policy); head="lm" on an RM directory is an
+    error. A tied head is left out (the embedding is the head); rotary buffers are rebuilt, never read.
     """
     path = Path(path)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
     cfg = read_config(path, head=head)
     src_head = read_config(path).head
     if src_head == "score" and cfg.head == "lm":
         raise CheckpointError(f"{path}: is a reward model (score head); it has no LM head to load")
-    sd = load_state_dict(path)
-    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    sd = {k: v for k, v in load_state_dict(path).items() if not k.endswith("rotary_emb.inv_freq")}
     fresh_score = src_head == "lm" and cfg.head == "score"
-    if fresh_score:
+    if fresh_score or (cfg.head == "lm" and cfg.tie_word_embeddings):
         sd.pop("lm_head.weight", None)
     with torch.device("meta"):
-        model = Transformer(cfg)
-    # cast while still on meta (free), so memory is allocated once, in the dtype asked for
-    model.to(dtype).to_empty(device=device)
-    model.tie_weights()
-    expected = set(model.state_dict())
-    if cfg.head == "lm" and cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)  # tied: the embedding is the head
-        expected.discard("lm_head.weight")
+        shapes = Transformer(cfg).state_dict()  # names and shapes only: no memory
+    expected = set(shapes) - ({"lm_head.weight"} if cfg.head == "lm" and cfg.tie_word_embeddings else set())
     missing = sorted(expected - set(sd) - ({"score.weight"} if fresh_score else set()))
     unexpected = sorted(set(sd) - expected)
     if missing or unexpected:
@@ -115,15 +106,30 @@ def load_model(path, dtype=torch.float32, device="cpu", head: str | None = None)
             + (f"missing {len(missing)} tensors, e.g. {missing[:3]}" if missing else "")
             + ("; " if missing and unexpected else "")
             + (f"unexpected {len(unexpected)} tensors, e.g. {unexpected[:3]}" if unexpected else ""))
-    shapes = model.state_dict()
     for k, v in sd.items():
         if v.shape != shapes[k].shape:
             raise CheckpointError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config.json implies "
                                   f"{tuple(shapes[k].shape)}")
+    if fresh_score:
+        w = torch.empty(shapes["score.weight"].shape, dtype=torch.float32)
+        sd["score.weight"] = w.normal_(std=cfg.hf.get("initializer_range", 0.02))
+    return cfg, sd
+
+
+def load_model(path, dtype=torch.float32, device="cpu", head: str | None = None) -> Transformer:
+    """Load a Hugging Face directory into our model, in `dtype` on `device` (see read_weights for `head`)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    cfg, sd = read_weights(path, head)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    # cast while still on meta (free), so memory is allocated once, in the dtype asked for
+    model.to(dtype).to_empty(device=device)
+    model.tie_weights()
     with torch.no_grad():
-        if fresh_score:
-            model.score.weight.normal_(std=cfg.hf.get("initializer_range", 0.02))
-        model.load_state_dict(sd, strict=False)  # copies (and casts) into our dtype
+        model.load_state_dict(sd, strict=False)  # copies (and casts) into our dtype; read_weights checked the keys
     return model
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as tdist
 
 from mt import dist
-from mt.checkpoint import CheckpointError, load_model, read_config, replace_dir, save_model
+from mt.checkpoint import CheckpointError, load_model, read_config, read_weights, replace_dir, save_model
 from mt.config import DPOConfig, RMConfig, TrainConfig
 from mt.losses import AVERAGE_LOGPS, USES_REFERENCE, bradley_terry_loss, preference_loss, sequence_logps
 from mt.model import Transformer
@@ -297,7 +297,8 @@ def load_for_training(path, cfg: TrainConfig, head: str | None = None, device=No
                       fsdp: bool | None = None):
     """The Hugging Face model at `path`, prepared for train(). Under FSDP only rank 0 reads the weights:
     every rank shards an empty (meta-device) model, then receives its shards from rank 0, so the host holds
-    one full copy of the weights, not one per rank. Without FSDP it is prepare_model(load_model(path))."""
+    one copy of the weights in their stored dtype, not one per rank nor an fp32 one. Without FSDP it is
+    prepare_model(load_model(path))."""
     d = dist.get()
     device = torch.device(device or d.device)
     if not uses_fsdp(cfg, device, fsdp):
@@ -310,9 +311,11 @@ def load_for_training(path, cfg: TrainConfig, head: str | None = None, device=No
     full, err = {}, None
     if d.is_main:
         try:
-            # load_model's checks and its fresh score head (drawn from rank 0's RNG, broadcast below, so
-            # every rank starts from the same head whatever its own seed)
-            full = load_model(path, torch.float32, "cpu", head=head).state_dict()
+            # as stored (bf16 stays bf16: half an fp32 copy), with load_model's checks; a fresh score head is
+            # drawn from rank 0's RNG and broadcast, so every rank starts from the same head whatever its seed
+            _, full = read_weights(path, head=head)
+            if model.cfg.head == "lm" and model.cfg.tie_word_embeddings:
+                full["lm_head.weight"] = full["model.embed_tokens.weight"]  # one parameter under both names
         except Exception as e:
             err = e
     # a bad directory must stop every rank, not leave ranks 1.. waiting in the broadcast
@@ -321,8 +324,8 @@ def load_for_training(path, cfg: TrainConfig, head: str | None = None, device=No
         raise err
     if msg is not None:
         raise CheckpointError(f"{path}: rank 0 could not load the weights: {msg}")
-    # one tensor at a time from rank 0; each rank keeps its shard (a tied head is one parameter, in the
-    # state dict under both names, as load_model's state_dict has it)
+    # one tensor at a time from rank 0, in its stored dtype; each rank casts its own shard into the fp32
+    # master weights (DCP's full-state-dict path copies into the existing shards)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import mt.checkpoint as ckpt
 from conftest import hf_model, ragged_batch
-from mt.checkpoint import CheckpointError, load_model, load_state_dict, read_config, save_model
+from mt.checkpoint import CheckpointError, load_model, load_state_dict, read_config, read_weights, save_model
 
 TOL = 1e-5
 
@@ -125,6 +125,16 @@ def test_bf16_load_and_save(tiny_llama31_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert all(v.dtype == torch.bfloat16 for v in load_file(out / "model.safetensors").values())
     assert_same_state(load_model(out, dtype=torch.bfloat16), bf16)
+    # read_weights (rank 0's read under FSDP) keeps the stored dtype: no fp32 copy of an 8B model on the host
+    cfg, sd = read_weights(out)
+    assert cfg.head == "lm" and {v.dtype for v in sd.values()} == {torch.bfloat16}
+    assert sd.keys() == {k for k in bf16.state_dict()}
+    torch.manual_seed(3)
+    _, rm_sd = read_weights(out, head="score")
+    torch.manual_seed(3)
+    rm = load_model(out, head="score")  # the same fresh head from the same RNG state, fp32 as load_model draws it
+    assert rm_sd["score.weight"].dtype == torch.float32 and torch.equal(rm_sd["score.weight"], rm.score.weight)
+    assert "lm_head.weight" not in rm_sd and rm_sd["model.norm.weight"].dtype == torch.bfloat16
 
 
 # ---- atomic writes

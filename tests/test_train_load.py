@@ -66,9 +66,18 @@ def _load_job(rank, out):
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
+def _bf16_copy(src, dst) -> Path:
+    """The checkpoint stored in bf16 (as 8B checkpoints are): rank 0 broadcasts it as stored, ranks cast."""
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).save_pretrained(str(dst))
+    assert {v.dtype for v in load_state_dict(dst).values()} == {torch.bfloat16}
+    return dst
+
+
 def test_sharded_load_equals_load_model(tiny_checkpoint, tmp_path):
     cases = [("llama", str(tiny_checkpoint("llama")), None), ("qwen2_tied", str(tiny_checkpoint("qwen2")), None),
-             ("llama31_fresh_score", str(tiny_checkpoint("llama31")), "score")]
+             ("llama31_fresh_score", str(tiny_checkpoint("llama31")), "score"),
+             ("llama_bf16", str(_bf16_copy(tiny_checkpoint("llama"), tmp_path / "bf16")), None)]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     bad = Path(shutil.copytree(tiny_checkpoint("llama"), tmp_path / "no_weights"))
     (bad / "model.safetensors").unlink()
