@@ -2,6 +2,7 @@
 
     python eval/bench_sampler.py                       # CPU defaults: 32 concurrent sequences
     python eval/bench_sampler.py --hidden 512 --layers 8 --vocab 32000 --repeats 1   # a bigger model
+    python eval/bench_sampler.py --shape llama3-8b --device cuda --slots 128 --prompts 256 --max-new-tokens 512
 
 Response lengths vary the way real ones do: a set of stop ids, sized so a token is a stop id with
 probability about 1/--mean-len, makes most responses end early and a few run to the cap.
@@ -24,23 +25,34 @@ from mt.model import ModelConfig, Transformer  # noqa: E402
 from mt.sampler import SamplingConfig, generate  # noqa: E402
 
 
+# Llama-3-8B's shape (random weights): the paper's policy, for the GPU figure
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)
+
+
 def build(a):
+    """transformers' Llama and ours with the same random weights, on --device in --dtype."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(a.seed)
-    hc = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4,
-                     num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64,
-                     num_key_value_heads=max(1, a.hidden // 128), max_position_embeddings=4096,
-                     bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    hf = LlamaForCausalLM(hc).eval()
-    ours = Transformer(ModelConfig.from_hf(hc.to_dict())).eval()
+    shape = LLAMA3_8B if a.shape == "llama3-8b" else dict(
+        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4, num_hidden_layers=a.layers,
+        num_attention_heads=a.hidden // 64, num_key_value_heads=max(1, a.hidden // 128))
+    a.vocab = shape["vocab_size"]
+    hc = LlamaConfig(**shape, max_position_embeddings=8192, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    with torch.device(a.device):  # 8B: 32 GB in fp32 for a moment, then 16 GB in bf16
+        hf = LlamaForCausalLM(hc).to(a.torch_dtype).eval()
+    with torch.device("meta"):
+        ours = Transformer(ModelConfig.from_hf(hc.to_dict()))
+    ours.to(a.torch_dtype).to_empty(device=a.device)  # as mt.checkpoint.load_model does
     ours.load_state_dict(hf.state_dict(), strict=False)
-    return hf, ours
+    return hf, ours.eval()
 
 
 def stop_set(a, ours, prompts) -> list[int]:
     """Stop ids whose total probability under the sampling distribution is about 1/mean_len per step."""
     with torch.no_grad():  # the model's average next-token distribution at the prompts' ends
-        p = torch.stack([torch.softmax(ours(torch.tensor([x]))[0, -1] / a.temperature, -1) for x in prompts]).mean(0)
+        p = torch.stack([torch.softmax(ours(torch.tensor([x], device=a.device))[0, -1].float() / a.temperature, -1)
+                         for x in prompts]).mean(0).cpu()
     g = torch.Generator().manual_seed(a.seed + 1)
     ids, mass = [], 0.0
     for t in torch.randperm(a.vocab, generator=g).tolist():
@@ -55,6 +67,7 @@ def stop_set(a, ours, prompts) -> list[int]:
 
 def run_ours(a, ours, prompts, stops):
     cfg = SamplingConfig(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, slots=a.slots)
+    sync(a)
     t0 = time.perf_counter()
     done = generate(ours, prompts, cfg, stop_ids=stops, n=a.n)
     dt = time.perf_counter() - t0
@@ -64,6 +77,7 @@ def run_ours(a, ours, prompts, stops):
 def run_hf(a, hf, prompts, stops):
     per_batch = a.slots // a.n  # prompts per generate() call, so each call holds --slots sequences
     lengths, stop = [], set(stops)
+    sync(a)
     t0 = time.perf_counter()
     for b in range(0, len(prompts), per_batch):
         batch = prompts[b: b + per_batch]
@@ -72,6 +86,7 @@ def run_hf(a, hf, prompts, stops):
         mask = torch.zeros(len(batch), T, dtype=torch.long)
         for r, x in enumerate(batch):  # left padding, as generate() wants for decoder-only models
             ids[r, T - len(x):], mask[r, T - len(x):] = torch.tensor(x), 1
+        ids, mask = ids.to(a.device), mask.to(a.device)
         with torch.no_grad():
             out = hf.generate(ids, attention_mask=mask, do_sample=True, temperature=a.temperature, top_p=a.top_p,
                               top_k=0, max_new_tokens=a.max_new_tokens, num_return_sequences=a.n,
@@ -83,6 +98,11 @@ def run_hf(a, hf, prompts, stops):
     return dt, lengths
 
 
+def sync(a):
+    if a.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def describe(lengths, cap):
     s = sorted(lengths)
     return (f"{len(s)} responses, mean {statistics.mean(s):.0f} tokens, median {statistics.median(s):.0f}, "
@@ -91,6 +111,10 @@ def describe(lengths, cap):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=("custom", "llama3-8b"), default="custom",
+                    help="custom: --hidden/--layers/--vocab; llama3-8b: the paper's policy shape")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on cuda, else fp32")
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=16000)
@@ -109,14 +133,19 @@ def main(argv=None):
         ap.error("--slots must be a multiple of --n (generate() runs whole prompts)")
     if a.threads:
         torch.set_num_threads(a.threads)
+    a.device = torch.device(a.device)
+    a.torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                     "auto": torch.bfloat16 if a.device.type == "cuda" else torch.float32}[a.dtype]
 
     hf, ours = build(a)
     g = torch.Generator().manual_seed(a.seed)
     prompts = [torch.randint(1, a.vocab, (int(L),), generator=g).tolist()
                for L in torch.randint(16, 129, (a.prompts,), generator=g)]
     stops = stop_set(a, ours, prompts)
-    print(f"model: Llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab} "
-          f"({sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params), fp32, {torch.get_num_threads()} threads; "
+    c = ours.cfg
+    where = torch.cuda.get_device_name(a.device) if a.device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"model: Llama ({a.shape}) hidden {c.hidden_size}, {c.num_hidden_layers} layers, vocab {a.vocab} "
+          f"({sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params), {str(a.torch_dtype)[6:]}, {where}; "
           f"{a.prompts} prompts of 16-128 tokens x {a.n} responses, {a.slots} concurrent, max {a.max_new_tokens} new "
           f"tokens, T={a.temperature} top-p={a.top_p}, {len(stops)} stop ids")
 
