@@ -34,7 +34,7 @@ def check_config(run_dir: Path, cfg: C.Config, force: bool):
     new = C.to_dict(cfg)
     if path.is_file():
         old = json.loads(path.read_text())
-        changed = C.diff(old, new)
+        changed = [c for c in C.diff(old, new) if c.split(":")[0] not in C.SCHEDULING_ONLY]
         if changed and not force:
             raise C.ConfigError(
                 f"{path}: this run was started with a different config:\n  " + "\n  ".join(changed)
@@ -191,7 +191,7 @@ def run(cfg: C.Config, force_config: bool = False) -> dict:
             # ---- E-step: sample M responses from π_{t-1}, score with r_{t-1}, build pairs, DPO (Eq. 4)
             stage(m, f"{tag}/sample", [gen_pi, D_t], [it / "samples.jsonl"],
                   lambda: train_policy.sample(gen_pi, D_t, it / "samples.jsonl", cfg.sampling, E.n_samples,
-                                              seed, f"{tag}/e-step"), [cfg.sampling, E.n_samples, seed])
+                                              seed, f"{tag}/e-step"), [cfg.sampling.outcome(), E.n_samples, seed])
             stage(m, f"{tag}/score", [gen_r, it / "samples.jsonl"], [it / "scores.jsonl"],
                   lambda: train_policy.score(gen_r, it / "samples.jsonl", it / "scores.jsonl"))
             stage(m, f"{tag}/pairs", [it / "samples.jsonl", it / "scores.jsonl"], [it / "pairs.jsonl"],
@@ -214,7 +214,7 @@ def run(cfg: C.Config, force_config: bool = False) -> dict:
 
             # ---- model selection (Eq. 6-7): every checkpoint vs π_{t-1} on D_MS, judged by r_{t-1}
             stage(m, f"{tag}/select", [gen_pi, gen_r, it / "policy", D_ms], [it / "selection.json"],
-                  lambda: select(it, it / "policy", gen_pi, gen_r, D_ms, cfg, seed, tag), [cfg.sampling, E.tau, E.select, seed])
+                  lambda: select(it, it / "policy", gen_pi, gen_r, D_ms, cfg, seed, tag), [cfg.sampling.outcome(), E.tau, E.select, seed])
             selection = json.loads((it / "selection.json").read_text())
             metrics = {"round": rnd, "iter": t, "pairs": read_stats(it / "pairs.jsonl"), "dpo": dpo_summary(it),
                        "selection": selection}
@@ -230,7 +230,7 @@ def run(cfg: C.Config, force_config: bool = False) -> dict:
             if E.update_rm:
                 stage(m, f"{tag}/pseudo_pairs", [pi_t, gen_pi, gen_r, D_r], [it / "pseudo_pairs.jsonl"],
                       lambda: pseudo_pairs(it, pi_t, gen_pi, gen_r, D_r, cfg, seed, tag),
-                      [cfg.sampling, E.filter, E.eps_stat, E.eps_mult, E.keep_truncated, seed])
+                      [cfg.sampling.outcome(), E.filter, E.eps_stat, E.eps_mult, E.keep_truncated, seed])
                 stage(m, f"{tag}/rm_data", [it / "pseudo_pairs.jsonl", *st_pairs],
                       [it / "rm_train.jsonl", it / "rm_heldout.jsonl"],
                       lambda: rm_data(it, st_pairs, d_r_heldout, E.rm_data), [E.rm_data, E.rm_heldout])

@@ -30,6 +30,16 @@ class SamplingConfig:
     max_prompt_tokens: int = 2048  # longer prompts are an error naming the prompt id
     check_every: int = 0  # decode steps between host checks for finished rows; 0 = 1 on CPU, 8 on GPU
 
+    def outcome(self) -> dict:
+        """The fields that decide what is sampled, for a stage's recorded params (run_em.py's manifest)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if f"sampling.{k}" not in SCHEDULING_ONLY}
+
+
+# Settings that only schedule the work: tests/test_sampler.py shows the samples identical for any value, so a
+# resumed run may change them (fewer slots after an out-of-memory, another GPU) without --force_config and
+# without redoing finished stages.
+SCHEDULING_ONLY = ("sampling.slots", "sampling.check_every")
+
 
 @dataclass
 class TrainConfig:

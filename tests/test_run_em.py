@@ -168,13 +168,17 @@ def _assert_close_json(a, b, where):
         assert a == b, where
 
 
-def test_changed_config_is_refused_then_forced_redoes_only_downstream(inputs, reference, tmp_path):
+def _copy_run(reference, out):
     import shutil
-    out = tmp_path / "run"
     shutil.copytree(reference, out)
     cfg = json.loads((out / "config.json").read_text())
     cfg["out"] = str(out)  # the copy lives elsewhere: only --out differs from the original
     (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_changed_config_is_refused_then_forced_redoes_only_downstream(inputs, reference, tmp_path):
+    out = _copy_run(reference, tmp_path / "run")
     p = run_em(args(inputs, out) + ["--dpo.beta", "0.2"], check=False)
     assert p.returncode != 0 and "dpo.beta: 0.1 -> 0.2" in p.stderr and "--force_config" in p.stderr
     before = json.loads((out / "manifest.json").read_text())["stages"]
@@ -184,6 +188,18 @@ def test_changed_config_is_refused_then_forced_redoes_only_downstream(inputs, re
     for s in ("splits", "iter1/sample", "iter1/score", "iter1/pairs", "iter1/ref_logps"):
         assert after[s] == before[s], s  # upstream of DPO: untouched
     assert after["iter1/dpo"]["params"] != before["iter1/dpo"]["params"]
+
+
+def test_scheduling_only_settings_may_change_on_resume(inputs, reference, tmp_path):
+    """Fewer KV slots (after an out-of-memory) or another check interval give the same samples
+    (test_sampler), so a finished run resumes with them: no refusal, nothing redone."""
+    out = _copy_run(reference, tmp_path / "run")
+    before = json.loads((out / "manifest.json").read_text())["stages"]
+    p = run_em(args(inputs, out) + ["--sampling.slots", "3", "--sampling.check_every", "2"])
+    assert "[run]" not in p.stdout and "[done] iter2/rm" in p.stdout, p.stdout
+    assert json.loads((out / "manifest.json").read_text())["stages"] == before
+    p = run_em(args(inputs, out) + ["--sampling.top_p", "0.5"], check=False)  # one that changes what is sampled
+    assert p.returncode != 0 and "sampling.top_p: 0.95 -> 0.5" in p.stderr
 
 
 def test_standalone_stage_commands_reproduce_the_run(inputs, reference, tmp_path):
