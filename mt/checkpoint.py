@@ -83,8 +83,8 @@ def read_weights(path, head: str | None = None) -> tuple[ModelConfig, dict[str, 
     are stored in (nothing is cast or copied into a model: a bf16 8B checkpoint stays 16 GB).
 
     head="score" on a causal-LM directory gives a reward model with a fresh score head, drawn here in fp32
-    from the caller's RNG (the usual way to start an RM from a policy); head="lm" on an RM directory is an
-    error. A tied head is left out (the embedding is the head); rotary buffers are rebuilt, never read.
+    from the CPU generator, so the same seed gives the same head on any device and in any dtype (the usual
+    way to start an RM from a policy); head="lm" on an RM directory is an error. A tied head is left out (the embedding is the head); rotary buffers are rebuilt, never read.
     """
     path = Path(path)
     cfg = read_config(path, head=head)
