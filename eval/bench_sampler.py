@@ -66,7 +66,8 @@ def stop_set(a, ours, prompts) -> list[int]:
 
 
 def run_ours(a, ours, prompts, stops):
-    cfg = SamplingConfig(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, slots=a.slots)
+    cfg = SamplingConfig(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, slots=a.slots,
+                         compile=a.compile)
     sync(a)
     t0 = time.perf_counter()
     done = generate(ours, prompts, cfg, stop_ids=stops, n=a.n)
@@ -126,6 +127,7 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (compiled in the warm-up)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -147,10 +149,13 @@ def main(argv=None):
     print(f"model: Llama ({a.shape}) hidden {c.hidden_size}, {c.num_hidden_layers} layers, vocab {a.vocab} "
           f"({sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params), {str(a.torch_dtype)[6:]}, {where}; "
           f"{a.prompts} prompts of 16-128 tokens x {a.n} responses, {a.slots} concurrent, max {a.max_new_tokens} new "
-          f"tokens, T={a.temperature} top-p={a.top_p}, {len(stops)} stop ids")
+          f"tokens, T={a.temperature} top-p={a.top_p}, {len(stops)} stop ids, decode step "
+          f"{'compiled' if a.compile else 'eager'}")
 
     # warm up both paths (allocator, kernels) on a small job
     run_ours(argparse.Namespace(**{**vars(a), "max_new_tokens": 8}), ours, prompts[:4], stops)
+    if a.compile:  # the one-row graph too (a size of 1 is specialised), as the tail of a pass can reach it
+        run_ours(argparse.Namespace(**{**vars(a), "max_new_tokens": 8, "n": 1}), ours, prompts[:1], stops)
     run_hf(argparse.Namespace(**{**vars(a), "max_new_tokens": 8}), hf, prompts[: a.slots // a.n], stops)
     best = {}
     for r in range(a.repeats):

@@ -29,6 +29,7 @@ class SamplingConfig:
     slots: int = 64  # concurrent sequences in the KV cache
     max_prompt_tokens: int = 2048  # longer prompts are an error naming the prompt id
     check_every: int = 0  # decode steps between host checks for finished rows; 0 = 1 on CPU, 8 on GPU
+    compile: bool = False  # torch.compile the decode step's forward (dynamic shapes; the first pass compiles)
 
     def outcome(self) -> dict:
         """The fields that decide what is sampled, for a stage's recorded params (run_em.py's manifest)."""

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +149,7 @@ class _Engine:
         self.staged = None  # which prompt's prefix `stage` holds
         self.stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
         self.return_logps = return_logps
+        self.decode = compiled(model) if cfg.compile else model  # prefill stays eager: one pass per prompt
         # device state, one row per slot; rows [0, m) are in use (m shrinks in the tail, see compact)
         self.m = S
         self.last = torch.zeros(S, dtype=torch.long, device=dev)  # the next input token
@@ -228,8 +230,8 @@ class _Engine:
         """One token for every row in use; no host sync."""
         m = self.m
         last, pos, n_gen, done = self.last[:m], self.pos[:m], self.n_gen[:m], self.done[:m]
-        logits = self.model(last[:, None], positions=pos[:, None],
-                            cache=_Window(self.cache, m, window))[:, -1].float()  # (m, V)
+        logits = self.decode(last[:, None], positions=pos[:, None],
+                             cache=_Window(self.cache, m, window))[:, -1].float()  # (m, V)
         greedy = self.cfg.greedy or self.cfg.temperature <= 0
         noise = None if greedy else gumbel(self.key[:m], n_gen, logits.size(-1))
         tok = next_token(logits, noise, self.cfg)
@@ -299,8 +301,20 @@ class _Engine:
         return self.results
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(model: Transformer):
+    """The model's forward under torch.compile, one per model for the life of the process. dynamic=True: the
+    decode batch (rows in use) and the attention window (a multiple of WINDOW) change during a pass, and
+    one graph with symbolic sizes serves them all instead of a compile per shape."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=True)
+    return _COMPILED[model]
+
+
 def _check_every(cfg: SamplingConfig, device: torch.device) -> int:
-    if getattr(cfg, "check_every", 0) > 0:
+    if cfg.check_every > 0:
         return cfg.check_every
     # on CPU a host read costs nothing (no queue to drain); on a GPU it stalls the launch queue
     return 1 if device.type == "cpu" else 8
@@ -451,6 +465,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, title: str = "sampling") 
     g.add_argument("--slots", type=int, default=d.slots, help="concurrent sequences per process")
     g.add_argument("--check-every", type=int, default=d.check_every,
                    help="decode steps between host checks for finished rows (0 = 1 on CPU, 8 on GPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles on the first pass)")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -468,7 +483,7 @@ def sampling_config(parser: argparse.ArgumentParser, a: argparse.Namespace) -> S
         parser.error("; ".join(bad))
     return SamplingConfig(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens,
                           greedy=a.greedy, slots=a.slots, max_prompt_tokens=a.max_prompt_tokens,
-                          check_every=a.check_every)
+                          check_every=a.check_every, compile=a.compile)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -101,6 +101,24 @@ def test_logps_match_uncached_forward():
             assert torch.allclose(torch.tensor(c.logps), ref, atol=1e-5, rtol=0), (p, c)
 
 
+# ---- torch.compile of the decode step (opt-in, for the GPU; compiles in about 40 s here)
+
+
+def test_compiled_decode_step_equals_eager():
+    _, model = tiny("llama")
+    prompts = ragged_prompts()
+    # 3 slots for 14 jobs: refills and the tail's compaction change the decode batch, the window grows
+    cfg = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=70, slots=3)
+    ref = generate(model, prompts, cfg, stop_ids=[3, 4, 5], n=2, return_logps=True)
+    got = generate(model, prompts, replace(cfg, compile=True), stop_ids=[3, 4, 5], n=2, return_logps=True)
+    assert [[c.token_ids for c in cs] for cs in got] == [[c.token_ids for c in cs] for cs in ref]
+    for cs, rs in zip(got, ref):
+        for c, r in zip(cs, rs):
+            assert torch.allclose(torch.tensor(c.logps), torch.tensor(r.logps), atol=1e-5, rtol=0)
+    assert max(len(p) + c.num_tokens for p, cs in zip(prompts, ref) for c in cs) > sampler.WINDOW, "window grew"
+    assert sampler.compiled(model) is sampler.compiled(model), "one compiled module per model"
+
+
 # ---- invariance: slot count, check interval, prompt order, randomness
 
 
