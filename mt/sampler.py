@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,16 +300,12 @@ class _Engine:
         return self.results
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def compiled(model: Transformer):
-    """The model's forward under torch.compile, one per model for the life of the process. dynamic=True: the
-    decode batch (rows in use) and the attention window (a multiple of WINDOW) change during a pass, and
-    one graph with symbolic sizes serves them all instead of a compile per shape."""
-    if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model, dynamic=True)
-    return _COMPILED[model]
+    """The model under torch.compile. dynamic=True: the decode batch (rows in use) and the attention window
+    (a multiple of WINDOW) change during a pass, and graphs with symbolic sizes serve them all instead of a
+    compile per shape. Dynamo caches by code and guards, not by wrapper or model object, so the next pass, or
+    the next checkpoint of the same shape, reuses the graphs; the wrapper holds no model beyond its pass."""
+    return torch.compile(model, dynamic=True)
 
 
 def _check_every(cfg: SamplingConfig, device: torch.device) -> int:
