@@ -16,8 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from mt import config as C
 from mt import dist
 
@@ -32,9 +30,8 @@ def sample(policy_dir, prompts_path, out_path, sampling: C.SamplingConfig, n: in
     from mt.data import read_prompts
     from mt.sampler import sample_to_file, summary_line
     d = dist.get()
-    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     tok = chat.load_tokenizer(policy_dir)
-    model = load_model(policy_dir, dtype, d.device).eval()
+    model = load_model(policy_dir, "auto", d.device).eval()
     s = sample_to_file(model, tok, read_prompts(prompts_path), sampling, out_path, seed=seed, stream=stream, n=n,
                        stop_ids=chat.stop_ids(tok, policy_dir))
     dist.print0(summary_line(s) + f" -> {out_path}")

@@ -21,6 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mt.checkpoint import resolve_dtype  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
 from mt.sampler import SamplingConfig, generate  # noqa: E402
 
@@ -136,8 +137,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     a.device = torch.device(a.device)
-    a.torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
-                     "auto": torch.bfloat16 if a.device.type == "cuda" else torch.float32}[a.dtype]
+    a.torch_dtype = resolve_dtype(a.dtype, a.device)
 
     hf, ours = build(a)
     g = torch.Generator().manual_seed(a.seed)

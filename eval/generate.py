@@ -141,16 +141,12 @@ def default_samples_path(out: Path, fmt: str) -> Path:
 def sample_answers(policy, prompts: list, sampling, samples_out, seed: int = 0, device=None, dtype: str = "auto"
                    ) -> list[dict]:
     """One response per prompt (mt.data.Prompt), data-parallel; returns the samples rows in prompt order."""
-    import torch
-
     from mt import chat, checkpoint, dist
     from mt.data import read_samples
     from mt.sampler import sample_to_file, summary_line
     d = dist.init_distributed(device)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
-                   "auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32}[dtype]
     tok = chat.load_tokenizer(policy)
-    model = checkpoint.load_model(policy, dtype=torch_dtype, device=d.device, head="lm").eval()
+    model = checkpoint.load_model(policy, dtype=dtype, device=d.device, head="lm").eval()
     s = sample_to_file(model, tok, prompts, sampling, samples_out, seed=seed, stream="eval/answers", n=1,
                        stop_ids=chat.stop_ids(tok, policy))
     dist.print0(summary_line(s) + f" -> {samples_out}")

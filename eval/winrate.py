@@ -94,20 +94,16 @@ def compare_samples(rm_dir, new_path, old_path, batch_size=64, dtype="auto") -> 
 def sample_policies(new_policy, old_policy, prompts_path, samples_dir, sampling, seed=0, dtype="auto"
                     ) -> tuple[Path, Path]:
     """One response per prompt from each policy, written as samples files; returns their paths."""
-    import torch
-
     from mt import chat, checkpoint, dist
     from mt.data import read_prompts
     from mt.sampler import sample_to_file, summary_line
     d = dist.get()
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
-                   "auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32}[dtype]
     prompts = read_prompts(prompts_path)
     paths = []
     for name, policy in (("new", new_policy), ("old", old_policy)):
         out = Path(samples_dir) / f"{name}.samples.jsonl"
         tok = chat.load_tokenizer(policy)
-        model = checkpoint.load_model(policy, dtype=torch_dtype, device=d.device, head="lm").eval()
+        model = checkpoint.load_model(policy, dtype=dtype, device=d.device, head="lm").eval()
         # distinct streams: the two policies' samples are drawn independently, as in Eq. 6
         s = sample_to_file(model, tok, prompts, sampling, out, seed=seed, stream=f"winrate/{name}", n=1,
                            stop_ids=chat.stop_ids(tok, policy))

@@ -27,6 +27,18 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """A dtype flag as a torch dtype: "auto" (or None) = bf16 on a GPU, fp32 on the CPU; names as in DTYPES."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} (or auto: bf16 on a "
+                         "GPU, fp32 on the CPU)")
+    return DTYPES[dtype]
+
+
 class CheckpointError(ValueError):
     """A model directory we cannot read; the message names the path and what is wrong."""
 
@@ -118,10 +130,7 @@ def read_weights(path, head: str | None = None) -> tuple[ModelConfig, dict[str, 
 
 def load_model(path, dtype=torch.float32, device="cpu", head: str | None = None) -> Transformer:
     """Load a Hugging Face directory into our model, in `dtype` on `device` (see read_weights for `head`)."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+    dtype = resolve_dtype(dtype, device)
     cfg, sd = read_weights(path, head)
     with torch.device("meta"):
         model = Transformer(cfg)

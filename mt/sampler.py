@@ -501,11 +501,9 @@ def main(argv: list[str] | None = None) -> dict:
     from mt import chat, checkpoint, dist
     from mt.data import read_prompts
     d = dist.init_distributed(a.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-             "auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32}[a.dtype]
     prompts = read_prompts(a.prompts)
     tok = chat.load_tokenizer(a.model)
-    model = checkpoint.load_model(a.model, dtype=dtype, device=d.device).eval()
+    model = checkpoint.load_model(a.model, dtype=a.dtype, device=d.device).eval()
     s = sample_to_file(model, tok, prompts, cfg, a.out, seed=a.seed, stream=a.stream, n=a.n,
                        stop_ids=chat.stop_ids(tok, a.model), return_logps=a.logps)
     dist.print0(summary_line(s) + f" -> {a.out}")

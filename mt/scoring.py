@@ -16,15 +16,12 @@ from mt import dist
 def load_rm(path, device=None, dtype="auto"):
     """A reward model directory (score head) and its tokenizer; dtype auto = bf16 on GPU, fp32 on CPU."""
     from mt.chat import load_tokenizer
-    from mt.checkpoint import DTYPES, CheckpointError, load_model, read_config
+    from mt.checkpoint import CheckpointError, load_model, read_config
     device = torch.device(device or dist.get().device)
     if read_config(path).head != "score":
         raise CheckpointError(f"{path}: is a causal LM, not a reward model (config.json architectures must end in "
                               "ForSequenceClassification); train one with train_rm.py first")
-    if dtype in (None, "auto"):
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    return load_model(path, dtype, device).eval(), load_tokenizer(path)
+    return load_model(path, dtype, device).eval(), load_tokenizer(path)  # load_model resolves "auto"
 
 
 @torch.no_grad()

@@ -38,7 +38,8 @@ import torch
 import torch.distributed as tdist
 
 from mt import dist
-from mt.checkpoint import CheckpointError, load_model, read_config, read_weights, replace_dir, save_model
+from mt.checkpoint import (CheckpointError, load_model, read_config, read_weights, replace_dir, resolve_dtype,
+                           save_model)
 from mt.config import DPOConfig, RMConfig, TrainConfig
 from mt.losses import AVERAGE_LOGPS, USES_REFERENCE, bradley_terry_loss, preference_loss, sequence_logps
 from mt.model import Transformer
@@ -235,9 +236,7 @@ def loss_units(objective: str, e: Example) -> int:
 
 
 def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    return resolve_dtype(cfg.dtype, device)
 
 
 def is_sharded(model) -> bool:
