@@ -59,14 +59,13 @@ def main(argv=None) -> dict:
     from mt import train as T
     d = dist.init_distributed("cpu")
     torch.set_num_threads(1)
-    tmp = None
-    path = a.model
+    tmp, path = None, a.model
     if path is None:
-        # made in a child process, so building it does not count in rank 0's peak RSS
-        tmp = tempfile.TemporaryDirectory() if d.is_main else None
-        if d.is_main:
-            subprocess.run([sys.executable, __file__, "--make", str(Path(tmp.name) / "llama125m")], check=True)
-        path = dist.broadcast_object(Path(tmp.name) / "llama125m" if d.is_main else None)
+        if d.is_main:  # made in a child process, so building it does not count in rank 0's peak RSS
+            tmp = tempfile.TemporaryDirectory()
+            path = Path(tmp.name) / "llama125m"
+            subprocess.run([sys.executable, __file__, "--make", str(path)], check=True)
+        path = dist.broadcast_object(path)
     stored = sum(f.stat().st_size for f in weight_files(Path(path))) / GIB
     n_params = sum(p.numel() for p in meta_model(path).parameters())
     dist.barrier()

@@ -12,7 +12,6 @@ strictly, as in the official script: a tie is wrong. Sections are scored as the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from dataclasses import dataclass

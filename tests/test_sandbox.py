@@ -1,6 +1,5 @@
 """The gold-reward sandbox: the gold reward's ranking, the tokenizer with mt/chat.py, determinism, the shift."""
 import hashlib
-import json
 import random
 from pathlib import Path
 

@@ -3,7 +3,6 @@ DESIGN.md §2, a rerun that skips finished work), offline preference baselines f
 import json
 
 import pytest
-import torch
 
 import train_policy
 import train_rm
