@@ -5,35 +5,46 @@
     torchrun --nproc_per_node 8 train_policy.py --policy DIR --rm DIR --prompts FILE --out runs/estep
 
 Flags are mt/config.py's (`--dpo.beta 0.05`, `--em.pair_rule max_min`, `--sampling.temperature 1.0`,
-`--preset tiny`). Writes, under --out (DESIGN.md §2): samples.jsonl, scores.jsonl, pairs.jsonl (+ .stats.json),
-ref_logps.jsonl, policy/ckpt-{step}/ and policy/final/ (Hugging Face directories), policy/metrics.jsonl.
-A rerun skips the files that exist (each is written atomically) and resumes DPO from its last checkpoint.
+`--preset tiny`; `--help` lists them). Writes, under --out (DESIGN.md §2): samples.jsonl, scores.jsonl,
+pairs.jsonl (+ .stats.json), ref_logps.jsonl, policy/ckpt-{step}/ and policy/final/ (Hugging Face
+directories), policy/metrics.jsonl, and config.json + manifest.json: a rerun skips the finished steps
+(mt/manifest.py, as run_em.py does), resumes DPO from its last checkpoint, and refuses changed flags.
 Each step is also a function here, so run_em.py calls them one by one.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+from mt import chat
 from mt import config as C
 from mt import dist
+from mt.chat import Example
+from mt.checkpoint import load_for_training, load_model
+from mt.data import read_pairs, read_prompts, read_samples, read_scores, write_json, write_jsonl
+from mt.em import make_pairs
+from mt.losses import LOSSES, preference_objective, sequence_logps
+from mt.manifest import Manifest
+from mt.sampler import sample_to_file, summary_line
+from mt.scoring import score_file
+from mt.train import TrainError, collate, metrics_summary, train
 
 # ---- E-step / sample: M responses per prompt from π_{t-1} (T=0.8, top-p 0.95)
 
 
-def sample(policy_dir, prompts_path, out_path, sampling: C.SamplingConfig, n: int = 5, seed: int = 0,
-           stream: str = "policy") -> dict:
+def sample(policy_dir: Path, prompts_path: Path, out_path: Path, sampling: C.SamplingConfig, n: int = 5,
+           seed: int = 0, stream: str = "policy") -> dict:
     """samples.jsonl for every prompt of prompts_path; data-parallel over ranks. Returns the summary."""
-    from mt import chat
-    from mt.checkpoint import load_model
-    from mt.data import read_prompts
-    from mt.sampler import sample_to_file, summary_line
     d = dist.get()
     tok = chat.load_tokenizer(policy_dir)
     model = load_model(policy_dir, "auto", d.device).eval()
-    s = sample_to_file(model, tok, read_prompts(prompts_path), sampling, out_path, seed=seed, stream=stream, n=n,
-                       stop_ids=chat.stop_ids(tok, policy_dir))
+    s = sample_to_file(model, tok, read_prompts(prompts_path), sampling, out_path, seed=seed, stream=stream,
+                       n=n, stop_ids=chat.stop_ids(tok, policy_dir))
     dist.print0(summary_line(s) + f" -> {out_path}")
     return s
 
@@ -41,8 +52,7 @@ def sample(policy_dir, prompts_path, out_path, sampling: C.SamplingConfig, n: in
 # ---- E-step / score: every response scored by r_{t-1}
 
 
-def score(rm_dir, samples_path, out_path) -> dict:
-    from mt.scoring import score_file
+def score(rm_dir: Path, samples_path: Path, out_path: Path) -> dict:
     rows = score_file(rm_dir, samples_path, out_path)
     return {"prompts": len(rows), "responses": sum(len(r["scores"]) for r in rows)}
 
@@ -50,33 +60,100 @@ def score(rm_dir, samples_path, out_path) -> dict:
 # ---- E-step / pairs (appendix B "Length control", or max/min)
 
 
-def pairs(samples_path, scores_path, out_path, rule: str = "length_control", keep_truncated: bool = False) -> dict:
+def pairs(samples_path: Path, scores_path: Path, out_path: Path, rule: str = "length_control",
+          keep_truncated: bool = False) -> dict:
     """pairs.jsonl plus pairs.stats.json (pairs kept, prompts dropped and why)."""
-    from mt.data import read_samples, read_scores, write_json, write_jsonl
-    from mt.em import make_pairs
-    samples = [s.to_row() for s in read_samples(samples_path)]
-    scores = [s.to_row() for s in read_scores(scores_path)]
-    rows, stats = make_pairs(samples, scores, rule, keep_truncated)
+    rows, stats = make_pairs(read_samples(samples_path), read_scores(scores_path), rule, keep_truncated)
     stats = dict(stats)
     if dist.get().is_main:
         write_jsonl(out_path, rows)
         write_json(Path(out_path).with_suffix(".stats.json"), stats)
     dist.barrier()
-    dist.print0(f"pairs ({rule}): {stats.get('pairs', 0)} from {stats.get('prompts', 0)} prompts; dropped "
-                + (", ".join(f"{k[8:]} {v}" for k, v in stats.items() if k.startswith("dropped_")) or "none"))
+    dropped = ", ".join(f"{k[8:]} {v}" for k, v in stats.items() if k.startswith("dropped_")) or "none"
+    dist.print0(f"pairs ({rule}): {stats.get('pairs', 0)} from {stats.get('prompts', 0)} prompts; "
+                f"dropped {dropped}")
     return stats
 
 
 # ---- E-step / reference log-probs: once, with the frozen π_{t-1}, before any update
 
 
+def ref_logps(policy_dir: Path, pairs_path: Path, out_path: Path, loss: str = "dpo", max_length: int = 2048,
+              micro_batch_size: int = 2, dtype: str = "auto") -> dict:
+    """ref_logps.jsonl: summed log-probs of chosen and rejected under π_{t-1}, keyed by pair id.
+
+    Takes only the DPO settings the reference pass depends on, so a run that changes another (β, lr)
+    keeps its reference log-probs (mt/manifest.py records exactly these arguments)."""
+    cfg = C.DPOConfig(loss=loss, max_length=max_length, micro_batch_size=micro_batch_size, dtype=dtype)
+    model, examples, info, pad_id = _policy_and_examples(policy_dir, pairs_path, cfg)
+    _compute_ref(model, examples, out_path, cfg, pad_id, policy_dir)
+    return info
+
+
+@torch.no_grad()
+def reference_logps(model, examples: list[Example], micro_batch_size: int, pad_id: int = 0,
+                    progress: bool = True) -> dict[str, tuple[float, float]]:
+    """Summed log-probs of chosen and rejected responses under `model`, data-parallel: {pair id: (c, r)}.
+
+    no_grad, not inference_mode: inference tensors would break the FSDP training forward that follows.
+    """
+    d = dist.get()
+    dev = dist.model_device(model)
+    order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens)
+    share = order[d.rank::d.world_size]
+    k = math.ceil(math.ceil(len(order) / d.world_size) / micro_batch_size)  # equal forwards on every rank
+    local = []
+    for j in tqdm(range(k), desc="reference log-probs", disable=not (progress and d.is_main), dynamic_ncols=True):
+        idx = share[j * micro_batch_size:(j + 1) * micro_batch_size]
+        batch = collate([examples[i] for i in (idx or order[:1])], True, pad_id, dev)
+        logits = model(batch.ids)  # (2b, T, V)
+        lp = sequence_logps(logits, batch.ids, batch.loss_mask)  # (2b,)
+        if idx:
+            local.append((idx, lp.view(2, -1).T))
+    rows = [(i, *v) for idx, lp in local for i, v in zip(idx, lp.tolist())]  # host sync once, at the end
+    out = {}
+    for part in dist.gather_objects(rows):
+        for i, c, r in part:
+            out[examples[i].key] = (c, r)
+    return out
+
+
+def write_ref_logps(path, examples: list[Example], refs: dict[str, tuple[float, float]], ref_dir: str = ""):
+    write_jsonl(path, ({"pair_id": e.key, "prompt_id": e.prompt_id, "ref_chosen_logps": refs[e.key][0],
+                        "ref_rejected_logps": refs[e.key][1], "ref": str(ref_dir)} for e in examples))
+
+
+def read_ref_logps(path, examples: list[Example] | None = None) -> dict[str, tuple[float, float]]:
+    """{pair id: (chosen, rejected)}; with `examples`, every example must be present."""
+    path = Path(path)
+    refs = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                refs[row["pair_id"]] = (float(row["ref_chosen_logps"]), float(row["ref_rejected_logps"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise TrainError(f"{path}:{n}: bad reference log-prob row ({type(e).__name__}: {e}). "
+                                 "Fix: delete the file so it is recomputed") from None
+    for e in examples or []:
+        if e.key not in refs:
+            raise TrainError(f"{path}: no reference log-probs for pair {e.key} (prompt_id {e.prompt_id!r}); "
+                             "the file was made for other pairs. Fix: delete it so it is recomputed")
+    return refs
+
+
+def reference_args(cfg: C.DPOConfig) -> dict:
+    """The DPO settings ref_logps takes."""
+    return {"loss": cfg.loss, "max_length": cfg.max_length, "micro_batch_size": cfg.micro_batch_size,
+            "dtype": cfg.dtype}
+
+
 def _policy_and_examples(policy_dir, pairs_path, cfg: C.DPOConfig):
-    from mt import chat
-    from mt.data import read_pairs
-    from mt.train import load_for_training, policy_examples
     tok = chat.load_tokenizer(policy_dir)
     pair_rows = read_pairs(pairs_path)
-    examples, dropped = policy_examples(tok, pair_rows, cfg.max_length)
+    examples, dropped = chat.policy_examples(tok, pair_rows, cfg.max_length)
     if dropped:
         dist.print0(f"{pairs_path}: dropped {dropped} of {len(pair_rows)} pairs longer than "
                     f"max_length={cfg.max_length} tokens (--dpo.max_length)")
@@ -85,36 +162,26 @@ def _policy_and_examples(policy_dir, pairs_path, cfg: C.DPOConfig):
 
 
 def _compute_ref(model, examples, out_path, cfg, pad_id, policy_dir):
-    from mt.losses import USES_REFERENCE
-    from mt.train import reference_logps, write_ref_logps
-    refs = reference_logps(model, examples, 2 * cfg.micro_batch_size, pad_id) if USES_REFERENCE[cfg.loss] else {}
+    uses_ref = LOSSES[cfg.loss].uses_reference
+    refs = reference_logps(model, examples, 2 * cfg.micro_batch_size, pad_id) if uses_ref else {}
     if dist.get().is_main:
         write_ref_logps(out_path, [e for e in examples if e.key in refs], refs, policy_dir)
     dist.barrier()
     return refs
 
 
-def ref_logps(policy_dir, pairs_path, out_path, cfg: C.DPOConfig) -> dict:
-    """ref_logps.jsonl: summed log-probs of chosen and rejected under π_{t-1}, keyed by pair id."""
-    model, examples, info, pad_id = _policy_and_examples(policy_dir, pairs_path, cfg)
-    _compute_ref(model, examples, out_path, cfg, pad_id, policy_dir)
-    return info
-
-
 # ---- E-step / DPO (Eq. 4): β=0.01, batch 128, lr 7e-7, cosine, warmup 0.1, checkpoint every 50 steps
 
 
-def dpo(policy_dir, pairs_path, ref_path, out_dir, cfg: C.DPOConfig) -> dict:
+def dpo(policy_dir: Path, pairs_path: Path, ref_path: Path, out_dir: Path, cfg: C.DPOConfig) -> dict:
     """Train π_t from π_{t-1} on pairs_path; reference log-probs from ref_path (computed there if missing)."""
-    from mt.losses import USES_REFERENCE
-    from mt.train import read_ref_logps, train
     model, examples, info, pad_id = _policy_and_examples(policy_dir, pairs_path, cfg)
     refs = None
-    if USES_REFERENCE[cfg.loss]:
+    if LOSSES[cfg.loss].uses_reference:
         refs = (read_ref_logps(ref_path, examples) if Path(ref_path).is_file()
                 else _compute_ref(model, examples, ref_path, cfg, pad_id, policy_dir))
-    train(model, examples, "dpo", cfg, out_dir, ref_logps=refs, pad_id=pad_id, tokenizer_dir=policy_dir,
-          desc=f"DPO ({cfg.loss})")
+    train(model, examples, preference_objective(cfg.loss), cfg, out_dir, ref_logps=refs, pad_id=pad_id,
+          tokenizer_dir=policy_dir, desc=f"DPO ({cfg.loss})")
     return {**info, **summary(out_dir)}
 
 
@@ -128,7 +195,6 @@ def checkpoints(policy_dir) -> list[str]:
 
 def summary(train_dir) -> dict:
     """steps, losses, and `reward_acc`: the mean implicit-reward accuracy over the last epoch's steps."""
-    from mt.train import metrics_summary
     out = metrics_summary(train_dir)
     if "accuracy" in out:
         out["reward_acc"] = out.pop("accuracy")
@@ -138,50 +204,33 @@ def summary(train_dir) -> dict:
 # ---- main
 
 
-def main(cfg: C.Config, pairs_file: str | None = None) -> dict:
-    """The whole E-step (or, with pairs_file, offline DPO / IPO / SimPO on ready pairs)."""
+def main(cfg: C.StageConfig) -> dict:
+    """The whole E-step (or, with --pairs, offline DPO / IPO / SimPO on ready pairs)."""
     dist.init_distributed(None if cfg.device == "auto" else cfg.device)
-    out = Path(cfg.out)
-    need = ["policy"] + ([] if pairs_file else ["rm", "prompts"])
+    need = ["policy", "out"] + ([] if cfg.pairs else ["rm", "prompts"])
     missing = [k for k in need if not getattr(cfg, k)]
     if missing:
-        raise C.ConfigError(f"missing --{', --'.join(missing)}")
-    if dist.get().is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        C.save(cfg, out / "config.json")
-
-    def step(name, path, fn):
-        if Path(path).exists():
-            dist.print0(f"[skip] {name}: {path} exists (delete it to redo)")
-        else:
-            fn()
-
-    info = {}
-    if pairs_file is None:
-        step("sample", out / "samples.jsonl", lambda: sample(cfg.policy, cfg.prompts, out / "samples.jsonl",
-                                                             cfg.sampling, cfg.em.n_samples, cfg.seed))
-        step("score", out / "scores.jsonl", lambda: score(cfg.rm, out / "samples.jsonl", out / "scores.jsonl"))
-        step("pairs", out / "pairs.jsonl", lambda: pairs(out / "samples.jsonl", out / "scores.jsonl",
-                                                         out / "pairs.jsonl", cfg.em.pair_rule, cfg.em.keep_truncated))
-        pairs_file = out / "pairs.jsonl"
-    step("ref_logps", out / "ref_logps.jsonl", lambda: ref_logps(cfg.policy, pairs_file, out / "ref_logps.jsonl", cfg.dpo))
-    info = dpo(cfg.policy, pairs_file, out / "ref_logps.jsonl", out / "policy", cfg.dpo)
+        raise C.ConfigError(f"missing --{', --'.join(missing)} (see --help)")
+    out = Path(cfg.out)
+    m = Manifest(out, cfg, cfg.force_config)
+    pairs_file = Path(cfg.pairs) if cfg.pairs else out / "pairs.jsonl"
+    if not cfg.pairs:
+        m.stage("sample", sample, [out / "samples.jsonl"], policy_dir=Path(cfg.policy),
+                prompts_path=Path(cfg.prompts), out_path=out / "samples.jsonl", sampling=cfg.sampling,
+                n=cfg.em.n_samples, seed=cfg.seed)
+        m.stage("score", score, [out / "scores.jsonl"], rm_dir=Path(cfg.rm), samples_path=out / "samples.jsonl",
+                out_path=out / "scores.jsonl")
+        m.stage("pairs", pairs, [pairs_file], samples_path=out / "samples.jsonl",
+                scores_path=out / "scores.jsonl", out_path=pairs_file, rule=cfg.em.pair_rule,
+                keep_truncated=cfg.em.keep_truncated)
+    m.stage("ref_logps", ref_logps, [out / "ref_logps.jsonl"], policy_dir=Path(cfg.policy),
+            pairs_path=pairs_file, out_path=out / "ref_logps.jsonl", **reference_args(cfg.dpo))
+    m.stage("dpo", dpo, [out / "policy"], policy_dir=Path(cfg.policy), pairs_path=pairs_file,
+            ref_path=out / "ref_logps.jsonl", out_dir=out / "policy", cfg=cfg.dpo)
+    info = summary(out / "policy")
     dist.print0(f"E-step done: {json.dumps(info)}; checkpoints {checkpoints(out / 'policy')} in {out / 'policy'}")
     return info
 
 
-def parse(argv: list[str]) -> tuple[C.Config, str | None]:
-    """mt/config.py flags plus --pairs FILE (train on ready pairs instead of sampling)."""
-    argv, pairs_file = list(argv), None
-    for i, a in enumerate(argv):
-        if a == "--pairs" or a.startswith("--pairs="):
-            pairs_file = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else None)
-            if pairs_file is None:
-                raise C.ConfigError("--pairs: missing file name")
-            del argv[i:i + (1 if "=" in a else 2)]
-            break
-    return C.parse_args(argv), pairs_file
-
-
 if __name__ == "__main__":
-    dist.run(lambda: main(*parse(sys.argv[1:])))
+    dist.run(lambda: main(C.parse(sys.argv[1:], C.StageConfig(), "python train_policy.py", __doc__)))

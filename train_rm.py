@@ -5,31 +5,36 @@
     torchrun --nproc_per_node 8 train_rm.py --rm DIR --pairs pairs.jsonl --out runs/rm
 
 Paper defaults (appendix B): batch 512, lr 2e-6, 1 epoch, cosine with warmup 0.1, max length 2048; flags
-are mt/config.py's `--rm_train.*`. --out becomes a Hugging Face directory (loads with
-AutoModelForSequenceClassification) with metrics.jsonl beside the weights; a rerun resumes or skips.
+are mt/config.py's `--rm_train.*` (`--help` lists them). The new RM is written to OUT/final/ (a Hugging
+Face directory that loads with AutoModelForSequenceClassification), metrics to OUT/metrics.jsonl; a
+rerun resumes or skips (mt/manifest.py), and refuses changed flags.
 """
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from mt import config as C
 from mt import dist
+from mt.chat import load_tokenizer, rm_examples
+from mt.checkpoint import load_for_training
+from mt.data import read_pairs
+from mt.losses import BRADLEY_TERRY
+from mt.manifest import Manifest
+from mt.scoring import score_conversations
+from mt.train import metrics_summary, train as run_training
 
 # ---- train
 
 
-def train(init_dir, pair_files: list, out_dir, cfg: C.RMConfig) -> dict:
+def train(init_dir: Path, pair_files: list[Path], out_dir: Path, cfg: C.RMConfig) -> dict:
     """r_t from init_dir (an RM, or a causal LM given a fresh score head) on the pairs of every file.
 
-    out_dir is the new RM's Hugging Face directory. Returns the training summary.
+    The new RM's Hugging Face directory is out_dir/final. Returns the training summary.
     """
-    from mt.chat import load_tokenizer
-    from mt.data import read_pairs
-    from mt.train import load_for_training, rm_examples
-    from mt.train import train as run_training
     tok = load_tokenizer(init_dir)
     rows = [p for f in pair_files for p in read_pairs(f)]
     examples, dropped = rm_examples(tok, rows, cfg.max_length)
@@ -41,8 +46,8 @@ def train(init_dir, pair_files: list, out_dir, cfg: C.RMConfig) -> dict:
     if model.cfg.hf.get("pad_token_id") is None:
         # transformers' sequence classifiers need a pad id to batch; ours read lengths and do not care
         model.cfg.hf["pad_token_id"] = tok.pad_token_id
-    run_training(model, examples, "rm", cfg, out_dir, pad_id=tok.pad_token_id or 0, tokenizer_dir=init_dir,
-                 final_dir=out_dir, desc="RM (Bradley-Terry)")
+    run_training(model, examples, BRADLEY_TERRY, cfg, out_dir, pad_id=tok.pad_token_id or 0,
+                 tokenizer_dir=init_dir, desc="RM (Bradley-Terry)")
     return {"pairs": len(rows), "dropped_too_long": dropped, **summary(out_dir)}
 
 
@@ -51,18 +56,15 @@ def train(init_dir, pair_files: list, out_dir, cfg: C.RMConfig) -> dict:
 
 def pair_accuracy(rm_dir, pairs_path) -> float:
     """Share of pairs with r(chosen) > r(rejected), strictly (ties count as errors)."""
-    from mt.data import read_pairs
-    from mt.scoring import score_conversations
     rows = read_pairs(pairs_path)
-    s = score_conversations(rm_dir, [(p.prompt, p.chosen) for p in rows] + [(p.prompt, p.rejected) for p in rows],
-                            desc="pair accuracy")
+    items = [(p["prompt"], p["chosen"]) for p in rows] + [(p["prompt"], p["rejected"]) for p in rows]
+    s = score_conversations(rm_dir, items, desc="pair accuracy")
     n = len(rows)
     return sum(c > r for c, r in zip(s[:n], s[n:])) / n
 
 
 def summary(rm_dir) -> dict:
     """steps, losses, and `train_acc`: the mean pair accuracy over the last epoch's steps."""
-    from mt.train import metrics_summary
     out = metrics_summary(rm_dir)
     if "accuracy" in out:
         out["train_acc"] = out.pop("accuracy")
@@ -72,29 +74,20 @@ def summary(rm_dir) -> dict:
 # ---- main
 
 
-def main(cfg: C.Config, pair_files: list) -> dict:
+def main(cfg: C.StageConfig) -> dict:
     dist.init_distributed(None if cfg.device == "auto" else cfg.device)
-    if not cfg.rm or not pair_files:
-        raise C.ConfigError("train_rm.py needs --rm DIR (an RM or a causal LM) and --pairs FILE[,FILE...]")
-    info = train(cfg.rm, pair_files, cfg.out, cfg.rm_train)
-    dist.print0(f"RM done: {json.dumps(info)} -> {cfg.out}")
+    pair_files = [Path(f) for f in cfg.pairs.split(",") if f]
+    if not cfg.rm or not pair_files or not cfg.out:
+        raise C.ConfigError("train_rm.py needs --rm DIR (an RM or a causal LM), --pairs FILE[,FILE...] and "
+                            "--out DIR (see --help)")
+    out = Path(cfg.out)
+    m = Manifest(out, cfg, cfg.force_config)
+    m.stage("rm", train, [out / "final"], init_dir=Path(cfg.rm), pair_files=pair_files, out_dir=out,
+            cfg=cfg.rm_train)
+    info = summary(out)
+    dist.print0(f"RM done: {json.dumps(info)} -> {out / 'final'}")
     return info
 
 
-def parse(argv: list[str]) -> tuple[C.Config, list[str]]:
-    """mt/config.py flags plus --pairs FILE[,FILE...] (repeatable)."""
-    rest, files = [], []
-    it = iter(argv)
-    for a in it:
-        if a == "--pairs" or a.startswith("--pairs="):
-            v = a.split("=", 1)[1] if "=" in a else next(it, None)
-            if not v:
-                raise C.ConfigError("--pairs: missing file name")
-            files += [f for f in v.split(",") if f]
-        else:
-            rest.append(a)
-    return C.parse_args(rest), files
-
-
 if __name__ == "__main__":
-    dist.run(lambda: main(*parse(sys.argv[1:])))
+    dist.run(lambda: main(C.parse(sys.argv[1:], C.StageConfig(), "python train_rm.py", __doc__)))

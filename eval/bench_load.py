@@ -1,4 +1,4 @@
-"""Host memory of loading a model for training under FSDP2 (mt.train.load_for_training), per rank.
+"""Host memory of loading a model for training under FSDP2 (mt.checkpoint.load_for_training), per rank.
 
     torchrun --nproc_per_node 2 eval/bench_load.py                  # a random 125M Llama stored in bf16
     torchrun --nproc_per_node 8 eval/bench_load.py --model DIR      # any Hugging Face directory
@@ -10,12 +10,12 @@ model, as a plain load_model does).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mt import dist  # noqa: E402
-from mt.checkpoint import read_config, save_model, weight_files  # noqa: E402
-from mt.config import TrainConfig  # noqa: E402
+from mt.checkpoint import load_for_training, read_config, save_model, weight_files  # noqa: E402
+from mt.config import ConfigError, TrainConfig, parse  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
 
 GIB = 2 ** 30
@@ -32,6 +32,13 @@ LLAMA_125M = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_
                   intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                   max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
                   hidden_act="silu", initializer_range=0.02)
+
+
+@dataclass
+class BenchLoadArgs:
+    """torchrun ... eval/bench_load.py: host memory per rank of loading a model for FSDP2 training."""
+    model: str = ""  # Hugging Face directory; "" = a random 125M Llama stored in bf16
+    make: str = ""  # internal: write the random checkpoint to this directory and exit
 
 
 def peak_rss_gib() -> float:
@@ -50,16 +57,13 @@ def make_random_checkpoint(out: Path) -> Path:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, help="Hugging Face directory (default: a random 125M Llama in bf16)")
-    ap.add_argument("--make", type=Path, help=argparse.SUPPRESS)  # internal: write the random checkpoint, exit
-    a = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse(argv, BenchLoadArgs(), "torchrun --nproc_per_node N eval/bench_load.py", __doc__)
     if a.make:
-        return {"made": str(make_random_checkpoint(a.make))}
-    from mt import train as T
+        return {"made": str(make_random_checkpoint(Path(a.make)))}
     d = dist.init_distributed("cpu")
     torch.set_num_threads(1)
-    tmp, path = None, a.model
+    tmp, path = None, (Path(a.model) if a.model else None)
     if path is None:
         if d.is_main:  # made in a child process, so building it does not count in rank 0's peak RSS
             tmp = tempfile.TemporaryDirectory()
@@ -70,7 +74,7 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in meta_model(path).parameters())
     dist.barrier()
     before = peak_rss_gib()
-    model = T.load_for_training(path, TrainConfig(), fsdp=True)
+    model = load_for_training(path, TrainConfig(), fsdp=True)
     dist.barrier()
     rise = peak_rss_gib() - before
     rows = dist.gather_objects({"rank": d.rank, "rise_gib": round(rise, 3), "x_stored": round(rise / stored, 2)})
@@ -85,4 +89,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    dist.run(main)
+    try:
+        dist.run(main)
+    except ConfigError as e:  # a usage error: the message names the flag, no traceback
+        sys.exit(f"python eval/bench_load.py: error: {e}")

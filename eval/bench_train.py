@@ -13,12 +13,12 @@ matmul rate on CPU (say so when you report it).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mt import dist  # noqa: E402
 from mt import train as T  # noqa: E402
-from mt.config import DPOConfig, RMConfig  # noqa: E402
+from mt.config import ConfigError, DPOConfig, RMConfig, opt, parse  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
 
 SHAPES = {
@@ -38,6 +38,22 @@ SHAPES = {
                          rope_theta=500000.0),
 }
 H100_BF16_TFLOPS = 989.4  # dense, SXM
+
+
+@dataclass
+class BenchTrainArgs:
+    """python eval/bench_train.py: tokens/s and MFU of DPO and RM training steps."""
+    model: str = opt("small", choices=tuple(sorted(SHAPES)))  # the shape, random weights;
+    seq: int = opt(256, above=0)  # tokens per sequence (chosen and rejected each)
+    micro: int = opt(2, above=0)  # pairs per forward
+    batch: int = opt(4, above=0)  # pairs per optimizer step (global)
+    steps: int = opt(4, above=0)  # timed steps (after one warm-up step)
+    objective: str = opt("both", choices=("dpo", "rm", "both"))
+    ac: bool = False  # activation checkpointing
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU;
+    device: str = "auto"  # auto = cuda if available, else cpu; or cpu | cuda
+    threads: int = opt(0, min=0)  # CPU threads (0 = torch's default)
+    peak_tflops: float = opt(0.0, min=0)  # 0 = H100 bf16 dense on CUDA, a measured matmul rate on CPU
 
 
 def matmul_params(model: Transformer) -> int:
@@ -108,39 +124,33 @@ def bench(objective: str, a, device: torch.device, peak_tflops: float) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="small", choices=sorted(SHAPES))
-    ap.add_argument("--seq", type=int, default=256, help="tokens per sequence (chosen and rejected each)")
-    ap.add_argument("--micro", type=int, default=2, help="pairs per forward")
-    ap.add_argument("--batch", type=int, default=4, help="pairs per optimizer step (global)")
-    ap.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
-    ap.add_argument("--objective", default="both", choices=("dpo", "rm", "both"))
-    ap.add_argument("--ac", action="store_true", help="activation checkpointing")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-    ap.add_argument("--peak-tflops", type=float, default=0.0)
-    a = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse(argv, BenchTrainArgs(), "python eval/bench_train.py", __doc__)
     if a.threads:
         torch.set_num_threads(a.threads)
-    d = dist.init_distributed(a.device)
+    d = dist.init_distributed(None if a.device == "auto" else a.device)
     device = d.device
     peak, how = a.peak_tflops, "given"
     if not peak:
         peak, how = ((H100_BF16_TFLOPS, "H100 SXM bf16 dense") if device.type == "cuda"
                      else (measured_cpu_peak_tflops(), "measured fp32 1024³ matmul on this CPU"))
-    dist.print0(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-                f"peak {peak:.3f} TFLOP/s ({how}); command: python eval/bench_train.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    dist.print0(f"device {device} ({where}), peak {peak:.3f} TFLOP/s ({how}); "
+                f"command: python eval/bench_train.py {' '.join(argv)}")
     results = []
     for obj in (("dpo", "rm") if a.objective == "both" else (a.objective,)):
         r = bench(obj, a, device, peak)
         results.append(r)
-        mem = f"{r['peak_memory_gib']:.1f} GiB peak" if "peak_memory_gib" in r else f"{r['max_rss_gib']:.2f} GiB max RSS"
+        mem = (f"{r['peak_memory_gib']:.1f} GiB peak" if "peak_memory_gib" in r
+               else f"{r['max_rss_gib']:.2f} GiB max RSS")
         dist.print0(f"{obj:>3}: {r['tokens_per_s']:,.0f} tokens/s, {r['seconds_per_step']:.3f} s/step "
-                    f"({r['tokens_per_step']} tokens), {r['achieved_tflops']:.4f} TFLOP/s, MFU {100 * r['mfu']:.1f}% "
-                    f"(6·N·tokens, N={r['N_matmul'] / 1e6:.1f}M), {mem}")
+                    f"({r['tokens_per_step']} tokens), {r['achieved_tflops']:.4f} TFLOP/s, "
+                    f"MFU {100 * r['mfu']:.1f}% (6·N·tokens, N={r['N_matmul'] / 1e6:.1f}M), {mem}")
     return results
 
 
 if __name__ == "__main__":
-    dist.run(main)
+    try:
+        dist.run(main)
+    except ConfigError as e:  # a usage error: the message names the flag, no traceback
+        sys.exit(f"python eval/bench_train.py: error: {e}")

@@ -1,4 +1,4 @@
-"""Answers for external judges: AlpacaEval 2 model_outputs.json and Arena-Hard (v0.1) answer files.
+r"""Answers for external judges: AlpacaEval 2 model_outputs.json and Arena-Hard (v0.1) answer files.
 
     python eval/generate.py --policy runs/mt/iter2/policy --format alpacaeval \
         --prompts alpaca_eval.json --out results/mt-iter2/model_outputs.json --name mt-iter2
@@ -10,23 +10,42 @@
 --prompts is the benchmark's own file: AlpacaEval's eval set (a JSON array or JSONL of rows with
 "instruction", optional "dataset") or Arena-Hard's question.jsonl ("question_id", "turns":
 [{"content"}]). Each prompt becomes one user message under the policy's chat template. Decoding
-defaults to the paper's sampling settings (appendix B); every one is a flag. The raw samples
-(finish reasons, token counts) are kept next to --out as *.samples.jsonl.
+defaults to the paper's sampling settings (appendix B); every one is a flag, --sampling.*. The raw
+samples (finish reasons, token counts) are kept next to --out as *.samples.jsonl.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python eval/generate.py`: make `mt` and `eval` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mt.data import iter_rows
+from mt import chat, checkpoint, dist  # noqa: E402
+from mt.config import ConfigError, SamplingConfig, opt, parse  # noqa: E402
+from mt.data import iter_rows, read_samples, write_json, write_jsonl  # noqa: E402
+from mt.sampler import check_sampling, require, sample_to_file, summary_line  # noqa: E402
 
 FORMATS = ("alpacaeval", "arenahard")
+
+
+@dataclass
+class GenerateArgs:
+    """python eval/generate.py: one answer per benchmark prompt, in the judge's file format."""
+    policy: str = ""  # (required) the policy: a Hugging Face causal-LM directory
+    format: str = ""  # (required) alpacaeval | arenahard
+    prompts: str = ""  # (required) AlpacaEval eval set (.json/.jsonl) or Arena-Hard question.jsonl
+    out: str = ""  # (required) model_outputs.json (alpacaeval) or model_answer/NAME.jsonl (arenahard)
+    name: str = ""  # generator / model_id; "" = the policy directory's name
+    samples_out: str = ""  # raw samples file; "" = beside --out (see default_samples_path)
+    no_strip: bool = False  # keep leading/trailing whitespace of answers
+    device: str = "auto"  # auto = cuda if available, else cpu; or cpu | cuda | cuda:N
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU;
+    seed: int = 0  # names the random streams with the stream "eval/answers"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 class PromptFileError(ValueError):
@@ -138,71 +157,75 @@ def default_samples_path(out: Path, fmt: str) -> Path:
 # ---- the model part
 
 
-def sample_answers(policy, prompts: list, sampling, samples_out, seed: int = 0, device=None, dtype: str = "auto"
-                   ) -> list[dict]:
-    """One response per prompt (mt.data.Prompt), data-parallel; returns the samples rows in prompt order."""
-    from mt import chat, checkpoint, dist
-    from mt.data import read_samples
-    from mt.sampler import sample_to_file, summary_line
+def sample_answers(policy, prompts: list[dict], sampling, samples_out, seed: int = 0, device=None,
+                   dtype: str = "auto") -> list[dict]:
+    """One response per prompt row {"prompt_id", "prompt"}, data-parallel; returns the samples rows in
+    prompt order."""
     d = dist.init_distributed(device)
     tok = chat.load_tokenizer(policy)
     model = checkpoint.load_model(policy, dtype=dtype, device=d.device, head="lm").eval()
     s = sample_to_file(model, tok, prompts, sampling, samples_out, seed=seed, stream="eval/answers", n=1,
                        stop_ids=chat.stop_ids(tok, policy))
     dist.print0(summary_line(s) + f" -> {samples_out}")
-    by_id = {r.prompt_id: r for r in read_samples(samples_out)}
-    return [by_id[p.id] for p in prompts]
+    by_id = {r["prompt_id"]: r for r in read_samples(samples_out)}
+    return [by_id[p["prompt_id"]] for p in prompts]
 
 
-def parse_args(argv=None):
-    from mt.sampler import add_sampling_args, sampling_config
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", required=True, help="policy: a Hugging Face causal-LM directory")
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--prompts", required=True, help="AlpacaEval eval set (.json/.jsonl) or Arena-Hard question.jsonl")
-    p.add_argument("--out", required=True, help="model_outputs.json (alpacaeval) or model_answer/NAME.jsonl")
-    p.add_argument("--name", default=None, help="generator / model_id (default: the policy directory's name)")
-    p.add_argument("--samples-out", default=None, help="raw samples file (default: beside --out, see "
-                                                       "default_samples_path)")
-    p.add_argument("--no-strip", action="store_true", help="keep leading/trailing whitespace of answers")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
-    add_sampling_args(p, "decoding")
-    a = p.parse_args(argv)
-    a.sampling = sampling_config(p, a)
+# ---- command line
+
+
+def model_name(a: GenerateArgs) -> str:
+    return a.name or Path(a.policy).resolve().name
+
+
+def check(a: GenerateArgs) -> GenerateArgs:
+    """Usage errors, before any file is read: each names its flag."""
+    require(a, "policy", "format", "prompts", "out")
+    if a.format not in FORMATS:
+        raise ConfigError(f"--format={a.format!r}: must be one of {', '.join(FORMATS)}")
+    name, out = model_name(a), Path(a.out)
+    if a.format == "arenahard" and out.name != f"{name}.jsonl":
+        # v0.1's gen_judgment/show_result take the model name from the answer file's name
+        raise ConfigError(f"--out {out}: Arena-Hard reads the model name from the file name, so it must "
+                          f"be '{name}.jsonl'. Fix: --out {out.with_name(name + '.jsonl')} "
+                          f"or --name {out.stem}")
+    check_sampling(a.sampling)
     return a
+
+
+def parse_args(argv=None) -> GenerateArgs:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return check(parse(argv, GenerateArgs(), "python eval/generate.py", __doc__))
 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    from mt import dist
-    from mt.data import Prompt, write_json, write_jsonl
-    name = a.name or Path(a.policy).resolve().name
-    out = Path(a.out)
-    if a.format == "arenahard" and out.name != f"{name}.jsonl":
-        # v0.1's gen_judgment/show_result take the model name from the answer file's name
-        raise SystemExit(f"--out {out}: Arena-Hard reads the model name from the file name, so it must be "
-                         f"'{name}.jsonl'. Fix: --out {out.with_name(name + '.jsonl')} or --name {out.stem}")
+    name, out = model_name(a), Path(a.out)
     # read (and validate) the prompt file before loading any model
     rows = read_alpacaeval(a.prompts) if a.format == "alpacaeval" else read_arenahard(a.prompts)
     texts = [r["instruction"] if a.format == "alpacaeval" else r["content"] for r in rows]
-    prompts = [Prompt(str(i), [{"role": "user", "content": t}]) for i, t in enumerate(texts)]  # ids: row order
+    prompts = [{"prompt_id": str(i), "prompt": [{"role": "user", "content": t}]}  # ids: row order
+               for i, t in enumerate(texts)]
     samples_out = Path(a.samples_out) if a.samples_out else default_samples_path(out, a.format)
-    samples = sample_answers(a.policy, prompts, a.sampling, samples_out, a.seed, a.device, a.dtype)
-    answers = [s.responses[0] if a.no_strip else s.responses[0].strip() for s in samples]
-    truncated = sum(s.finish_reasons[0] == "length" for s in samples)
+    device = None if a.device == "auto" else a.device
+    samples = sample_answers(a.policy, prompts, a.sampling, samples_out, a.seed, device, a.dtype)
+    first = [s["responses"][0] for s in samples]
+    answers = first if a.no_strip else [y.strip() for y in first]
+    truncated = sum(s["finish_reasons"][0] == "length" for s in samples)
     if a.format == "alpacaeval":
         result = alpacaeval_outputs(rows, answers, name)
     else:
-        lens = [response_tokens(s.finish_reasons[0], s.num_tokens[0]) for s in samples]
+        lens = [response_tokens(s["finish_reasons"][0], s["num_tokens"][0]) for s in samples]
         result = arenahard_answers(rows, answers, lens, name)
     if dist.get().is_main:
         (write_json if a.format == "alpacaeval" else write_jsonl)(out, result)
-        print(f"{len(result)} answers by {name} -> {out} ({truncated} hit --max-new-tokens={a.max_new_tokens})",
-              flush=True)
+        print(f"{len(result)} answers by {name} -> {out} ({truncated} hit "
+              f"--sampling.max_new_tokens={a.sampling.max_new_tokens})", flush=True)
     return {"out": str(out), "n": len(result), "truncated": truncated, "samples": str(samples_out)}
 
 
 if __name__ == "__main__":
-    from mt import dist
-    dist.run(main)
+    try:
+        dist.run(main)
+    except ConfigError as e:  # a usage error: the message names the flag, no traceback
+        sys.exit(f"python eval/generate.py: error: {e}")

@@ -11,7 +11,6 @@ strictly, as in the official script: a tie is wrong. Sections are scored as the 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from dataclasses import dataclass
@@ -20,7 +19,24 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/rewardbench.py`: make `mt` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mt.data import DataError, iter_rows  # noqa: E402
+from mt import dist  # noqa: E402
+from mt.config import ConfigError, opt, parse  # noqa: E402
+from mt.data import DataError, iter_rows, write_json, write_jsonl  # noqa: E402
+from mt.scoring import score_conversations  # noqa: E402
+
+
+@dataclass
+class RewardBenchArgs:
+    """python eval/rewardbench.py: an RM's RewardBench sections, average and score."""
+    rm: str = ""  # (required) reward model: a Hugging Face sequence-classification directory
+    data: str = ""  # (required) RewardBench filtered split (.jsonl/.json/.parquet)
+    # optional prior test sets (anthropic_helpful, anthropic_hhh, shp, summarize, ...), same format
+    prior: str = ""
+    out: str = ""  # results JSON (summary + settings); "" = print only
+    scores_out: str = ""  # optional JSONL with every pair's two scores
+    batch_size: int = opt(64, above=0)  # most conversations per forward
+    device: str = "auto"  # auto = cuda if available, else cpu; or cpu | cuda | cuda:N
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU;
 
 # ---- the leaderboard's constants (allenai/reward-bench: rewardbench/constants.py, analysis/)
 
@@ -221,7 +237,6 @@ def score_rows(rm_dir, rows: list[BenchRow], batch_size: int = 64, dtype: str = 
                ) -> tuple[list[float], list[float]]:
     """r(prompt, chosen) and r(prompt, rejected) for every row, by the RM at `rm_dir`, each chat rendered
     with the RM's own chat template (as the official script does); data-parallel under torchrun."""
-    from mt.scoring import score_conversations
     items = [(r.prompt, r.chosen) for r in rows] + [(r.prompt, r.rejected) for r in rows]
     scores = score_conversations(rm_dir, items, batch_size=batch_size, dtype=dtype, desc="rewardbench")
     return scores[:len(rows)], scores[len(rows):]
@@ -237,30 +252,24 @@ def evaluate(rm_dir, data, prior=None, batch_size: int = 64, dtype: str = "auto"
     return summary, records
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rm", required=True, help="reward model: a Hugging Face sequence-classification directory")
-    p.add_argument("--data", required=True, help="RewardBench filtered split (.jsonl/.json/.parquet)")
-    p.add_argument("--prior", default=None, help="optional prior test sets (anthropic_helpful, anthropic_hhh, shp, "
-                                                 "summarize, ...) in the same format")
-    p.add_argument("--out", default=None, help="results JSON (summary + settings)")
-    p.add_argument("--scores-out", default=None, help="optional JSONL with every pair's two scores")
-    p.add_argument("--batch-size", type=int, default=64, help="most conversations per forward")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
-    return p.parse_args(argv)
+def parse_args(argv=None) -> RewardBenchArgs:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse(argv, RewardBenchArgs(), "python eval/rewardbench.py", __doc__)
+    missing = [k for k in ("rm", "data") if not getattr(a, k)]
+    if missing:
+        raise ConfigError(f"missing --{', --'.join(missing)} (--help lists every key)")
+    return a
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from mt import dist
-    from mt.data import write_json, write_jsonl
-    dist.init_distributed(args.device)
-    summary, records = evaluate(args.rm, args.data, args.prior, args.batch_size, args.dtype)
-    result = {"rm": str(args.rm), "data": str(args.data), "prior": args.prior, **summary}
+    dist.init_distributed(None if args.device == "auto" else args.device)
+    summary, records = evaluate(args.rm, args.data, args.prior or None, args.batch_size, args.dtype)
+    result = {"rm": str(args.rm), "data": str(args.data), "prior": args.prior or None, **summary}
     if dist.get().is_main:
         if summary["unknown_subsets"]:
-            warnings.warn(f"subsets in no section (reported, not scored): {', '.join(summary['unknown_subsets'])}")
+            warnings.warn("subsets in no section (reported, not scored): "
+                          + ", ".join(summary["unknown_subsets"]))
         print(format_table(summary), flush=True)
         if args.out:
             write_json(args.out, result)
@@ -270,5 +279,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from mt import dist
-    dist.run(main)
+    try:
+        dist.run(main)
+    except ConfigError as e:  # a usage error: the message names the flag, no traceback
+        sys.exit(f"python eval/rewardbench.py: error: {e}")

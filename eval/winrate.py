@@ -1,11 +1,11 @@
-"""RM-judged comparisons: one policy's win rate against another (Eq. 6), and an RM's accuracy on pairs.
+r"""RM-judged comparisons: one policy's win rate against another (Eq. 6), and an RM's accuracy on pairs.
 
     # two samples files (e.g. from `python -m mt.sampler`), first response of each prompt
     python eval/winrate.py --rm DIR --new new.samples.jsonl --old old.samples.jsonl --out wr.json
-    # sample one response per prompt from both policies first (written to --samples-dir)
-    python eval/winrate.py --rm DIR --new-policy iter2/policy --old-policy base --prompts test.jsonl \
-        --samples-dir wr/ --out wr.json
-    # accuracy of an RM on a pairs file (e.g. held-out pseudo-pairs; --kept-only drops filtered ones)
+    # sample one response per prompt from both policies first (written to --samples_dir)
+    python eval/winrate.py --rm DIR --new_policy iter2/policy --old_policy base --prompts test.jsonl \
+        --samples_dir wr/ --out wr.json
+    # accuracy of an RM on a pairs file (e.g. held-out pseudo-pairs; --kept_only drops filtered ones)
     python eval/winrate.py --rm DIR --pairs iter1/pseudo_pairs.jsonl --out acc.json
 
 Eq. 6 counts a win only if r(y_new) > r(y_old) strictly; a tie is not a win and is reported on its
@@ -13,14 +13,40 @@ own, as are losses. Accuracy likewise: a pair is correct only if r(chosen) > r(r
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python eval/winrate.py`: make `mt` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mt.em import win_rate  # Eq. 6, shared with model selection
+from mt import chat, checkpoint, dist  # noqa: E402
+from mt.config import ConfigError, SamplingConfig, opt, parse  # noqa: E402
+from mt.data import ReadReport, read_pairs, read_prompts, read_samples, write_json  # noqa: E402
+from mt.em import win_rate  # noqa: E402  (Eq. 6, shared with model selection)
+from mt.sampler import check_sampling, require, sample_to_file, summary_line  # noqa: E402
+from mt.scoring import score_conversations  # noqa: E402
+
+
+@dataclass
+class WinrateArgs:
+    """python eval/winrate.py: one of three modes, --new/--old, --new_policy/--old_policy/--prompts, --pairs."""
+    rm: str = ""  # (required) the judge: a Hugging Face sequence-classification directory
+    new: str = ""  # samples file of the new policy (with --old)
+    old: str = ""  # samples file of the old policy (with --new)
+    new_policy: str = ""  # new policy directory, sampled on --prompts
+    old_policy: str = ""  # old policy directory, sampled on --prompts
+    prompts: str = ""  # prompt file for --new_policy/--old_policy
+    samples_dir: str = "winrate_samples"  # where sampled responses are written
+    pairs: str = ""  # pairs file: report the RM's accuracy instead of a win rate
+    kept_only: bool = False  # with --pairs: only rows with kept=true
+    skip_bad_rows: bool = False  # with --pairs: skip (and list) malformed rows
+    out: str = ""  # results JSON; "" = print only
+    batch_size: int = opt(64, above=0)  # most conversations per RM forward
+    device: str = "auto"  # auto = cuda if available, else cpu; or cpu | cuda | cuda:N
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU;
+    seed: int = 0  # sampling seed, with --new_policy/--old_policy
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 # ---- pure functions
 
@@ -48,8 +74,8 @@ def align(new: list, old: list, new_path="new", old_path="old") -> tuple[list[li
     Both files must hold the same prompts (by id, with the same messages); anything else is an error
     naming the ids, since a win rate over different prompt sets compares nothing.
     """
-    by_old = {s.prompt_id: s for s in old}
-    ids_new, ids_old = [s.prompt_id for s in new], set(by_old)
+    by_old = {s["prompt_id"]: s for s in old}
+    ids_new, ids_old = [s["prompt_id"] for s in new], set(by_old)
     only_new = [i for i in ids_new if i not in ids_old]
     only_old = sorted(ids_old - set(ids_new))
     if only_new or only_old:
@@ -59,15 +85,15 @@ def align(new: list, old: list, new_path="new", old_path="old") -> tuple[list[li
     prompts, y_new, y_old = [], [], []
     truncated = {"new": 0, "old": 0}
     for s in new:
-        o = by_old[s.prompt_id]
-        if o.prompt != s.prompt:
-            raise ValueError(f"prompt_id {s.prompt_id!r}: the prompt differs between {new_path} and {old_path}. "
-                             "Fix: sample both policies on the same prompt file")
-        prompts.append(s.prompt)
-        y_new.append(s.responses[0])
-        y_old.append(o.responses[0])
-        truncated["new"] += s.finish_reasons[0] == "length"
-        truncated["old"] += o.finish_reasons[0] == "length"
+        o = by_old[s["prompt_id"]]
+        if o["prompt"] != s["prompt"]:
+            raise ValueError(f"prompt_id {s['prompt_id']!r}: the prompt differs between {new_path} and "
+                             f"{old_path}. Fix: sample both policies on the same prompt file")
+        prompts.append(s["prompt"])
+        y_new.append(s["responses"][0])
+        y_old.append(o["responses"][0])
+        truncated["new"] += s["finish_reasons"][0] == "length"
+        truncated["old"] += o["finish_reasons"][0] == "length"
     return prompts, y_new, y_old, truncated
 
 
@@ -77,14 +103,12 @@ def align(new: list, old: list, new_path="new", old_path="old") -> tuple[list[li
 def score(rm_dir, prompts: list[list[dict]], responses: list[str], batch_size: int = 64, dtype: str = "auto"
           ) -> list[float]:
     """r(x, y) for aligned prompts and responses, by the RM at `rm_dir` (data-parallel under torchrun)."""
-    from mt.scoring import score_conversations
     return score_conversations(rm_dir, list(zip(prompts, responses)), batch_size=batch_size, dtype=dtype,
                                desc="judging")
 
 
 def compare_samples(rm_dir, new_path, old_path, batch_size=64, dtype="auto") -> dict:
     """Eq. 6 win rate of the `new` samples over the `old` ones, judged by the RM."""
-    from mt.data import read_samples
     prompts, y_new, y_old, truncated = align(read_samples(new_path), read_samples(old_path), new_path, old_path)
     s = score(rm_dir, prompts + prompts, y_new + y_old, batch_size, dtype)
     res = judge(s[:len(prompts)], s[len(prompts):])
@@ -94,9 +118,6 @@ def compare_samples(rm_dir, new_path, old_path, batch_size=64, dtype="auto") -> 
 def sample_policies(new_policy, old_policy, prompts_path, samples_dir, sampling, seed=0, dtype="auto"
                     ) -> tuple[Path, Path]:
     """One response per prompt from each policy, written as samples files; returns their paths."""
-    from mt import chat, checkpoint, dist
-    from mt.data import read_prompts
-    from mt.sampler import sample_to_file, summary_line
     d = dist.get()
     prompts = read_prompts(prompts_path)
     paths = []
@@ -116,17 +137,17 @@ def sample_policies(new_policy, old_policy, prompts_path, samples_dir, sampling,
 def accuracy_on_pairs(rm_dir, pairs_path, kept_only=False, skip_bad_rows=False, batch_size=64, dtype="auto"
                       ) -> dict:
     """The RM's accuracy on a pairs file (chosen must score strictly higher)."""
-    from mt.data import ReadReport, read_pairs
     report = ReadReport()
     pairs = read_pairs(pairs_path, on_error="skip" if skip_bad_rows else "raise", report=report)
     dropped = 0
     if kept_only:  # pseudo_pairs.jsonl marks every pair kept or dropped by the filter (Sec. 4.3)
-        kept = [p for p in pairs if p.extra.get("kept", True)]
+        kept = [p for p in pairs if p.get("kept", True)]
         dropped, pairs = len(pairs) - len(kept), kept
         if not pairs:
             raise ValueError(f"{pairs_path}: no pair has kept=true")
-    prompts = [p.prompt for p in pairs]
-    s = score(rm_dir, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], batch_size, dtype)
+    prompts = [p["prompt"] for p in pairs]
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    s = score(rm_dir, prompts + prompts, responses, batch_size, dtype)
     return {**pair_accuracy(s[:len(pairs)], s[len(pairs):]), "skipped_rows": report.skipped,
             "dropped_not_kept": dropped}
 
@@ -134,51 +155,38 @@ def accuracy_on_pairs(rm_dir, pairs_path, kept_only=False, skip_bad_rows=False, 
 # ---- command line
 
 
-def parse_args(argv=None):
-    from mt.sampler import add_sampling_args, sampling_config
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rm", required=True, help="the judge: a Hugging Face sequence-classification directory")
-    p.add_argument("--new", help="samples file of the new policy")
-    p.add_argument("--old", help="samples file of the old policy")
-    p.add_argument("--new-policy", help="new policy directory (sampled on --prompts)")
-    p.add_argument("--old-policy", help="old policy directory (sampled on --prompts)")
-    p.add_argument("--prompts", help="prompt file for --new-policy/--old-policy")
-    p.add_argument("--samples-dir", default="winrate_samples", help="where sampled responses are written")
-    p.add_argument("--pairs", help="pairs file: report the RM's accuracy instead of a win rate")
-    p.add_argument("--kept-only", action="store_true", help="with --pairs: only rows with kept=true")
-    p.add_argument("--skip-bad-rows", action="store_true", help="with --pairs: skip (and list) malformed rows")
-    p.add_argument("--out", default=None, help="results JSON")
-    p.add_argument("--batch-size", type=int, default=64, help="most conversations per RM forward")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
-    add_sampling_args(p, "sampling, with --new-policy/--old-policy")
-    a = p.parse_args(argv)
-    a.sampling = sampling_config(p, a)
+def check(a: WinrateArgs) -> WinrateArgs:
+    """Usage errors, before any file is read: exactly one mode, with all of its flags."""
+    require(a, "rm")
     modes = [bool(a.new or a.old), bool(a.new_policy or a.old_policy or a.prompts), bool(a.pairs)]
     if sum(modes) != 1:
-        p.error("give exactly one of: --new/--old, --new-policy/--old-policy/--prompts, --pairs")
+        raise ConfigError("give exactly one of: --new/--old, --new_policy/--old_policy/--prompts, --pairs")
     if modes[0] and not (a.new and a.old):
-        p.error("--new and --old go together")
+        raise ConfigError("--new and --old go together")
     if modes[1] and not (a.new_policy and a.old_policy and a.prompts):
-        p.error("--new-policy, --old-policy and --prompts go together")
+        raise ConfigError("--new_policy, --old_policy and --prompts go together")
+    check_sampling(a.sampling)
     return a
+
+
+def parse_args(argv=None) -> WinrateArgs:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return check(parse(argv, WinrateArgs(), "python eval/winrate.py", __doc__))
 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    from mt import dist
-    from mt.data import write_json
-    dist.init_distributed(a.device)
+    dist.init_distributed(None if a.device == "auto" else a.device)
     if a.pairs:
         res = {"mode": "accuracy", "rm": a.rm, "pairs": a.pairs,
                **accuracy_on_pairs(a.rm, a.pairs, a.kept_only, a.skip_bad_rows, a.batch_size, a.dtype)}
-        line = (f"accuracy {100 * res['accuracy']:.1f}% ({res['correct']}/{res['n']} correct, {res['ties']} ties, "
-                f"{res['wrong']} wrong)")
+        line = (f"accuracy {100 * res['accuracy']:.1f}% ({res['correct']}/{res['n']} correct, "
+                f"{res['ties']} ties, {res['wrong']} wrong)")
     else:
         new, old = a.new, a.old
         if a.new_policy:
-            new, old = sample_policies(a.new_policy, a.old_policy, a.prompts, a.samples_dir, a.sampling, a.seed,
-                                       a.dtype)
+            new, old = sample_policies(a.new_policy, a.old_policy, a.prompts, a.samples_dir, a.sampling,
+                                       a.seed, a.dtype)
         res = {"mode": "win_rate", "rm": a.rm, "new": str(new), "old": str(old),
                **compare_samples(a.rm, new, old, a.batch_size, a.dtype)}
         line = (f"win rate {100 * res['win_rate']:.1f}% ({res['wins']} wins, {res['ties']} ties, "
@@ -191,5 +199,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from mt import dist
-    dist.run(main)
+    try:
+        dist.run(main)
+    except ConfigError as e:  # a usage error: the message names the flag, no traceback
+        sys.exit(f"python eval/winrate.py: error: {e}")

@@ -5,7 +5,9 @@ reward model may use different tokenizers (the paper pairs a Mistral policy with
 """
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -96,3 +98,73 @@ def stop_ids(tok, model_dir=None) -> list[int]:
         ids.append(tok.eos_token_id)
     ids.append(end_of_turn_id(tok))
     return sorted(set(int(i) for i in ids))
+
+
+# ---- training examples: token ids made once, with the policy's or the RM's own tokenizer
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training item. Sequences are prompt + response ids; `*_start` is the first response index.
+
+    Pairs (DPO, RM) fill chosen and rejected; SFT uses `chosen` only. The RM reads its score at the
+    last token, so its `*_start` is unused.
+    """
+    key: str  # pair id: the key of ref_logps.jsonl
+    prompt_id: str
+    chosen: tuple[int, ...]
+    chosen_start: int
+    rejected: tuple[int, ...] = ()
+    rejected_start: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+def pair_id(prompt_id: str, chosen: str, rejected: str) -> str:
+    """A stable id for a pair (a prompt may have several pairs; read_pairs forbids exact duplicates)."""
+    return hashlib.sha256(json.dumps([prompt_id, chosen, rejected]).encode()).hexdigest()[:16]
+
+
+def policy_examples(tok, pairs: list[dict], max_length: int) -> tuple[list[Example], int]:
+    """DPO examples: prompt (chat template, once) + response + end-of-turn; pairs over max_length dropped.
+
+    Returns (examples, n_dropped). Prompt and response are tokenized apart, as the sampler made them.
+    """
+    out, dropped = [], 0
+    for p in pairs:
+        x = encode_prompt(tok, p["prompt"])
+        yc, yr = encode_response(tok, p["chosen"]), encode_response(tok, p["rejected"])
+        if len(x) + max(len(yc), len(yr)) > max_length:
+            dropped += 1  # never truncated: a cut response would teach the wrong ending
+            continue
+        key = pair_id(p["prompt_id"], p["chosen"], p["rejected"])
+        out.append(Example(key, p["prompt_id"], tuple(x + yc), len(x), tuple(x + yr), len(x)))
+    return out, dropped
+
+
+def rm_examples(tok, pairs: list[dict], max_length: int) -> tuple[list[Example], int]:
+    """Bradley-Terry examples: each whole chat rendered by the RM's own template; over-long pairs dropped."""
+    out, dropped = [], 0
+    for p in pairs:
+        c = encode_conversation(tok, p["prompt"], p["chosen"])
+        r = encode_conversation(tok, p["prompt"], p["rejected"])
+        if max(len(c), len(r)) > max_length:
+            dropped += 1
+            continue
+        key = pair_id(p["prompt_id"], p["chosen"], p["rejected"])
+        out.append(Example(key, p["prompt_id"], tuple(c), 0, tuple(r), 0))
+    return out, dropped
+
+
+def sft_examples(tok, items, max_length: int) -> tuple[list[Example], int]:
+    """SFT examples from (prompt_id, messages, response) triples; the loss covers the response only."""
+    out, dropped = [], 0
+    for prompt_id, messages, response in items:
+        x, y = encode_prompt(tok, messages), encode_response(tok, response)
+        if len(x) + len(y) > max_length:
+            dropped += 1
+            continue
+        out.append(Example(pair_id(prompt_id, response, ""), prompt_id, tuple(x + y), len(x)))
+    return out, dropped

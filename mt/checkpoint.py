@@ -1,7 +1,8 @@
 """Read and write Hugging Face model directories (config.json + safetensors), atomically.
 
 What we save loads in `transformers` unchanged: same parameter names, same config fields, the
-tokenizer and generation_config copied alongside.
+tokenizer and generation_config copied alongside. Under FSDP2, rank 0 alone reads the weights
+(`load_for_training`) and alone writes them after a gather (`save_hf`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     set_model_state_dict)
 
+from mt import dist
+from mt.dist import resolve_dtype
 from mt.model import ConfigError, ModelConfig, Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -23,22 +28,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 ARCHITECTURES = {("llama", "lm"): "LlamaForCausalLM", ("llama", "score"): "LlamaForSequenceClassification",
                  ("mistral", "lm"): "MistralForCausalLM", ("mistral", "score"): "MistralForSequenceClassification",
                  ("qwen2", "lm"): "Qwen2ForCausalLM", ("qwen2", "score"): "Qwen2ForSequenceClassification"}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype, device) -> torch.dtype:
-    """A dtype flag as a torch dtype: "auto" (or None) = bf16 on a GPU, fp32 on the CPU; names as in DTYPES."""
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} (or auto: bf16 on a "
-                         "GPU, fp32 on the CPU)")
-    return DTYPES[dtype]
-
-
 class CheckpointError(ValueError):
     """A model directory we cannot read; the message names the path and what is wrong."""
 
@@ -237,3 +226,57 @@ def _fsync_dir(path: Path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---- under FSDP2: rank 0 reads, every rank receives its shards; gather to rank 0 to write
+
+
+def load_for_training(path, cfg, head: str | None = None, device=None, fsdp: bool | None = None):
+    """The Hugging Face model at `path`, prepared for training (dist.prepare_model). Under FSDP only
+    rank 0 reads the weights: every rank shards an empty (meta-device) model, then receives its shards
+    from rank 0, so the host holds one copy of the weights in their stored dtype, not one per rank nor
+    an fp32 one. Without FSDP it is prepare_model(load_model(path))."""
+    d = dist.get()
+    device = torch.device(device or d.device)
+    if not dist.uses_fsdp(cfg, device, fsdp):
+        return dist.prepare_model(load_model(path, torch.float32, "cpu", head=head), cfg, device, fsdp=False)
+    with torch.device("meta"):
+        model = Transformer(read_config(path, head=head))  # config.json only: cheap on every rank
+    model.tie_weights()  # one shared parameter, so FSDP shards (and the optimizer updates) it once
+    dist.prepare_model(model, cfg, device, fsdp=True)
+    full, err = {}, None
+    if d.is_main:
+        try:
+            # as stored (bf16 stays bf16: half an fp32 copy), with load_model's checks; a fresh score
+            # head is drawn from rank 0's RNG and broadcast, so every rank starts from the same head
+            _, full = read_weights(path, head=head)
+            if model.cfg.head == "lm" and model.cfg.tie_word_embeddings:
+                full["lm_head.weight"] = full["model.embed_tokens.weight"]  # one parameter, both names
+        except Exception as e:
+            err = e
+    # a bad directory must stop every rank, not leave ranks 1.. waiting in the broadcast
+    msg = dist.broadcast_object(None if err is None else f"{type(err).__name__}: {err}")
+    if err is not None:
+        raise err
+    if msg is not None:
+        raise CheckpointError(f"{path}: rank 0 could not load the weights: {msg}")
+    # one tensor at a time from rank 0, in its stored dtype; each rank casts its own shard into the
+    # fp32 master weights (DCP's full-state-dict path copies into the existing shards)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's weights on rank 0's CPU (empty elsewhere); a collective under FSDP."""
+    if dist.is_sharded(model):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()} if dist.get().is_main else {}
+
+
+def save_hf(model, path, save_dtype: torch.dtype, tokenizer_dir=None, generation_config=None):
+    """Gather the weights to rank 0 and write a Hugging Face directory (atomic: temp dir, then rename)."""
+    sd = full_state_dict(model)
+    if dist.get().is_main:
+        save_model({k: v.to(save_dtype) for k, v in sd.items()}, path, cfg=model.cfg, tokenizer_dir=tokenizer_dir,
+                   generation_config=generation_config)
+    dist.barrier()

@@ -1,62 +1,78 @@
-"""Typed configuration: the paper's defaults (appendix B), named presets, a small override parser.
+"""Typed configuration: the paper's defaults (appendix B), named presets, and the one flag language.
 
     python run_em.py --preset paper --policy DIR --rm DIR --prompts FILE --iters 2 --dpo.beta 0.05
 
-Every paper hyperparameter is a default here; every methodological choice is a flag. Overrides are
-type-checked against the defaults; unknown keys are rejected with the list of valid ones.
+Every paper hyperparameter is a default here; every methodological choice is a flag. Every command
+(run_em.py and its stages, train_policy.py, train_rm.py, python -m mt.sampler, eval/*.py) parses its
+flags with `parse(argv, SomeDataclass())`: `--section.key value` (or `--key=value`; a bare `--flag` is
+true for a bool), type-checked against the defaults, unknown keys rejected with the valid ones, and
+`--help` lists every key with its type, default and the comment written beside the field.
+Allowed values and ranges are declared beside their field with `opt(...)`.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import math
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 
-from mt.sandbox import SANDBOX_PRESET  # stdlib-only at import: no cycle
+from mt.data import write_json
+from mt.losses import PREFERENCE_LOSSES
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def opt(default, *, choices: tuple | None = None, above: float | None = None, min: float | None = None,
+        scheduling: bool = False):
+    """A field with its allowed values beside it: `choices`, a strict lower bound `above`, or `min`.
+
+    scheduling=True marks a setting that only schedules the work (it never changes a result), so a
+    resumed run may change it without redoing anything (mt/manifest.py).
+    """
+    meta = {"choices": choices, "above": above, "min": min, "scheduling": scheduling}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class SamplingConfig:
     """Policy sampling (appendix B, following SimPO): T=0.8, top-p 0.95, max length 2048."""
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 0  # 0 = off
-    max_new_tokens: int = 2048
-    greedy: bool = False
-    slots: int = 64  # concurrent sequences in the KV cache
-    max_prompt_tokens: int = 2048  # longer prompts are an error naming the prompt id
-    check_every: int = 0  # decode steps between host checks for finished rows; 0 = 1 on CPU, 8 on GPU
+    temperature: float = opt(0.8, above=0)
+    top_p: float = 0.95  # nucleus mass, in (0, 1]; 1 = off
+    top_k: int = opt(0, min=0)  # 0 = off
+    max_new_tokens: int = opt(2048, min=1)
+    greedy: bool = False  # argmax decoding (ignores temperature, top-p, top-k)
+    slots: int = opt(64, above=0, scheduling=True)  # concurrent sequences in the KV cache
+    max_prompt_tokens: int = opt(2048, above=0)  # longer prompts are an error naming the prompt id
+    # decode steps between host checks for finished rows; 0 = 1 on CPU, 8 on GPU
+    check_every: int = opt(0, min=0, scheduling=True)
     compile: bool = False  # torch.compile the decode step's forward (dynamic shapes; the first pass compiles)
-
-    def outcome(self) -> dict:
-        """The fields that decide what is sampled, for a stage's recorded params (run_em.py's manifest)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if f"sampling.{k}" not in SCHEDULING_ONLY}
-
-
-# Settings that only schedule the work: tests/test_sampler.py shows the samples identical for any value, so a
-# resumed run may change them (fewer slots after an out-of-memory, another GPU) without --force_config and
-# without redoing finished stages.
-SCHEDULING_ONLY = ("sampling.slots", "sampling.check_every")
 
 
 @dataclass
 class TrainConfig:
     """One optimisation stage (DPO or Bradley-Terry); the global batch = micro × accumulation × world."""
-    lr: float = 7e-7
-    batch_size: int = 128  # global, in pairs
-    micro_batch_size: int = 2  # pairs per rank per forward
-    epochs: int = 1
-    warmup_ratio: float = 0.1  # cosine schedule after a linear warmup
+    lr: float = opt(7e-7, above=0)
+    batch_size: int = opt(128, above=0)  # global, in pairs
+    micro_batch_size: int = opt(2, above=0)  # pairs per rank per forward
+    epochs: int = opt(1, above=0)
+    warmup_ratio: float = 0.1  # cosine schedule after a linear warmup; in [0, 1)
     min_lr_ratio: float = 0.0
-    max_length: int = 2048  # prompt + response tokens; longer pairs are dropped and counted
-    weight_decay: float = 0.0
+    max_length: int = opt(2048, above=0)  # prompt + response tokens; longer pairs are dropped and counted
+    weight_decay: float = opt(0.0, min=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    save_every: int = 50  # optimizer steps; these checkpoints are model selection's candidates
-    dtype: str = "auto"  # auto = bf16 on GPU with fp32 master weights, fp32 on CPU
+    grad_clip: float = opt(1.0, min=0)
+    save_every: int = opt(50, min=0)  # optimizer steps; these checkpoints are model selection's candidates
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto = bf16 on GPU (fp32 master), fp32 on CPU
     activation_checkpointing: bool = False
     seed: int = 0
 
@@ -64,90 +80,132 @@ class TrainConfig:
 @dataclass
 class DPOConfig(TrainConfig):
     """E-step, Eq. 4: DPO with π_{t-1} as the reference; β=0.01, batch 128, lr 7e-7 (appendix B)."""
-    loss: str = "dpo"  # dpo | cdpo | ipo | simpo | hinge
-    beta: float = 0.01
-    label_smoothing: float = 0.0  # cdpo
-    simpo_gamma: float = 0.5  # simpo target margin (γ; SimPO's γ/β ratio times β)
+    loss: str = opt("dpo", choices=PREFERENCE_LOSSES)  # mt/losses.py LOSSES
+    beta: float = opt(0.01, above=0)
+    label_smoothing: float = opt(0.0, min=0)  # cdpo
+    simpo_gamma: float = opt(0.5, min=0)  # simpo target margin (γ; SimPO's γ/β ratio times β)
 
 
 @dataclass
 class RMConfig(TrainConfig):
     """M-step, Eq. 5: Bradley-Terry; batch 512, lr 2e-6, 1 epoch (appendix B)."""
-    lr: float = 2e-6
-    batch_size: int = 512
-    micro_batch_size: int = 4
-    margin: float = 0.0
-    save_every: int = 0  # 0 = only the final model
+    lr: float = opt(2e-6, above=0)
+    batch_size: int = opt(512, above=0)
+    micro_batch_size: int = opt(4, above=0)
+    margin: float = opt(0.0, min=0)
+    save_every: int = opt(0, min=0)  # 0 = only the final model
 
 
 @dataclass
 class EMConfig:
     """Algorithm 1 and the two-stage stabilisation of Sec. 4.3."""
     n_samples: int = 5  # M responses per prompt of D_t
-    d_ms_size: int = 2000  # |D_MS|, drawn before iteration 1
+    d_ms_size: int = opt(2000, min=0)  # |D_MS|, drawn before iteration 1
     rm_fraction: float = 1 / 3  # share of the remaining prompts in D_R (Sec. 5.1: three equal parts)
-    pair_rule: str = "length_control"  # length_control (appendix B) | max_min
+    pair_rule: str = opt("length_control", choices=("length_control", "max_min"))  # appendix B | max/min
     keep_truncated: bool = False  # truncated / empty responses give no pair by default
     select: bool = True  # model selection (Eq. 6-7); False = take the final checkpoint
-    tau: float = 0.6  # stop when the best win rate < τ
-    filter: str = "lqf"  # lqf | hqs | dst | none (Sec. 4.3, appendix F)
-    eps_stat: str = "var"  # var (appendix B) | std (Sec. 4.3)
-    eps_mult: float = 2.0  # appendix B: 2 × the variance
-    rm_data: str = "mixed"  # mixed | pc (policy comparison) | st (self-training), Sec. 5.3
+    tau: float = opt(0.6, min=0)  # stop when the best win rate < τ
+    filter: str = opt("lqf", choices=("lqf", "hqs", "dst", "none"))  # Sec. 4.3, appendix F
+    eps_stat: str = opt("var", choices=("var", "std"))  # var (appendix B) | std (Sec. 4.3)
+    eps_mult: float = opt(2.0, above=0)  # appendix B: 2 × the variance
+    rm_data: str = opt("mixed", choices=("mixed", "pc", "st"))  # policy comparison, self-training (Sec. 5.3)
     update_rm: bool = True  # False = iterative DPO with a fixed RM (baseline)
     rm_restart: bool = True  # appendix B: each RM iteration starts from r0
     rounds: int = 1  # Sec. 5.3: a second round restarts both models from the base models
-    rm_heldout: float = 0.05  # share of D_R held out of RM training to report RM accuracy on pseudo-pairs
+    rm_heldout: float = opt(0.05, min=0)  # share of D_R held out of RM training (RM accuracy on pseudo-pairs)
 
 
 @dataclass
 class Config:
+    """The experiment: Algorithm 1 on π0, r0 and the prompt set D."""
     policy: str = ""  # π0: Hugging Face causal-LM directory
     rm: str = ""  # r0: Hugging Face sequence-classification directory (num_labels=1)
     prompts: str = ""  # the prompt set D (jsonl / json / parquet)
     out: str = "runs/mt"  # run directory
     iters: int = 2  # T
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    preset: str = "paper"
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+    preset: str = "paper"  # applied first, whatever its place on the command line; see PRESETS
+    # accept a changed config on resume: redo the stages it affects (not an experiment setting)
+    force_config: bool = opt(False, scheduling=True)
     em: EMConfig = field(default_factory=EMConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rm_train: RMConfig = field(default_factory=RMConfig)
 
 
+@dataclass
+class StageConfig(Config):
+    """One stage on explicit files (train_policy.py, train_rm.py, `python run_em.py STAGE`)."""
+    out: str = ""  # the stage's output file or directory
+    pairs: str = ""  # ready preference pairs (train_policy.py: offline DPO; train_rm.py: comma-separated files)
+    model: str = ""  # sample: the policy directory to sample from
+    samples: str = ""  # score, pairs: a samples.jsonl
+    scores: str = ""  # pairs: the scores.jsonl of those samples
+    prev: str = ""  # select, pseudo_pairs: π_{t-1}'s directory
+    new: str = ""  # pseudo_pairs: π_t's directory
+    candidates: str = ""  # select: the directory holding ckpt-*/ and final/
+    pseudo_pairs: str = ""  # filter: a pseudo_pairs.jsonl to re-filter
+    init: str = ""  # rm: the RM (or causal LM, given a fresh score head) to start from
+    stream: str = ""  # names the random stream (run_em.py uses e.g. iter1/e-step); default: the stage name
+
+
 # ---- presets: a preset is a dict of overrides on top of the paper's defaults
 
 PRESETS: dict[str, dict] = {
     "paper": {},
-    # the embedded default main job (`python run_em.py`): the gold-reward sandbox at a scale for a CPU
-    "sandbox": SANDBOX_PRESET,
+    # The embedded default main job (`python run_em.py`): the gold-reward sandbox (mt/sandbox.py) at a
+    # scale for a CPU, the paper's settings scaled down.
+    "sandbox": {
+        "iters": 2,  # T = 2, as in the paper's main results
+        "em.n_samples": 4,  # M
+        "em.d_ms_size": 100,  # |D_MS| of the 1,200 prompts; the rest: D_R, D_1, D_2 ≈ 367 each (Sec. 5.1)
+        # Eq. 6 counts a win only when r(y_t) > r(y_{t-1}) strictly; here identical responses (every
+        # perfect sort is the same string, and half of π0's responses are perfect) are frequent ties,
+        # which caps the win rate near 0.5-0.6 for a policy better by gold, so τ is scaled from 0.6.
+        "em.tau": 0.4,
+        "sampling.max_new_tokens": 16, "sampling.slots": 256, "sampling.max_prompt_tokens": 64,
+        # ~300 pairs per iteration: 10 steps of 32, checkpoints at 3, 6, 9 and the final one
+        "dpo.batch_size": 32, "dpo.micro_batch_size": 32, "dpo.lr": 3e-4, "dpo.beta": 0.1,
+        "dpo.save_every": 3, "dpo.max_length": 64,
+        "rm_train.batch_size": 32, "rm_train.micro_batch_size": 32, "rm_train.lr": 3e-4,
+        "rm_train.epochs": 2, "rm_train.max_length": 64,
+    },
     # tests: a handful of prompts, a few optimizer steps, short responses
     "tiny": {
         "iters": 2, "em.n_samples": 3, "em.d_ms_size": 4, "em.tau": 0.0,
         "sampling.max_new_tokens": 8, "sampling.slots": 8, "sampling.max_prompt_tokens": 64,
         "dpo.batch_size": 4, "dpo.micro_batch_size": 2, "dpo.lr": 1e-3, "dpo.save_every": 1,
         "dpo.max_length": 96, "dpo.beta": 0.1,
-        "rm_train.batch_size": 4, "rm_train.micro_batch_size": 2, "rm_train.lr": 1e-3, "rm_train.max_length": 96,
+        "rm_train.batch_size": 4, "rm_train.micro_batch_size": 2, "rm_train.lr": 1e-3,
+        "rm_train.max_length": 96,
     },
 }
 
 
-class ConfigError(ValueError):
-    pass
+# ---- the flag language: `--section.key value`, typed by the dataclass fields
 
 
-def flat_keys(obj, prefix="") -> dict[str, typing.Any]:
-    """{'dpo.beta': type, ...} for every leaf field."""
-    out = {}
+def _fields(obj, prefix=""):
+    """(dotted key, dataclass field, owner object) for every leaf field, sections expanded."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):
-            out.update(flat_keys(v, f"{prefix}{f.name}."))
+            yield from _fields(v, f"{prefix}{f.name}.")
         else:
-            out[f"{prefix}{f.name}"] = hints[f.name]
-    return out
+            yield f"{prefix}{f.name}", f, hints[f.name]
+
+
+def flat_keys(obj, prefix="") -> dict[str, typing.Any]:
+    """{'dpo.beta': type, ...} for every leaf field."""
+    return {k: t for k, _, t in _fields(obj, prefix)}
+
+
+def scheduling_only(obj) -> tuple[str, ...]:
+    """The keys marked opt(scheduling=True): they never change a result."""
+    return tuple(k for k, f, _ in _fields(obj) if f.metadata.get("scheduling"))
 
 
 def _parse(key: str, raw, typ):
@@ -194,7 +252,7 @@ def _parse(key: str, raw, typ):
     raise ConfigError(f"--{key}: expected {getattr(typ, '__name__', typ)}, got {raw!r}")
 
 
-def set_key(cfg: Config, key: str, raw):
+def set_key(cfg, key: str, raw):
     keys = flat_keys(cfg)
     if key not in keys:
         raise ConfigError(f"unknown config key --{key}; valid keys: {', '.join('--' + k for k in keys)}")
@@ -205,20 +263,6 @@ def set_key(cfg: Config, key: str, raw):
     setattr(obj, leaf, _parse(key, raw, keys[key]))
 
 
-CHOICES = {"em.pair_rule": ("length_control", "max_min"), "em.filter": ("lqf", "hqs", "dst", "none"),
-           "em.eps_stat": ("var", "std"), "em.rm_data": ("mixed", "pc", "st"),
-           "dpo.loss": ("dpo", "cdpo", "ipo", "simpo", "hinge"), "device": ("auto", "cpu", "cuda"),
-           "dpo.dtype": ("auto", "fp32", "bf16"), "rm_train.dtype": ("auto", "fp32", "bf16")}
-
-
-POSITIVE = ("dpo.lr", "dpo.beta", "rm_train.lr", "sampling.temperature", "em.eps_mult", "dpo.batch_size",
-            "dpo.micro_batch_size", "rm_train.batch_size", "rm_train.micro_batch_size", "dpo.epochs",
-            "rm_train.epochs", "sampling.slots", "sampling.max_prompt_tokens", "dpo.max_length", "rm_train.max_length")
-NON_NEGATIVE = ("dpo.weight_decay", "rm_train.weight_decay", "dpo.grad_clip", "rm_train.grad_clip", "em.tau",
-                "em.d_ms_size", "dpo.save_every", "rm_train.save_every", "sampling.top_k", "dpo.label_smoothing",
-                "rm_train.margin", "em.rm_heldout", "dpo.simpo_gamma", "sampling.check_every")
-
-
 def _get(cfg, key):
     obj = cfg
     for p in key.split("."):
@@ -226,23 +270,26 @@ def _get(cfg, key):
     return obj
 
 
-def validate(cfg: Config) -> Config:
-    """Reject inconsistent configs before any compute, naming the field and the allowed values."""
-    for key, typ in flat_keys(cfg).items():
-        v = _get(cfg, key)
+def check_fields(cfg):
+    """The checks declared beside the fields (opt): finite numbers, ranges, allowed values."""
+    for key, f, _ in _fields(cfg):
+        v, m = _get(cfg, key), f.metadata
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"--{key}={v}: must be a finite number")
-    for key in POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"--{key}={_get(cfg, key)}: must be > 0")
-    for key in NON_NEGATIVE:
-        if not _get(cfg, key) >= 0:
-            raise ConfigError(f"--{key}={_get(cfg, key)}: must be >= 0")
+        if m.get("above") is not None and not v > m["above"]:
+            raise ConfigError(f"--{key}={v}: must be > {m['above']}")
+        if m.get("min") is not None and not v >= m["min"]:
+            raise ConfigError(f"--{key}={v}: must be >= {m['min']}")
+        if m.get("choices") is not None and v not in m["choices"]:
+            raise ConfigError(f"--{key}={v!r}: must be one of {', '.join(m['choices'])}")
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Reject inconsistent experiment configs before any compute, naming the field and the allowed values."""
+    check_fields(cfg)
     if cfg.preset not in PRESETS:
         raise ConfigError(f"--preset {cfg.preset!r}: unknown; presets: {', '.join(PRESETS)}")
-    for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"--{key}={_get(cfg, key)!r}: must be one of {', '.join(allowed)}")
     if cfg.iters < 1:
         raise ConfigError(f"--iters={cfg.iters}: must be >= 1")
     if cfg.em.n_samples < 2:
@@ -259,27 +306,49 @@ def validate(cfg: Config) -> Config:
                               f"--{name}.micro_batch_size={t.micro_batch_size}")
         if not 0.0 <= t.warmup_ratio < 1.0:
             raise ConfigError(f"--{name}.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
-    if cfg.sampling.max_new_tokens < 1 or not 0.0 < cfg.sampling.top_p <= 1.0:
-        raise ConfigError("--sampling.max_new_tokens must be >= 1 and --sampling.top_p in (0, 1]")
+    if cfg.dpo.label_smoothing and cfg.dpo.loss != "cdpo":
+        raise ConfigError(f"--dpo.label_smoothing={cfg.dpo.label_smoothing} applies only to --dpo.loss cdpo")
+    if cfg.dpo.loss == "cdpo" and not 0 < cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError("--dpo.loss cdpo needs 0 < --dpo.label_smoothing < 0.5")
+    if not 0.0 < cfg.sampling.top_p <= 1.0:
+        raise ConfigError(f"--sampling.top_p={cfg.sampling.top_p}: must be in (0, 1]")
     return cfg
 
 
-def parse_args(argv: list[str], base: Config | None = None) -> Config:
-    """`--preset NAME` first (paper defaults otherwise), then `--a.b value` overrides in order."""
-    cfg = copy.deepcopy(base) if base is not None else Config()
-    pairs = []
-    it = iter(argv)
-    for tok in it:
+def _tokens(argv: list[str], cfg) -> list[tuple[str, str]]:
+    """(key, raw value) pairs from `--key value`, `--key=value`, and a bare `--flag` for a bool."""
+    keys = flat_keys(cfg)
+    pairs, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
         if not tok.startswith("--"):
             raise ConfigError(f"unexpected argument {tok!r}: options are --key value (e.g. --dpo.beta 0.05)")
         key, eq, val = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        i += 1
         if not eq:
-            val = next(it, None)
-            if val is None:
+            nxt = argv[i] if i < len(argv) else None
+            if keys.get(key) is bool and (nxt is None or nxt.startswith("--")):
+                val = "true"  # a bare bool flag
+            elif nxt is None:
                 raise ConfigError(f"--{key}: missing value")
-        pairs.append((key.replace("-", "_"), val))
+            else:
+                val, i = nxt, i + 1
+        pairs.append((key, val))
+    return pairs
+
+
+def parse(argv: list[str], base, prog: str | None = None, doc: str = ""):
+    """Any command's flags onto a copy of the dataclass `base`: `--preset NAME` first (when `base` has
+    one), then `--a.b value` overrides in order; then the checks declared beside the fields, and
+    `validate` for an experiment Config. `--help` prints the keys and exits."""
+    cfg = copy.deepcopy(base)
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(cfg, prog, doc))
+        raise SystemExit(0)
+    pairs = _tokens(list(argv), cfg)
     presets = [v for k, v in pairs if k == "preset"]
-    if presets:
+    if presets and hasattr(cfg, "preset"):
         name = presets[-1]
         if name not in PRESETS:
             raise ConfigError(f"--preset {name!r}: unknown; presets: {', '.join(PRESETS)}")
@@ -287,18 +356,82 @@ def parse_args(argv: list[str], base: Config | None = None) -> Config:
         for k, v in PRESETS[name].items():
             set_key(cfg, k, v)
     for k, v in pairs:
-        if k != "preset":
+        if not (k == "preset" and hasattr(cfg, "preset")):
             set_key(cfg, k, v)
-    return validate(cfg)
+    return validate(cfg) if isinstance(cfg, Config) else check_fields(cfg)
+
+
+def parse_args(argv: list[str], base: Config | None = None) -> Config:
+    """The experiment's flags (run_em.py): `parse` onto the paper's defaults or `base`."""
+    return parse(argv, base if base is not None else Config(), "python run_em.py")
+
+
+# ---- --help: every key with its type, default and the comment beside its field
+
+_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*?#\s*(.*)$")
+
+
+def _comments(cls) -> dict[str, str]:
+    """{field: its trailing comment (or the comment line above it)} from the class source."""
+    out = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        above = ""
+        for line in lines:
+            s = line.strip()
+            if s.startswith("#"):
+                above = (above + " " + s.lstrip("# ")).strip()
+                continue
+            m = _COMMENT.match(line)
+            name = re.match(r"^\s+(\w+)\s*:", line)
+            if m:
+                out[m.group(1)] = m.group(2)
+            elif name and above:
+                out[name.group(1)] = above
+            above = ""
+    return out
+
+
+def help_text(cfg, prog: str | None = None, doc: str = "") -> str:
+    prog = prog or f"python {sys.argv[0]}"
+    lines = [f"usage: {prog} [--key value ...]   (also --key=value; a bare --flag sets a bool)", ""]
+    if doc:
+        lines += [doc.strip(), ""]
+
+    def section(obj, prefix):
+        notes = _comments(type(obj))
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                head = (type(v).__doc__ or "").strip().splitlines()[0]
+                lines.extend(["", f"--{prefix}{f.name}.*  {head}"])
+                section(v, f"{prefix}{f.name}.")
+                continue
+            typ = typing.get_type_hints(type(obj))[f.name]
+            tname = getattr(typ, "__name__", str(typ).replace("typing.", ""))
+            m = f.metadata
+            extra = f" one of {'|'.join(m['choices'])}" if m.get("choices") else ""
+            key = f"  --{prefix}{f.name} {tname} = {json.dumps(v, ensure_ascii=False, default=str)}"
+            lines.append(f"{key:<44} {notes.get(f.name, '')}{extra}".rstrip())
+    section(cfg, "")
+    if hasattr(cfg, "preset"):
+        lines += ["", f"presets: {', '.join(PRESETS)} (mt/config.py PRESETS)"]
+    return "\n".join(lines)
+
+
+# ---- saved configs
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(d: dict, source: str = "config") -> Config:
-    """Rebuild a Config from a saved config.json, rejecting unknown keys."""
-    cfg = Config()
+def from_dict(d: dict, source: str = "config", base=None):
+    """Rebuild a config from a saved config.json, rejecting unknown keys."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
 
     def walk(prefix, dd):
         for k, v in dd.items():
@@ -311,11 +444,10 @@ def from_dict(d: dict, source: str = "config") -> Config:
                     raise ConfigError(f"{source}: {e}") from None
 
     walk("", d)
-    return validate(cfg)
+    return validate(cfg) if isinstance(cfg, Config) else check_fields(cfg)
 
 
 def save(cfg, path):
-    from mt.data import write_json
     write_json(path, to_dict(cfg))
 
 

@@ -1,10 +1,14 @@
-"""Validated readers and atomic writers for the files the stages exchange, plus padding helpers.
+"""Validated readers and atomic writers for the files the stages exchange, plus the padding helper.
 
-Row schemas (all text, never token ids; DESIGN.md section 2):
-  prompts  {"prompt_id"|"id": str, "prompt": str | [messages]}      (or UltraFeedback-binarized rows)
-  samples  {"prompt_id", "prompt", "responses": [str], "finish_reasons": ["stop"|"length"], "num_tokens": [int]}
-  scores   {"prompt_id", "scores": [float]}                           (aligned with "responses")
-  pairs    {"prompt_id", "prompt", "chosen": str, "rejected": str, "chosen_score"?, "rejected_score"?, ...extra}
+A row is a plain dict from reader to writer: what a reader returns is the row as the file holds it,
+checked and normalised (ids are strings, a prompt is a list of messages). Schemas (all text, never
+token ids; DESIGN.md section 2):
+  prompts  {"prompt_id": str, "prompt": [messages]}   (read from "id" too, or UltraFeedback rows)
+  samples  {"prompt_id", "prompt", "responses": [str], "finish_reasons": ["stop"|"length"],
+            "num_tokens": [int]}
+  scores   {"prompt_id", "scores": [float]}            (aligned with "responses")
+  pairs    {"prompt_id", "prompt", "chosen": str, "rejected": str, "chosen_score"?,
+            "rejected_score"?, ...any other fields, kept as they are}
 A bad row raises DataError naming file, line, field and the fix; readers never write anything.
 """
 
@@ -14,7 +18,7 @@ import math
 import os
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -35,57 +39,6 @@ class _Bad(Exception):
     def __init__(self, field: str | None, problem: str, fix: str):
         super().__init__(problem)
         self.field, self.problem, self.fix = field, problem, fix
-
-
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    messages: list[dict]  # [{"role": ..., "content": ...}], ends with a user turn
-
-    def to_row(self) -> dict:
-        return {"prompt_id": self.id, "prompt": self.messages}
-
-
-@dataclass(frozen=True)
-class Pair:
-    prompt_id: str
-    prompt: list[dict]
-    chosen: str
-    rejected: str
-    chosen_score: float | None = None
-    rejected_score: float | None = None
-    extra: dict = field(default_factory=dict)  # any other fields of the row (e.g. delta_r, eps_t), kept as is
-
-    def to_row(self) -> dict:
-        row = {"prompt_id": self.prompt_id, "prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
-        if self.chosen_score is not None:
-            row["chosen_score"] = self.chosen_score
-        if self.rejected_score is not None:
-            row["rejected_score"] = self.rejected_score
-        for k, v in self.extra.items():
-            row.setdefault(k, v)  # the named fields win over a clashing extra key
-        return row
-
-
-@dataclass(frozen=True)
-class Sample:
-    prompt_id: str
-    prompt: list[dict]
-    responses: list[str]  # may contain "" (an empty response is kept here and excluded from pairs later)
-    finish_reasons: list[str]
-    num_tokens: list[int]
-
-    def to_row(self) -> dict:
-        return asdict(self)  # field names are the row's keys
-
-
-@dataclass(frozen=True)
-class Scores:
-    prompt_id: str
-    scores: list[float]  # one per response of the matching Sample, same order
-
-    def to_row(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -187,9 +140,9 @@ def _row_id(row: dict, messages: list[dict]) -> str:
     return prompt_hash(messages)
 
 
-# ---- row parsers: JSON object -> dataclass
+# ---- row parsers: JSON object -> the checked, normalised row
 
-def _parse_prompt(row: dict) -> Prompt:
+def _parse_prompt(row: dict) -> dict:
     if "prompt" in row:
         msgs = _messages(row["prompt"], "prompt")
     elif "messages" in row:  # UltraFeedback-binarized: the prompt is the chat up to the first user turn
@@ -202,7 +155,7 @@ def _parse_prompt(row: dict) -> Prompt:
         raise _Bad("prompt", "missing", "add a 'prompt' field (a string or an array of messages)")
     if msgs[-1]["role"] != "user":
         raise _Bad("prompt", f"last message has role {msgs[-1]['role']!r}", "end the prompt with a 'user' message")
-    return Prompt(_row_id(row, msgs), msgs)
+    return {"prompt_id": _row_id(row, msgs), "prompt": msgs}
 
 
 _PAIR_KEYS = {"prompt_id", "id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score",
@@ -220,7 +173,7 @@ def _response(v: Any, key: str) -> tuple[str, list[dict] | None]:
     return _text(v, key), None
 
 
-def _parse_pair(row: dict) -> Pair:
+def _parse_pair(row: dict) -> dict:
     chosen, chat = _response(_get(row, "chosen", "the preferred response text"), "chosen")
     rejected, _ = _response(_get(row, "rejected", "the dispreferred response text"), "rejected")
     if "prompt" in row:
@@ -235,11 +188,17 @@ def _parse_pair(row: dict) -> Pair:
     for ours, uf in (("chosen_score", "score_chosen"), ("rejected_score", "score_rejected")):
         key = ours if ours in row else uf
         scores.append(None if row.get(key) is None else _score(row[key], key))
-    extra = {k: v for k, v in row.items() if k not in _PAIR_KEYS}
-    return Pair(_row_id(row, prompt), prompt, chosen, rejected, scores[0], scores[1], extra)
+    out = {"prompt_id": _row_id(row, prompt), "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    for key, score in zip(("chosen_score", "rejected_score"), scores):
+        if score is not None:
+            out[key] = score
+    for k, v in row.items():  # any other field (e.g. delta, eps), kept as is; the named fields win
+        if k not in _PAIR_KEYS:
+            out.setdefault(k, v)
+    return out
 
 
-def _parse_sample(row: dict) -> Sample:
+def _parse_sample(row: dict) -> dict:
     pid = _id(_get(row, "prompt_id", "the prompt's id"), "prompt_id")
     prompt = _messages(_get(row, "prompt", "the prompt's messages"), "prompt")
     responses = _list(_get(row, "responses", "the sampled texts"), "responses", "strings")
@@ -257,13 +216,14 @@ def _parse_sample(row: dict) -> Sample:
     for i, n in enumerate(ntok):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise _Bad(f"num_tokens[{i}]", f"is {n!r}", "write the response's token count as an integer >= 0")
-    return Sample(pid, prompt, responses, list(reasons), list(ntok))
+    return {"prompt_id": pid, "prompt": prompt, "responses": responses, "finish_reasons": list(reasons),
+            "num_tokens": list(ntok)}
 
 
-def _parse_scores(row: dict) -> Scores:
+def _parse_scores(row: dict) -> dict:
     pid = _id(_get(row, "prompt_id", "the prompt's id"), "prompt_id")
     scores = _list(_get(row, "scores", "one number per response"), "scores", "numbers")
-    return Scores(pid, [_score(s, f"scores[{i}]") for i, s in enumerate(scores)])
+    return {"prompt_id": pid, "scores": [_score(s, f"scores[{i}]") for i, s in enumerate(scores)]}
 
 
 # ---- file reading: locate every row, parse it, check ids are unique
@@ -373,38 +333,59 @@ def _read(path, parse: Callable[[dict], Any], key: Callable[[Any], Any], dup: st
     return out
 
 
-def read_prompts(path, on_error: str = "raise", report: ReadReport | None = None) -> list[Prompt]:
+def read_prompts(path, on_error: str = "raise", report: ReadReport | None = None) -> list[dict]:
     """Prompts from {"prompt_id"|"id", "prompt"}, {"prompt"} (id = prompt_hash) or UltraFeedback rows."""
-    return _read(path, _parse_prompt, lambda p: p.id, "prompt", on_error, report)
+    return _read(path, _parse_prompt, lambda p: p["prompt_id"], "prompt", on_error, report)
 
 
-def read_pairs(path, on_error: str = "raise", report: ReadReport | None = None) -> list[Pair]:
+def read_pairs(path, on_error: str = "raise", report: ReadReport | None = None) -> list[dict]:
     """Preference pairs; the same (prompt_id, chosen, rejected) twice is an error (it would double-weight it)."""
-    return _read(path, _parse_pair, lambda p: (p.prompt_id, p.chosen, p.rejected), "pair", on_error, report)
+    return _read(path, _parse_pair, lambda p: (p["prompt_id"], p["chosen"], p["rejected"]), "pair", on_error,
+                 report)
 
 
-def read_samples(path, on_error: str = "raise", report: ReadReport | None = None) -> list[Sample]:
+def read_samples(path, on_error: str = "raise", report: ReadReport | None = None) -> list[dict]:
     """Sampled responses, one row per prompt."""
-    return _read(path, _parse_sample, lambda s: s.prompt_id, "row", on_error, report)
+    return _read(path, _parse_sample, lambda s: s["prompt_id"], "row", on_error, report)
 
 
-def read_scores(path, on_error: str = "raise", report: ReadReport | None = None) -> list[Scores]:
+def read_scores(path, on_error: str = "raise", report: ReadReport | None = None) -> list[dict]:
     """Reward scores, one row per prompt, aligned with that prompt's responses."""
-    return _read(path, _parse_scores, lambda s: s.prompt_id, "row", on_error, report)
+    return _read(path, _parse_scores, lambda s: s["prompt_id"], "row", on_error, report)
 
 
-def align_scores(samples: list[Sample], scores: list[Scores]) -> list[list[float]]:
+def _parse_pseudo_pair(row: dict) -> dict:
+    out = dict(row)
+    out["prompt_id"] = _id(_get(row, "prompt_id", "the prompt's id"), "prompt_id")
+    out["prompt"] = _messages(_get(row, "prompt", "the prompt's messages"), "prompt")
+    for key in ("y_t", "y_prev"):
+        _text(_get(row, key, "a response of π_t / π_{t-1}"), key, allow_empty=True)
+    for key in ("score_t", "score_prev", "delta"):
+        out[key] = _score(_get(row, key, "r_{t-1}'s score or margin"), key)
+    if not isinstance(_get(row, "valid", "whether both responses are usable"), bool):
+        raise _Bad("valid", f"must be true or false, got {_jtype(row['valid'])}", "write a JSON boolean")
+    return out
+
+
+def read_pseudo_pairs(path) -> list[dict]:
+    """Pseudo-pairs {"prompt_id", "prompt", "y_t", "y_prev", "score_t", "score_prev", "delta", "valid",
+    and once filtered "chosen", "rejected", "eps", "kept", "swapped", "reason"}, one row per prompt of D_R."""
+    return _read(path, _parse_pseudo_pair, lambda r: r["prompt_id"], "row", "raise", None)
+
+
+def align_scores(samples: list[dict], scores: list[dict]) -> list[list[float]]:
     """Scores for each sample in the samples' order; errors if a prompt is missing or the counts differ."""
-    by_id = {s.prompt_id: s.scores for s in scores}
+    by_id = {s["prompt_id"]: s["scores"] for s in scores}
     out = []
     for s in samples:
-        if s.prompt_id not in by_id:
-            raise DataError(f"prompt_id {s.prompt_id!r} has samples but no scores. Fix: re-run scoring "
+        pid = s["prompt_id"]
+        if pid not in by_id:
+            raise DataError(f"prompt_id {pid!r} has samples but no scores. Fix: re-run scoring "
                             "on this samples file (the scores file may come from another iteration)")
-        if len(by_id[s.prompt_id]) != len(s.responses):
-            raise DataError(f"prompt_id {s.prompt_id!r}: {len(by_id[s.prompt_id])} scores for {len(s.responses)} "
+        if len(by_id[pid]) != len(s["responses"]):
+            raise DataError(f"prompt_id {pid!r}: {len(by_id[pid])} scores for {len(s['responses'])} "
                             "responses. Fix: re-run scoring on this samples file")
-        out.append(by_id[s.prompt_id])
+        out.append(by_id[pid])
     return out
 
 
@@ -434,11 +415,10 @@ def atomic_write_text(path: str | os.PathLike, write: Callable[[Any], None]) -> 
         os.close(dfd)
 
 
-def write_jsonl(path: str | os.PathLike, rows: Iterable[dict | Any]) -> None:
-    """Write rows (dicts, or dataclasses with .to_row()) as JSONL atomically."""
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Write rows as JSONL atomically."""
     def write(f):
         for row in rows:
-            row = row.to_row() if hasattr(row, "to_row") else row
             # allow_nan=False: NaN/Infinity are not JSON and our readers reject them anyway
             f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
     atomic_write_text(path, write)
@@ -447,6 +427,17 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict | Any]) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write one JSON document atomically (configs, manifests, metrics)."""
     atomic_write_text(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """One JSON document this project wrote (stats, selection, metrics); a corrupt one names the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file. Fix: rerun the stage that writes it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}). Fix: delete it and rerun the stage that writes it") from None
 
 
 def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:

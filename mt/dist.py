@@ -1,4 +1,8 @@
-"""All distributed set-up in one place: torchrun → NCCL on GPU, gloo on CPU; plain python = world of 1."""
+"""All distributed set-up in one place: torchrun → NCCL on GPU, gloo on CPU; plain python = world of 1.
+
+Also the device policy of training (dtypes, FSDP2 wrapping, activation checkpointing), kept out of the
+training loop as torchtitan keeps `apply_fsdp` out of its `train.py`.
+"""
 from __future__ import annotations
 
 import os
@@ -8,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -124,3 +131,74 @@ def run(main: Callable[[], object]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+# ---- the device policy of training: dtypes, FSDP2, activation checkpointing
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """A dtype flag as a torch dtype: "auto" (or None) = bf16 on a GPU, fp32 on the CPU; names as in DTYPES."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} (or auto: bf16 "
+                         "on a GPU, fp32 on the CPU)")
+    return DTYPES[dtype]
+
+
+def is_sharded(model) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def uses_fsdp(cfg, device: torch.device, fsdp: bool | None = None) -> bool:
+    """FSDP when asked, else whenever world > 1, on GPU, or for bf16 (mixed precision is FSDP's policy)."""
+    if fsdp is not None:
+        return fsdp
+    return get().world_size > 1 or device.type == "cuda" or resolve_dtype(cfg.dtype, device) != torch.float32
+
+
+def prepare_model(model, cfg, device=None, fsdp: bool | None = None):
+    """fp32 master weights on `device`; FSDP2 per block then the root (bf16 params, fp32 reductions on
+    GPU); activation checkpointing per block. Returns the same module, wrapped in place; idempotent.
+
+    A model on the meta device (see checkpoint.load_for_training) is sharded first, then only this
+    rank's shards are allocated, empty: the caller loads the weights."""
+    if is_sharded(model):
+        return model
+    device = torch.device(device or get().device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    fsdp = uses_fsdp(cfg, device, fsdp)
+    if dtype != torch.float32 and not fsdp:
+        raise ValueError(f"dtype {dtype} needs FSDP's mixed precision (fsdp=True)")
+    if get().world_size > 1 and not fsdp:
+        raise ValueError(f"world size {get().world_size} needs FSDP (fsdp=True): nothing else syncs the "
+                         "gradients")
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and not fsdp:
+        raise ValueError("a model on the meta device has no weights: load it with load_model (or use FSDP)")
+    model.float()  # master weights stay fp32; FSDP casts a bf16 copy for compute
+    if cfg.activation_checkpointing:
+        for block in model.model.layers:
+            # overriding forward (not wrapping the module) keeps Hugging Face parameter names
+            block.forward = (lambda *a, _f=block.forward, **k: checkpoint(_f, *a, use_reentrant=False, **k))
+    if not fsdp:
+        return model.to(device)
+    ensure_process_group(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)  # embeddings, final norm, head; moves shards to the device
+    if on_meta:
+        # allocate this rank's shards only (uninitialised); Transformer._apply rebuilds the fp32 rope buffer
+        model.to_empty(device=device)
+    return model

@@ -5,6 +5,9 @@ per-pair vector (B,). Nothing is reduced here: the trainer sums over its micro-b
 GLOBAL number of pairs (all micro-batches, all ranks), so gradient accumulation and world size do not change
 the result (DESIGN.md Sec. 4). No host syncs here; `.item()` happens at log time in the trainer.
 """
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -123,25 +126,77 @@ def simpo_loss(policy_chosen_logps_avg, policy_rejected_logps_avg, beta, gamma):
                          logps_chosen=policy_chosen_logps_avg, logps_rejected=policy_rejected_logps_avg)
 
 
-# The trainer's `--loss` names. SimPO alone needs no reference and length-averaged log-probs.
-PREFERENCE_LOSSES = ("dpo", "cdpo", "ipo", "hinge", "simpo")
-USES_REFERENCE = {"dpo": True, "cdpo": True, "ipo": True, "hinge": True, "simpo": False}
-AVERAGE_LOGPS = {"dpo": False, "cdpo": False, "ipo": False, "hinge": False, "simpo": True}
+# ---- objectives: what the training loop optimises, as small values (the loop never tests a name)
 
 
-def preference_loss(name, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
-                    ref_rejected_logps=None, *, beta, label_smoothing=0.0, gamma=0.0):
-    """Dispatch on the trainer's loss name; log-probs must be summed or averaged per AVERAGE_LOGPS[name]."""
-    if name not in PREFERENCE_LOSSES:
-        raise ValueError(f"loss={name!r}: expected one of {PREFERENCE_LOSSES}")
-    if name != "cdpo" and label_smoothing != 0:
-        raise ValueError(f"label_smoothing={label_smoothing} applies only to loss='cdpo' (got loss={name!r})")
-    if name == "cdpo" and not 0 < label_smoothing < 0.5:
-        raise ValueError(f"loss='cdpo' needs 0 < label_smoothing < 0.5 (got {label_smoothing})")
-    if name == "simpo":
-        return simpo_loss(policy_chosen_logps, policy_rejected_logps, beta, gamma)
-    if ref_chosen_logps is None or ref_rejected_logps is None:
-        raise ValueError(f"loss={name!r} needs ref_chosen_logps and ref_rejected_logps")
-    loss_type = {"dpo": "sigmoid", "cdpo": "sigmoid", "ipo": "ipo", "hinge": "hinge"}[name]
-    return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    beta, label_smoothing, loss_type)
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """One `--dpo.loss`: its loss on sequence log-probs, and what those log-probs must be."""
+    fn: Callable  # (pi_chosen, pi_rejected, ref_chosen, ref_rejected, cfg) -> (loss (B,), metrics)
+    uses_reference: bool  # reference log-probs are computed once before training (train_policy.py)
+    average_logps: bool  # length-averaged log-probs (SimPO) instead of summed
+
+
+def _dpo(c, r, rc, rr, cfg):
+    return dpo_loss(c, r, rc, rr, cfg.beta, 0.0, "sigmoid")
+
+
+def _cdpo(c, r, rc, rr, cfg):
+    if not 0 < cfg.label_smoothing < 0.5:
+        raise ValueError(f"--dpo.loss cdpo needs 0 < --dpo.label_smoothing < 0.5 (got {cfg.label_smoothing})")
+    return dpo_loss(c, r, rc, rr, cfg.beta, cfg.label_smoothing, "sigmoid")
+
+
+# A new preference loss for an ablation: a function above, one entry here (`--dpo.loss NAME` then works).
+LOSSES: dict[str, PreferenceLoss] = {
+    "dpo": PreferenceLoss(_dpo, True, False),  # Eq. 2 / Eq. 4
+    "cdpo": PreferenceLoss(_cdpo, True, False),
+    "ipo": PreferenceLoss(lambda c, r, rc, rr, cfg: dpo_loss(c, r, rc, rr, cfg.beta, 0.0, "ipo"), True, False),
+    "simpo": PreferenceLoss(lambda c, r, rc, rr, cfg: simpo_loss(c, r, cfg.beta, cfg.simpo_gamma), False, True),
+    "hinge": PreferenceLoss(lambda c, r, rc, rr, cfg: dpo_loss(c, r, rc, rr, cfg.beta, 0.0, "hinge"), True, False),
+}
+PREFERENCE_LOSSES = tuple(LOSSES)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What differs between the trainings that share mt/train.py's loop.
+
+    `step(model, batch, cfg)` returns the per-example loss (b,) and per-example metrics; `pairwise`
+    batches carry chosen rows then rejected rows; a `per_token` loss is averaged over response tokens
+    (SFT), a pairwise one over pairs.
+    """
+    name: str
+    step: Callable
+    pairwise: bool = True
+    per_token: bool = False
+    uses_reference: bool = False
+
+
+def preference_objective(loss: str) -> Objective:
+    """E-step, Eq. 4 (and cDPO / IPO / hinge / SimPO): one forward over chosen + rejected rows."""
+    spec = LOSSES[loss]
+
+    def step(model, batch, cfg):
+        logits = model(batch.ids, attention_mask=batch.attention_mask)  # (2b, T, V)
+        logps = sequence_logps(logits, batch.ids, batch.loss_mask, average=spec.average_logps)  # (2b,) fp32
+        b = batch.ids.shape[0] // 2
+        return spec.fn(logps[:b], logps[b:], batch.ref_chosen, batch.ref_rejected, cfg)
+    return Objective("dpo", step, uses_reference=spec.uses_reference)  # the loss itself is in cfg.loss
+
+
+def _bradley_terry_step(model, batch, cfg):
+    """Eq. 5: scores at each sequence's last real token (read by length, never by pad id)."""
+    r = model.rewards(batch.ids, attention_mask=batch.attention_mask, lengths=batch.lengths).float()  # (2b,)
+    b = batch.ids.shape[0] // 2
+    return bradley_terry_loss(r[:b], r[b:], cfg.margin)
+
+
+def _sft_step(model, batch, cfg):
+    """Next-token NLL summed over each row's response tokens; the loop divides by the global token count."""
+    logits = model(batch.ids, attention_mask=batch.attention_mask)  # (b, T, V)
+    return -sequence_logps(logits, batch.ids, batch.loss_mask), {}
+
+
+BRADLEY_TERRY = Objective("rm", _bradley_terry_step)  # M-step, Eq. 5
+SFT = Objective("sft", _sft_step, pairwise=False, per_token=True)  # builds the sandbox's π0

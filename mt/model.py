@@ -142,19 +142,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """A preallocated cache of `n_slots` rows of `max_len` positions; row s holds one sequence from 0.
 
+    k and v are (layers, n_slots, kv heads, max_len, head_dim), every layer in one tensor, so a
+    copy or a reorder of rows is one indexed assignment (`k[:, dst, :, :n] = k[:, src, :, :n]`).
     Keys at positions > a query's position are masked, so a slot is reused without clearing it.
     """
 
     def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, dtype, device=None):
         super().__init__()
-        shape = (n_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        for i in range(cfg.num_hidden_layers):
-            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (cfg.num_hidden_layers, n_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
-
-    def layer(self, i: int):
-        return getattr(self, f"k{i}"), getattr(self, f"v{i}")
 
 
 # ---- the transformer
@@ -303,8 +301,10 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=dev)[None].expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        k_cache, v_cache = (None, None) if cache is None else (cache.k, cache.v)  # (L, B, H, T, D)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, cache.layer(i) if cache is not None else None, slots, positions)
+            kv = (k_cache[i], v_cache[i]) if cache is not None else None
+            x = block(x, cos, sin, mask, kv, slots, positions)
         x = self.model.norm(x)
         if return_hidden:
             return x

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -119,9 +119,66 @@ class _Window:
     def __init__(self, cache: KVCache, rows: int, max_len: int):
         self.cache, self.rows, self.max_len = cache, rows, max_len
 
-    def layer(self, i: int):
-        k, v = self.cache.layer(i)
-        return k[: self.rows, :, : self.max_len], v[: self.rows, :, : self.max_len]
+    @property
+    def k(self) -> torch.Tensor:  # (L, rows, H, max_len, D)
+        return self.cache.k[:, : self.rows, :, : self.max_len]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.cache.v[:, : self.rows, :, : self.max_len]
+
+
+@dataclass
+class _Rows:
+    """The engine's per-row state, row s = cache slot s: device tensors (row first), host lists.
+
+    `set` and `pack` act on fields by name or on all of them, so a new per-row field is declared
+    (and allocated in `new`) here and nothing else has to remember it; `refill` sets the fields a
+    job starts from. A field left None (out_logp without return_logps) is skipped.
+    """
+    # device
+    last: torch.Tensor  # (S,) the next input token
+    pos: torch.Tensor  # (S,) its position
+    n_gen: torch.Tensor  # (S,) tokens generated so far
+    done: torch.Tensor  # (S,) bool: finished or empty rows stop advancing
+    key: torch.Tensor  # (S, 2) the job's stream key, two uint32 halves
+    out: torch.Tensor  # (S, max_new_tokens + 1) ids; +1: a finished row writes junk past its end
+    out_logp: torch.Tensor | None  # (S, max_new_tokens + 1) their logps, with return_logps
+    # host
+    slot_job: list[tuple[int, int] | None]  # the job (prompt i, sample j) in each row; None = free
+    pos_host: list[int]  # an upper bound on each row's position, exact after every harvest
+
+    @classmethod
+    def new(cls, S: int, max_new_tokens: int, return_logps: bool, dev) -> "_Rows":
+        T1 = max_new_tokens + 1
+
+        def z(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=dev)
+        return cls(last=z(S), pos=z(S), n_gen=z(S), done=~z(S, dtype=torch.bool), key=z(S, 2),
+                   out=z(S, T1), out_logp=z(S, T1, dtype=torch.float32) if return_logps else None,
+                   slot_job=[None] * S, pos_host=[0] * S)
+
+    def set(self, rows: list[int], **values):
+        """Write fields of `rows`: a list (one value per row; one host-to-device copy for a device
+        field) or one value for all of them."""
+        idx = torch.tensor(rows, device=self.last.device)
+        for name, v in values.items():
+            f = getattr(self, name)
+            if isinstance(f, torch.Tensor):
+                f[idx] = torch.tensor(v, device=f.device) if isinstance(v, list) else v
+            else:
+                for r, x in zip(rows, v if isinstance(v, list) else [v] * len(rows)):
+                    f[r] = x
+
+    def pack(self, rows: list[int]):
+        """Move `rows` (in this order) to the front: every field, device and host."""
+        idx, k = torch.tensor(rows, device=self.last.device), len(rows)
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if isinstance(t, torch.Tensor):
+                t[:k] = t[idx]
+            elif t is not None:
+                t[:k] = [t[s] for s in rows]
 
 
 class _Engine:
@@ -149,27 +206,16 @@ class _Engine:
         self.stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
         self.return_logps = return_logps
         self.decode = compiled(model) if cfg.compile else model  # prefill stays eager: one pass per prompt
-        # device state, one row per slot; rows [0, m) are in use (m shrinks in the tail, see compact)
+        # per-row state, one row per slot; rows [0, m) are in use (m shrinks in the tail: compact)
         self.m = S
-        self.last = torch.zeros(S, dtype=torch.long, device=dev)  # the next input token
-        self.pos = torch.zeros(S, dtype=torch.long, device=dev)  # its position
-        self.n_gen = torch.zeros(S, dtype=torch.long, device=dev)  # tokens generated so far
-        self.done = torch.ones(S, dtype=torch.bool, device=dev)  # finished or empty rows stop advancing
-        self.key = torch.zeros(S, 2, dtype=torch.long, device=dev)  # the job's stream key, two uint32 halves
-        T1 = cfg.max_new_tokens + 1  # +1: a finished row writes junk one past its end
-        self.out = torch.zeros(S, T1, dtype=torch.long, device=dev)
-        self.out_logp = torch.zeros(S, T1, dtype=torch.float32, device=dev) if return_logps else None
-        # host state
-        self.slot_job: list[tuple[int, int] | None] = [None] * S
-        self.pos_host = [0] * S  # an upper bound on each row's position, exact after every harvest
+        self.rows = _Rows.new(S, cfg.max_new_tokens, return_logps, dev)
 
     def _copy(self, dst: KVCache, dst_rows: list[int], src: KVCache, src_rows: list[int], length: int):
         if length == 0 or not dst_rows:
             return
         d, s = torch.tensor(dst_rows, device=self.dev), torch.tensor(src_rows, device=self.dev)
-        for li in range(self.model.cfg.num_hidden_layers):
-            for a, b in zip(dst.layer(li), src.layer(li)):
-                a[d, :, :length] = b[s, :, :length]
+        dst.k[:, d, :, :length] = src.k[:, s, :, :length]  # every layer at once
+        dst.v[:, d, :, :length] = src.v[:, s, :, :length]
 
     def _prefill(self, items: list[tuple[int, int]]):
         """Write the prefixes of prompts into slots, items = [(prompt i, slot)], in forwards of at most
@@ -187,8 +233,8 @@ class _Engine:
                 ids[r, : len(P[i]) - 1] = torch.tensor(P[i][:-1])
             positions = torch.arange(L, device=self.dev)[None].expand(len(chunk), L)
             slots = torch.tensor([s for _, s in chunk], device=self.dev)
-            self.model(ids.to(self.dev), positions=positions, cache=_Window(self.cache, self.S, L), slots=slots,
-                       return_hidden=True)
+            self.model(ids.to(self.dev), positions=positions, cache=_Window(self.cache, self.S, L),
+                       slots=slots, return_hidden=True)
 
     def refill(self, free: list[int]):
         """Start the next pending jobs in the free slots; each prompt's prefix is computed once and copied."""
@@ -206,38 +252,33 @@ class _Engine:
         fresh = [i for i in slots_of if i != staged]
         self._prefill([(i, slots_of[i][0]) for i in fresh])
         siblings = [(s, slots_of[i][0], len(P[i]) - 1) for i in fresh for s in slots_of[i][1:]]
-        if siblings:  # one batched copy per layer; junk past a shorter prompt's prefix is harmless
+        if siblings:  # one batched copy; junk past a shorter prompt's prefix is harmless
             dst, src, lengths = zip(*siblings)
             self._copy(cache, list(dst), cache, list(src), max(lengths))
         last_i, last_j = take[-1]
         if last_j < self.n - 1 and last_i != staged:  # its other samples start later: keep its prefix
             self._copy(self.stage, [0], cache, [slots_of[last_i][0]], len(P[last_i]) - 1)
             self.staged = last_i
-        # the jobs' device state, one small host-to-device copy per tensor
-        idx = torch.tensor([s for s, _ in assign], device=self.dev)
-        self.last[idx] = torch.tensor([P[i][-1] for i, _ in take], device=self.dev)
-        self.pos[idx] = torch.tensor([len(P[i]) - 1 for i, _ in take], device=self.dev)
-        self.n_gen[idx] = 0
-        self.done[idx] = False
+        # the jobs' start state, one small host-to-device copy per device field
         keys = [self.keys[i][j] for i, j in take]
-        self.key[idx] = torch.tensor([[k & M32, (k >> 32) & M32] for k in keys], device=self.dev)
-        for s, (i, j) in assign:
-            self.slot_job[s] = (i, j)
-            self.pos_host[s] = len(P[i]) - 1
+        self.rows.set([s for s, _ in assign], last=[P[i][-1] for i, _ in take],
+                      pos=[len(P[i]) - 1 for i, _ in take], n_gen=0, done=False,
+                      key=[[k & M32, (k >> 32) & M32] for k in keys],
+                      slot_job=list(take), pos_host=[len(P[i]) - 1 for i, _ in take])
 
     def step(self, window: int):
         """One token for every row in use; no host sync."""
-        m = self.m
-        last, pos, n_gen, done = self.last[:m], self.pos[:m], self.n_gen[:m], self.done[:m]
+        m, R = self.m, self.rows
+        last, pos, n_gen, done = R.last[:m], R.pos[:m], R.n_gen[:m], R.done[:m]
         logits = self.decode(last[:, None], positions=pos[:, None],
                              cache=_Window(self.cache, m, window))[:, -1].float()  # (m, V)
         greedy = self.cfg.greedy or self.cfg.temperature <= 0
-        noise = None if greedy else gumbel(self.key[:m], n_gen, logits.size(-1))
+        noise = None if greedy else gumbel(R.key[:m], n_gen, logits.size(-1))
         tok = next_token(logits, noise, self.cfg)
         rows = torch.arange(m, device=self.dev)
-        self.out[rows, n_gen] = tok
+        R.out[rows, n_gen] = tok
         if self.return_logps:  # under the untempered policy, whatever temperature / top-p / top-k did
-            self.out_logp[rows, n_gen] = F.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
+            R.out_logp[rows, n_gen] = F.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
         live = (~done).long()
         n_gen.add_(live)
         pos.add_(live)
@@ -246,53 +287,49 @@ class _Engine:
 
     def harvest(self) -> int:
         """Collect finished jobs (the one host sync) and free their slots; returns how many finished."""
-        m = self.m
-        done_h, n_h, pos_h = self.done[:m].tolist(), self.n_gen[:m].tolist(), self.pos[:m].tolist()
-        fin = [s for s in range(m) if self.slot_job[s] is not None and done_h[s]]
+        m, R = self.m, self.rows
+        done_h, n_h, pos_h = R.done[:m].tolist(), R.n_gen[:m].tolist(), R.pos[:m].tolist()
+        fin = [s for s in range(m) if R.slot_job[s] is not None and done_h[s]]
         if fin:
             idx = torch.tensor(fin, device=self.dev)
-            toks = self.out[idx].tolist()
-            logps = self.out_logp[idx].tolist() if self.return_logps else None
+            toks = R.out[idx].tolist()
+            logps = R.out_logp[idx].tolist() if self.return_logps else None
             stops = set(self.stop.tolist())
             for r, s in enumerate(fin):
                 ids = toks[r][: n_h[s]]
                 reason = "stop" if ids and ids[-1] in stops else "length"
-                i, j = self.slot_job[s]
+                i, j = R.slot_job[s]
                 self.results[i][j] = Completion(ids, reason, logps[r][: n_h[s]] if logps else None)
-                self.slot_job[s] = None
-            self.pos[idx] = 0  # an empty row idles at position 0, inside any window
-        self.pos_host[:m] = [pos_h[s] if self.slot_job[s] is not None else 0 for s in range(m)]
+            R.set(fin, slot_job=None, pos=0)  # an empty row idles at position 0, inside any window
+        R.pos_host[:m] = [pos_h[s] if R.slot_job[s] is not None else 0 for s in range(m)]
         return len(fin)
 
     def compact(self):
         """When no job is pending and at most half the rows are live, move the live rows to the front and
         decode only those: the tail of a pass (a few long responses) then costs what its live rows cost."""
-        live = [s for s in range(self.m) if self.slot_job[s] is not None]
+        R = self.rows
+        live = [s for s in range(self.m) if R.slot_job[s] is not None]
         if not live or len(live) > self.m // 2 or self.next_job < len(self.jobs):
             return
         idx, k = torch.tensor(live, device=self.dev), len(live)
-        L = min(self.max_len, max(self.pos_host[: self.m]) + 1)
-        for li in range(self.model.cfg.num_hidden_layers):
-            for buf in self.cache.layer(li):
-                buf[:k, :, :L] = buf[idx, :, :L]
-        for t in (self.last, self.pos, self.n_gen, self.done, self.key, self.out, self.out_logp):
-            if t is not None:
-                t[:k] = t[idx]
-        self.slot_job[:k] = [self.slot_job[s] for s in live]
-        self.pos_host[:k] = [self.pos_host[s] for s in live]
+        L = min(self.max_len, max(R.pos_host[: self.m]) + 1)
+        self.cache.k[:, :k, :, :L] = self.cache.k[:, idx, :, :L]  # every layer at once
+        self.cache.v[:, :k, :, :L] = self.cache.v[:, idx, :, :L]
+        R.pack(live)
         self.m = k
 
     def run(self, progress: bool) -> list[list[Completion]]:
         every = _check_every(self.cfg, self.dev)
         bar = _progress(len(self.jobs), progress)
         self.refill(list(range(self.S)))
-        while any(job is not None for job in self.slot_job[: self.m]):
-            hi = max(self.pos_host[: self.m])  # no row is past it, and none moves more than one per step
+        while any(job is not None for job in self.rows.slot_job[: self.m]):
+            # no row is past hi, and none moves more than one per step
+            hi = max(self.rows.pos_host[: self.m])
             for _ in range(every):
                 self.step(min(self.max_len, -(-(hi + 1) // WINDOW) * WINDOW))  # the window covers every row
                 hi += 1
             bar.update(self.harvest())
-            free = [s for s in range(self.m) if self.slot_job[s] is None]
+            free = [s for s in range(self.m) if self.rows.slot_job[s] is None]
             if free and self.next_job < len(self.jobs):
                 self.refill(free)
             self.compact()
@@ -366,7 +403,7 @@ def gathered(model: torch.nn.Module):
 def sample(model: Transformer, tok, prompts: list, cfg: SamplingConfig, seed: int = 0, stream: str = "sample",
            n: int = 1, stop_ids: list[int] | None = None, return_logps: bool = False,
            progress: bool = False) -> list[dict]:
-    """samples.jsonl rows, in input order, for prompts with `.id` and `.messages` (this process only).
+    """samples.jsonl rows, in input order, for prompt rows {"prompt_id", "prompt"} (this process only).
 
     `stream` names the use ("iter1/policy", "iter1/d_ms/ckpt-50", ...) so independent passes draw
     independent randomness; the same (seed, stream, prompt id, sample index) always gives the same response.
@@ -375,13 +412,14 @@ def sample(model: Transformer, tok, prompts: list, cfg: SamplingConfig, seed: in
     from mt import chat
     ids = []
     for p in prompts:
-        x = chat.encode_prompt(tok, p.messages)
+        x = chat.encode_prompt(tok, p["prompt"])
         if len(x) > cfg.max_prompt_tokens:
-            raise ValueError(f"prompt {p.id!r} is {len(x)} tokens, over max_prompt_tokens={cfg.max_prompt_tokens}. "
-                             "Fix: raise --max-prompt-tokens or drop this prompt from the prompt file")
+            raise ValueError(f"prompt {p['prompt_id']!r} is {len(x)} tokens, over "
+                             f"max_prompt_tokens={cfg.max_prompt_tokens}. Fix: raise "
+                             "--sampling.max_prompt_tokens or drop this prompt from the prompt file")
         ids.append(x)
     stops = chat.stop_ids(tok) if stop_ids is None else list(stop_ids)
-    keys = [[stream_key(seed, stream, p.id, j) for j in range(n)] for p in prompts]
+    keys = [[stream_key(seed, stream, p["prompt_id"], j) for j in range(n)] for p in prompts]
     with gathered(model):
         done = generate(model, ids, cfg, keys, stops, n=n, return_logps=return_logps, progress=progress)
     rows = []
@@ -389,7 +427,7 @@ def sample(model: Transformer, tok, prompts: list, cfg: SamplingConfig, seed: in
         # the stop id is dropped from the text explicitly (not every stop id is a "special" token)
         texts = [tok.decode(c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids, skip_special_tokens=True)
                  for c in comps]
-        row = {"prompt_id": p.id, "prompt": p.messages, "responses": texts,
+        row = {"prompt_id": p["prompt_id"], "prompt": p["prompt"], "responses": texts,
                "finish_reasons": [c.finish_reason for c in comps], "num_tokens": [c.num_tokens for c in comps]}
         if return_logps:
             row["token_ids"] = [c.token_ids for c in comps]
@@ -425,7 +463,7 @@ def sample_to_file(model: Transformer, tok, prompts: list, cfg: SamplingConfig, 
                     for line in fh:
                         row = json.loads(line)
                         by_id[row["prompt_id"]] = row
-            write_jsonl(out, (by_id[p.id] for p in prompts))  # the prompt file's order, whatever the world size
+            write_jsonl(out, (by_id[p["prompt_id"]] for p in prompts))  # the prompt file's order, whatever the world size
             for f in shards:
                 os.unlink(f)
         dist.barrier()
@@ -444,72 +482,69 @@ def summary_line(s: dict) -> str:
 
 
 # ---- command line
+# Its imports sit here rather than at the top while the engine above is being restructured; they move
+# up with the next edit there.
+import sys  # noqa: E402
+from dataclasses import field  # noqa: E402
+
+from mt import chat, checkpoint, dist  # noqa: E402
+from mt.config import ConfigError, opt, parse  # noqa: E402
+from mt.data import read_prompts  # noqa: E402
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, title: str = "sampling") -> None:
-    """The decoding flags of every command that samples (this module, eval/generate.py, eval/winrate.py).
-    Defaults are mt.config.SamplingConfig's, the paper's (appendix B); run_em.py spells them --sampling.*."""
-    d = SamplingConfig()
-    g = parser.add_argument_group(f"{title} (defaults: the paper's, appendix B)")
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus mass; 1.0 = off")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    g.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature, top-p, top-k)")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longer prompts are an error")
-    g.add_argument("--slots", type=int, default=d.slots, help="concurrent sequences per process")
-    g.add_argument("--check-every", type=int, default=d.check_every,
-                   help="decode steps between host checks for finished rows (0 = 1 on CPU, 8 on GPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles on the first pass)")
-    g.add_argument("--seed", type=int, default=0)
+@dataclass
+class SamplerArgs:
+    """python -m mt.sampler: responses for every prompt of a prompt file, as samples.jsonl."""
+    model: str = ""  # (required) Hugging Face causal-LM directory (weights + tokenizer)
+    prompts: str = ""  # (required) prompt file (.jsonl / .json / .parquet)
+    out: str = ""  # (required) samples.jsonl to write
+    n: int = opt(5, min=1)  # responses per prompt (M)
+    # the same as --n, for torchrun, whose own parser rejects --n as ambiguous; 0 = --n
+    num_samples: int = opt(0, min=0)
+    stream: str = "sample"  # names this pass's random streams
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))  # auto: bf16 on GPU, fp32 on CPU;
+    device: str = "auto"  # auto = cuda if available, else cpu; or cpu | cuda | cuda:N
+    logps: bool = False  # also write token_ids and untempered logps
+    seed: int = 0  # with --stream, names the random streams (same seed, same responses)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
-def sampling_config(parser: argparse.ArgumentParser, a: argparse.Namespace) -> SamplingConfig:
-    """add_sampling_args' flags as a SamplingConfig; a value out of range is a usage error naming its flag."""
-    bad = [f"--{flag} {getattr(a, flag.replace('-', '_'))}: {why}" for flag, ok, why in (
-        ("temperature", a.temperature > 0 or a.greedy, "must be > 0 (or pass --greedy)"),
-        ("top-p", 0.0 < a.top_p <= 1.0, "must be in (0, 1]"),
-        ("top-k", a.top_k >= 0, "must be >= 0"),
-        ("max-new-tokens", a.max_new_tokens >= 1, "must be >= 1"),
-        ("max-prompt-tokens", a.max_prompt_tokens >= 1, "must be >= 1"),
-        ("slots", a.slots >= 1, "must be >= 1"),
-        ("check-every", a.check_every >= 0, "must be >= 0")) if not ok]
-    if bad:
-        parser.error("; ".join(bad))
-    return SamplingConfig(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens,
-                          greedy=a.greedy, slots=a.slots, max_prompt_tokens=a.max_prompt_tokens,
-                          check_every=a.check_every, compile=a.compile)
+def check_sampling(cfg: SamplingConfig) -> SamplingConfig:
+    """The sampling check no opt() declaration states (every command that samples runs it)."""
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise ConfigError(f"--sampling.top_p={cfg.top_p}: must be in (0, 1]")
+    return cfg
+
+
+def require(args, *keys: str) -> None:
+    """A usage error naming every required key left empty."""
+    missing = [k for k in keys if not getattr(args, k)]
+    if missing:
+        raise ConfigError(f"missing --{', --'.join(missing)} (--help lists every key)")
+
+
+def parse_args(argv: list[str] | None = None) -> SamplerArgs:
+    doc = "\n\n".join(__doc__.split("\n\n")[:2])  # the title and the example commands
+    a = parse(sys.argv[1:] if argv is None else list(argv), SamplerArgs(), "python -m mt.sampler", doc)
+    require(a, "model", "prompts", "out")
+    check_sampling(a.sampling)
+    return a
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m mt.sampler", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="Hugging Face causal-LM directory (weights + tokenizer)")
-    ap.add_argument("--prompts", required=True, help="prompt file (.jsonl / .json / .parquet)")
-    ap.add_argument("--out", required=True, help="samples.jsonl to write")
-    # --num-samples for torchrun, whose own parser rejects --n as an ambiguous prefix of its options
-    ap.add_argument("--n", "--num-samples", dest="n", type=int, default=5, help="responses per prompt (M)")
-    ap.add_argument("--stream", default="sample", help="names this pass's random streams")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    ap.add_argument("--logps", action="store_true", help="also write token_ids and untempered logps")
-    add_sampling_args(ap)
-    a = ap.parse_args(argv)
-    if a.n < 1:
-        ap.error(f"--n {a.n}: must be >= 1")
-    cfg = sampling_config(ap, a)
-
-    from mt import chat, checkpoint, dist
-    from mt.data import read_prompts
-    d = dist.init_distributed(a.device)
+    a = parse_args(argv)
+    d = dist.init_distributed(None if a.device == "auto" else a.device)
     prompts = read_prompts(a.prompts)
     tok = chat.load_tokenizer(a.model)
     model = checkpoint.load_model(a.model, dtype=a.dtype, device=d.device).eval()
-    s = sample_to_file(model, tok, prompts, cfg, a.out, seed=a.seed, stream=a.stream, n=a.n,
-                       stop_ids=chat.stop_ids(tok, a.model), return_logps=a.logps)
+    s = sample_to_file(model, tok, prompts, a.sampling, a.out, seed=a.seed, stream=a.stream,
+                       n=a.num_samples or a.n, stop_ids=chat.stop_ids(tok, a.model), return_logps=a.logps)
     dist.print0(summary_line(s) + f" -> {a.out}")
     return s
 
 
 if __name__ == "__main__":
-    from mt import dist
-    dist.run(main)
+    try:
+        dist.run(main)
+    except ConfigError as e:  # a usage error: the message names the flag, no traceback
+        sys.exit(f"python -m mt.sampler: error: {e}")

@@ -1,7 +1,7 @@
 """The gold-reward sandbox: a small world with a known judge, where the paper's problem really happens.
 
     world = build_world(seed=0)    # π0, r0, prompts; built once (~30 s on 2 CPU cores), then cached
-    python run_em.py               # Mutual-Taught on this world (PRESETS["sandbox"] = SANDBOX_PRESET)
+    python run_em.py               # Mutual-Taught on this world (mt/config.py PRESETS["sandbox"])
 
 Task: sort a short list of numbers ("sort: 7 3 9 1" -> "1 3 7 9"). The gold reward grades a response
 (order, missing and extra items). π0 is a tiny Llama SFT'd on imperfect demonstrations (swaps, drops);
@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -26,6 +27,21 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from mt import chat
+from mt import config as C
+from mt.checkpoint import load_model
+from mt.data import read_json, read_pairs, read_pseudo_pairs, read_samples, write_json, write_jsonl
+from mt.losses import BRADLEY_TERRY, SFT
+from mt.manifest import iteration_dirs
+from mt.model import ModelConfig, Transformer
+from mt.sampler import sample
+from mt.scoring import score_conversations
+from mt.train import train
 
 # ---- the task: prompts and the gold reward
 
@@ -114,7 +130,6 @@ def make_prompts(n: int, seed: int) -> list[dict]:
 
 
 def write_prompts(path, n: int, seed: int):
-    from mt.data import write_jsonl
     write_jsonl(path, make_prompts(n, seed))
     return path
 
@@ -131,9 +146,6 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
 
 def build_tokenizer(out_dir):
     """A word-level PreTrainedTokenizerFast with the chat template, saved as a Hugging Face directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + tuple(map(str, range(NUM_MAX))))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()  # "sort: 7 3" -> sort, :, 7, 3
@@ -174,10 +186,6 @@ class WorldConfig:
     rm_epochs: int = 4
     rm_lr: float = 1e-3
     rm_batch_size: int = 32
-    # sampling, as run_em samples (SANDBOX_PRESET), so r0 is trained on π0's run-time distribution
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 16
     eval_prompts: int = 200  # held-out prompts for the build report (world.json)
 
 
@@ -204,17 +212,15 @@ def _policy_hf_config(c: WorldConfig, tok) -> dict:
             "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
 
 
-def _sampling(c: WorldConfig):
-    from mt.sampler import SamplingConfig
-    return SamplingConfig(temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens, slots=256,
-                          max_prompt_tokens=64)
+def _sampling() -> C.SamplingConfig:
+    """run_em's sandbox sampling (PRESETS["sandbox"]), so r0 is trained on π0's run-time distribution."""
+    return C.parse(["--preset", "sandbox"], C.Config()).sampling
 
 
 def _prompts(n: int, seed: int, stream: str):
-    """Prompt objects (for the sampler) of a named stream, disjoint in id from the run's prompt file."""
-    from mt.data import Prompt
+    """Prompt rows (for the sampler) of a named stream, disjoint in id from the run's prompt file."""
     rng = random.Random(f"sandbox-{stream}:{seed}")
-    return [Prompt(f"{stream}-{i:05d}", [{"role": "user", "content": prompt_text(make_numbers(rng))}])
+    return [{"prompt_id": f"{stream}-{i:05d}", "prompt": [{"role": "user", "content": prompt_text(make_numbers(rng))}]}
             for i in range(n)]
 
 
@@ -241,22 +247,14 @@ def gold_pairs(samples: list[dict], label_noise: float = 0.0, seed: int = 0) -> 
 
 def _build(c: WorldConfig, root: Path) -> dict:
     """Write tokenizer/, policy/ (π0), rm/ (r0), prompts.jsonl, rm_pairs.jsonl and world.json under root."""
-    import torch
-
-    from mt import chat
-    from mt.checkpoint import load_model
-    from mt.config import RMConfig, TrainConfig
-    from mt.model import ModelConfig, Transformer
-    from mt.data import Pair, write_jsonl
-    from mt.sampler import sample
-    from mt.train import rm_examples, sft_examples, train
     t0 = time.perf_counter()
     times = {}
     tok_dir = root / "tokenizer"
     build_tokenizer(tok_dir)
     tok = chat.load_tokenizer(tok_dir)
+    sampling = _sampling()
     gen_cfg = {"bos_token_id": tok.bos_token_id, "eos_token_id": chat.stop_ids(tok), "pad_token_id": tok.pad_token_id,
-               "do_sample": True, "temperature": c.temperature, "top_p": c.top_p}
+               "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
     (tok_dir / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     write_prompts(root / "prompts.jsonl", c.n_prompts, c.seed)
 
@@ -267,35 +265,36 @@ def _build(c: WorldConfig, root: Path) -> dict:
         nums = make_numbers(rng)
         demos.append((f"demo-{i}", [{"role": "user", "content": prompt_text(nums)}],
                       " ".join(map(str, corrupt(sorted(nums), rng, c.demo_clean, tuple(c.demo_ops.split(",")))))))
-    examples, _ = sft_examples(tok, demos, max_length=64)
+    examples, _ = chat.sft_examples(tok, demos, max_length=64)
     torch.manual_seed(c.seed)
     policy = Transformer(ModelConfig.from_hf(_policy_hf_config(c, tok)))
     policy.init_weights()
-    sft = TrainConfig(lr=c.sft_lr, batch_size=c.sft_batch_size, micro_batch_size=c.sft_batch_size,
+    sft = C.TrainConfig(lr=c.sft_lr, batch_size=c.sft_batch_size, micro_batch_size=c.sft_batch_size,
                       epochs=c.sft_epochs, warmup_ratio=0.05, max_length=64, save_every=0, seed=c.seed)
-    train(policy, examples, "sft", sft, root / "sft", pad_id=tok.pad_token_id, tokenizer_dir=tok_dir,
-          generation_config=gen_cfg, final_dir=root / "policy", progress=False, desc="sandbox π0 (SFT)")
+    train(policy, examples, SFT, sft, root / "sft", pad_id=tok.pad_token_id, tokenizer_dir=tok_dir,
+          generation_config=gen_cfg, progress=False, desc="sandbox π0 (SFT)")
+    os.replace(root / "sft" / "final", root / "policy")
     times["sft_s"] = time.perf_counter() - t0
 
     # ---- r0: Bradley-Terry on gold-labelled pairs of π0's own samples (limited, noisy)
     policy = load_model(root / "policy").eval()
-    rm_samples = sample(policy, tok, _prompts(c.rm_prompts, c.seed, "rm"), _sampling(c),
+    rm_samples = sample(policy, tok, _prompts(c.rm_prompts, c.seed, "rm"), sampling,
                         seed=c.seed, stream="sandbox/rm", n=c.rm_samples)
     pairs = gold_pairs(rm_samples, c.label_noise, c.seed)
     write_jsonl(root / "rm_pairs.jsonl", pairs)
-    examples, _ = rm_examples(tok, [Pair(p["prompt_id"], p["prompt"], p["chosen"], p["rejected"]) for p in pairs],
-                              max_length=64)
+    examples, _ = chat.rm_examples(tok, pairs, max_length=64)
     torch.manual_seed(c.seed)  # the fresh score head
     rm = load_model(root / "policy", head="score")
     rm.cfg.hf["pad_token_id"] = tok.pad_token_id
-    rmc = RMConfig(lr=c.rm_lr, batch_size=c.rm_batch_size, micro_batch_size=c.rm_batch_size, epochs=c.rm_epochs,
+    rmc = C.RMConfig(lr=c.rm_lr, batch_size=c.rm_batch_size, micro_batch_size=c.rm_batch_size, epochs=c.rm_epochs,
                    warmup_ratio=0.05, max_length=64, save_every=0, seed=c.seed)
-    train(rm, examples, "rm", rmc, root / "rm", pad_id=tok.pad_token_id, tokenizer_dir=tok_dir,
-          generation_config=gen_cfg, final_dir=root / "rm", progress=False, desc="sandbox r0 (Bradley-Terry)")
+    train(rm, examples, BRADLEY_TERRY, rmc, root / "rm_train", pad_id=tok.pad_token_id, tokenizer_dir=tok_dir,
+          generation_config=gen_cfg, progress=False, desc="sandbox r0 (Bradley-Terry)")
+    os.replace(root / "rm_train" / "final", root / "rm")
     times["rm_s"] = time.perf_counter() - t0 - times["sft_s"]
 
     # ---- the build report: how good π0 and r0 are, on held-out prompts
-    held = sample(policy, tok, _prompts(c.eval_prompts, c.seed, "eval"), _sampling(c),
+    held = sample(policy, tok, _prompts(c.eval_prompts, c.seed, "eval"), sampling,
                   seed=c.seed, stream="sandbox/eval", n=c.rm_samples)
     info = {"base_gold": policy_gold(held), "base_perfect": policy_gold(held, perfect=True),
             "rm_pairs": len(pairs), "rm_agreement_base": rm_gold_agreement(root / "rm", sample_pairs(held)),
@@ -309,8 +308,8 @@ def _build(c: WorldConfig, root: Path) -> dict:
 def _code_hash() -> str:
     """The source of every module the build runs: a code change never serves a stale world."""
     h = hashlib.sha256()
-    for name in ("sandbox", "model", "checkpoint", "chat", "train", "losses", "sampler", "scoring", "data"):
-        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()
 
 
@@ -340,7 +339,6 @@ def build_world(seed: int = 0, cache_dir=None, **overrides) -> World:
     with open(cache / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the world built
         if not (root / "world.json").is_file():
-            import torch
             tmp = cache / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
             threads = torch.get_num_threads()
             # one thread: as fast for models this small, and no spinning OpenMP workers on a shared machine
@@ -349,7 +347,7 @@ def build_world(seed: int = 0, cache_dir=None, **overrides) -> World:
                 print(f"building the sandbox world (seed {seed}) in {root} ...", flush=True)
                 info = _build(c, tmp)
                 info["config"] = dataclasses.asdict(c)
-                (tmp / "world.json").write_text(json.dumps(info, indent=2))
+                write_json(tmp / "world.json", info)
                 if root.exists():
                     shutil.rmtree(root)
                 os.replace(tmp, root)
@@ -360,20 +358,16 @@ def build_world(seed: int = 0, cache_dir=None, **overrides) -> World:
                 torch.set_num_threads(threads)
             print(f"sandbox world built in {info['build_s']}s: π0 gold {info['base_gold']:.3f}, r0 agrees with "
                   f"gold on {100 * info['rm_agreement_base']['agreement']:.1f}% of π0's pairs", flush=True)
-    return _world(c, root, json.loads((root / "world.json").read_text()))
+    return _world(c, root, read_json(root / "world.json"))
 
 
 # ---- gold metrics (what run_em prints per iteration)
 
 
-def _row(s) -> dict:
-    return s.to_row() if hasattr(s, "to_row") else s
-
-
 def gold_scores(samples) -> list[dict]:
     """scores.jsonl rows with the GOLD reward: the oracle judge, aligned with each row's responses."""
     return [{"prompt_id": r["prompt_id"], "scores": [gold_reward(r["prompt"], y) for y in r["responses"]]}
-            for r in map(_row, samples)]
+            for r in samples]
 
 
 def policy_gold(samples, perfect: bool = False) -> float:
@@ -387,9 +381,9 @@ def gold_win_rate(new_samples, old_samples) -> dict:
 
     win_rate = (wins + ties / 2) / n; ties are frequent here (both responses perfect), so they are reported.
     """
-    old = {r["prompt_id"]: r for r in map(_row, old_samples)}
+    old = {r["prompt_id"]: r for r in old_samples}
     w = t = n = 0
-    for r in map(_row, new_samples):
+    for r in new_samples:
         o = old.get(r["prompt_id"])
         if o is None:
             continue
@@ -403,14 +397,14 @@ def gold_win_rate(new_samples, old_samples) -> dict:
 
 def sample_pairs(samples) -> list[dict]:
     """Every within-prompt pair of a policy's responses with different gold (chosen = higher gold)."""
-    return gold_pairs([_row(s) for s in samples], label_noise=0.0)
+    return gold_pairs(samples, label_noise=0.0)
 
 
 def pair_gold_accuracy(pairs) -> dict:
     """Share of pairs whose chosen response has strictly higher gold than the rejected one (gold ties
     are counted apart: `accuracy` is over the pairs gold decides; `ties` over all pairs)."""
     right = ties = n = 0
-    for p in map(_row, pairs):
+    for p in pairs:
         gc, gr = gold_reward(p["prompt"], p["chosen"]), gold_reward(p["prompt"], p["rejected"])
         right, ties, n = right + (gc > gr), ties + (gc == gr), n + 1
     return {"accuracy": right / (n - ties) if n > ties else float("nan"), "ties": ties / max(1, n), "n": n}
@@ -419,8 +413,7 @@ def pair_gold_accuracy(pairs) -> dict:
 def rm_gold_agreement(rm, pairs, tok=None) -> dict:
     """Share of pairs the RM orders as gold does (RM ties count as disagreement); pairs gold ties are
     skipped. `rm` is a directory or a loaded model with its tokenizer."""
-    from mt.scoring import score_conversations
-    rows = [p for p in map(_row, pairs) if gold_reward(p["prompt"], p["chosen"]) != gold_reward(p["prompt"], p["rejected"])]
+    rows = [p for p in pairs if gold_reward(p["prompt"], p["chosen"]) != gold_reward(p["prompt"], p["rejected"])]
     if not rows:
         return {"agreement": float("nan"), "n": 0}
     items = [(p["prompt"], p["chosen"]) for p in rows] + [(p["prompt"], p["rejected"]) for p in rows]
@@ -433,20 +426,51 @@ def rm_gold_agreement(rm, pairs, tok=None) -> dict:
     return {"agreement": agree / n, "n": n}
 
 
-# ---- the run_em preset for the sandbox (mt/config.py PRESETS["sandbox"]): the paper's settings, scaled down
+# ---- the gold view of a run directory (what run_em.py prints after a sandbox run)
 
-SANDBOX_PRESET: dict = {
-    "iters": 2,  # T = 2, as in the paper's main results
-    "em.n_samples": 4,  # M
-    "em.d_ms_size": 100,  # |D_MS| of the 1,200 prompts; the rest: D_R, D_1, D_2 ≈ 367 each (Sec. 5.1)
-    # Eq. 6 counts a win only when r(y_t) > r(y_{t-1}) strictly; here identical responses (every perfect
-    # sort is the same string, and half of π0's responses are perfect) are frequent ties, which caps
-    # the win rate near 0.5-0.6 for a policy that is better by gold, so τ is scaled down from 0.6.
-    "em.tau": 0.4,
-    "sampling.max_new_tokens": 16, "sampling.slots": 256, "sampling.max_prompt_tokens": 64,
-    # ~300 pairs per iteration: 10 steps of 32, checkpoints at 3, 6, 9 and the final one
-    "dpo.batch_size": 32, "dpo.micro_batch_size": 32, "dpo.lr": 3e-4, "dpo.beta": 0.1, "dpo.save_every": 3,
-    "dpo.max_length": 64,
-    "rm_train.batch_size": 32, "rm_train.micro_batch_size": 32, "rm_train.lr": 3e-4, "rm_train.epochs": 2,
-    "rm_train.max_length": 64,
-}
+
+def gold_view(run: Path) -> list[dict]:
+    """One row per finished iteration of a sandbox run directory, from its artifacts alone."""
+    run = Path(run)
+    its = iteration_dirs(run)
+    if not its:
+        raise FileNotFoundError(f"{run}: no iteration directories: not a run_em.py run directory")
+    pi0 = read_samples(its[0] / "selection" / "prev.samples.jsonl")  # π0 on D_MS, sampled once
+    rows = []
+    for it in its:
+        if not (it / "selection.json").is_file():
+            break
+        chosen = read_json(it / "selection.json").get("chosen")
+        row = {"iter": it.relative_to(run).as_posix(), "chosen": chosen or "stop", "pi0_gold": policy_gold(pi0),
+               # r_{t-1}'s pairs on π_{t-1}'s samples: how often the RM that drove this E-step agreed with gold
+               "estep_pairs_gold_acc": pair_gold_accuracy(read_pairs(it / "pairs.jsonl"))["accuracy"]}
+        if chosen:
+            new = read_samples(it / "selection" / f"{chosen}.samples.jsonl")
+            row["policy_gold"] = policy_gold(new)
+            row["policy_perfect"] = policy_gold(new, perfect=True)
+            row["gold_win_vs_pi0"] = gold_win_rate(new, pi0)["win_rate"]
+        if (it / "pseudo_pairs.jsonl").is_file():
+            pp = read_pseudo_pairs(it / "pseudo_pairs.jsonl")
+            valid = [{**r, "chosen": r["y_t"], "rejected": r["y_prev"]} for r in pp if r["valid"]]
+            kept = [r for r in pp if r["kept"]]
+            row["pseudo_gold_acc_before"] = pair_gold_accuracy(valid)["accuracy"] if valid else math.nan
+            row["pseudo_gold_acc_after"] = pair_gold_accuracy(kept)["accuracy"] if kept else math.nan
+            row["pseudo_kept"], row["pseudo_total"] = len(kept), len(pp)
+        rows.append(row)
+    return rows
+
+
+def _f(x, fmt=".3f"):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def gold_table(rows: list[dict]) -> str:
+    lines = ["| iter | chosen | policy gold (π0) | perfect share | gold win vs π0 | E-step pairs gold acc "
+             "| pseudo gold acc before → after filter | pseudo kept/total |", "|" + "---|" * 8]
+    for r in rows:
+        lines.append(
+            f"| {r['iter'].removeprefix('iter')} | {r['chosen']} | {_f(r.get('policy_gold'))} ({_f(r['pi0_gold'])}) | "
+            f"{_f(r.get('policy_perfect'), '.2f')} | {_f(r.get('gold_win_vs_pi0'))} | {_f(r['estep_pairs_gold_acc'])} | "
+            f"{_f(r.get('pseudo_gold_acc_before'))} → {_f(r.get('pseudo_gold_acc_after'))} | "
+            f"{r.get('pseudo_kept', '-')}/{r.get('pseudo_total', '-')} |")
+    return "\n".join(lines)

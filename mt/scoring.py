@@ -9,14 +9,16 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from mt import dist
+from mt.chat import encode_conversation, load_tokenizer
+from mt.checkpoint import CheckpointError, load_model, read_config
+from mt.data import pad_sequences, read_samples, write_jsonl
 
 
 def load_rm(path, device=None, dtype="auto"):
     """A reward model directory (score head) and its tokenizer; dtype auto = bf16 on GPU, fp32 on CPU."""
-    from mt.chat import load_tokenizer
-    from mt.checkpoint import CheckpointError, load_model, read_config
     device = torch.device(device or dist.get().device)
     if read_config(path).head != "score":
         raise CheckpointError(f"{path}: is a causal LM, not a reward model (config.json architectures must end in "
@@ -34,9 +36,6 @@ def score_conversations(rm, items: list[tuple[list[dict], str]], tok=None, batch
     within a rank, longest first into batches of <= max_tokens padded tokens and <= batch_size rows,
     right-padded, each score read at the row's last real token (by length, never by pad id).
     """
-    from tqdm import tqdm
-
-    from mt.chat import encode_conversation
     if isinstance(rm, (str, Path)):
         rm, tok = load_rm(rm, device, dtype)
     elif tok is None:
@@ -55,10 +54,7 @@ def score_conversations(rm, items: list[tuple[list[dict], str]], tok=None, batch
         n = max(1, min(batch_size, max_tokens // max(T, 1), len(order) - j))
         idx = order[j:j + n]
         j += n
-        ids = torch.full((n, T), pad, dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
-        lengths = torch.tensor([len(seqs[i]) for i in idx])
+        ids, lengths = pad_sequences([seqs[i] for i in idx], pad)  # right-padded (n, T), (n,)
         pending.append((idx, rm.rewards(ids.to(dev), lengths=lengths.to(dev)).float()))  # (n,)
         bar.update(n * d.world_size)  # the other ranks advance at about the same pace
     bar.close()
@@ -73,7 +69,7 @@ def score_conversations(rm, items: list[tuple[list[dict], str]], tok=None, batch
 
 def score_samples(rm, samples, tok=None, **kw) -> list[dict]:
     """scores.jsonl rows {"prompt_id", "scores"} aligned with each samples row's responses."""
-    rows = [s.to_row() if hasattr(s, "to_row") else s for s in samples]
+    rows = list(samples)
     items = [(r["prompt"], y) for r in rows for y in r["responses"]]
     flat = score_conversations(rm, items, tok, **kw)
     out, k = [], 0
@@ -86,7 +82,6 @@ def score_samples(rm, samples, tok=None, **kw) -> list[dict]:
 
 def score_file(rm_dir, samples_path, out_path, device=None, dtype="auto", **kw) -> list[dict]:
     """Read samples.jsonl, score every response with the RM in rm_dir, write scores.jsonl (rank 0, atomic)."""
-    from mt.data import read_samples, write_jsonl
     t0 = time.perf_counter()
     rm, tok = load_rm(rm_dir, device, dtype)
     samples = read_samples(samples_path)

@@ -4,12 +4,14 @@ AutoModelForSequenceClassification, and generate.py's files against the schemas 
 Arena-Hard read (a missing or empty prompt is an error naming file, line and field)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from eval import generate, rewardbench, winrate
+from mt.config import ConfigError
 from eval.rewardbench import (BenchError, count_correct, format_table, prior_sets_score, read_bench, section_scores,
                               summarize)
 
@@ -178,7 +180,7 @@ def test_accuracy_on_pairs_file(tmp_path, monkeypatch):
     ])
     res = winrate.main(["--rm", "u", "--pairs", str(pairs)])
     assert (res["correct"], res["ties"], res["wrong"], res["n"]) == (1, 1, 1, 3)
-    res = winrate.main(["--rm", "u", "--pairs", str(pairs), "--kept-only"])
+    res = winrate.main(["--rm", "u", "--pairs", str(pairs), "--kept_only"])
     assert (res["correct"], res["n"], res["dropped_not_kept"]) == (1, 2, 1)
 
 
@@ -188,11 +190,11 @@ def test_winrate_samples_both_policies(tmp_path, monkeypatch, tiny_llama_dir):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt_id": f"p{i}", "prompt": f"Hello {i}"}
                                                        for i in range(3)])
     res = winrate.main(["--rm", "u", "--new-policy", str(tiny_llama_dir), "--old-policy", str(tiny_llama_dir),
-                        "--prompts", str(prompts), "--samples-dir", str(tmp_path / "s"), "--max-new-tokens", "6",
+                        "--prompts", str(prompts), "--samples_dir", str(tmp_path / "s"), "--sampling.max_new_tokens", "6",
                         "--device", "cpu"])
     from mt.data import read_samples
     new, old = read_samples(tmp_path / "s" / "new.samples.jsonl"), read_samples(tmp_path / "s" / "old.samples.jsonl")
-    expected = winrate.judge([len(s.responses[0]) for s in new], [len(s.responses[0]) for s in old])
+    expected = winrate.judge([len(s["responses"][0]) for s in new], [len(s["responses"][0]) for s in old])
     assert res["n"] == 3 and {k: res[k] for k in expected} == expected
 
 
@@ -291,13 +293,13 @@ def test_generate_alpacaeval_file(tmp_path, tiny_llama_dir):
                                {"dataset": "koala", "instruction": "What is two plus two?"}]))
     out = tmp_path / "res" / "model_outputs.json"
     res = generate.main(["--policy", str(tiny_llama_dir), "--format", "alpacaeval", "--prompts", str(inp),
-                         "--out", str(out), "--name", "tiny", "--max-new-tokens", "5", "--device", "cpu"])
+                         "--out", str(out), "--name", "tiny", "--sampling.max_new_tokens", "5", "--device", "cpu"])
     data = check_alpacaeval(out, ["Hello world", "What is two plus two?"], "tiny")
     assert [d["dataset"] for d in data] == ["helpful_base", "koala"]
     from mt.data import read_samples
     samples = read_samples(res["samples"])
-    assert [d["output"] for d in data] == [s.responses[0].strip() for s in samples]
-    assert all(n <= 5 for s in samples for n in s.num_tokens)
+    assert [d["output"] for d in data] == [s["responses"][0].strip() for s in samples]
+    assert all(n <= 5 for s in samples for n in s["num_tokens"])
 
 
 def test_generate_arenahard_file(tmp_path, tiny_llama_dir):
@@ -308,7 +310,7 @@ def test_generate_arenahard_file(tmp_path, tiny_llama_dir):
          "turns": [{"content": "Explain why the sky is blue."}]}])
     out = tmp_path / "model_answer" / "tiny-mt.jsonl"
     res = generate.main(["--policy", str(tiny_llama_dir), "--format", "arenahard", "--prompts", str(qs),
-                         "--out", str(out), "--name", "tiny-mt", "--greedy", "--max-new-tokens", "4",
+                         "--out", str(out), "--name", "tiny-mt", "--sampling.greedy", "--sampling.max_new_tokens", "4",
                          "--device", "cpu"])
     rows = check_arenahard(out, ["328c149ed45a41c0b9d6f14659e63599", "b43c07656ead4150b360294ee932b410"], "tiny-mt")
     # the raw samples are not in model_answer/*.jsonl, where Arena-Hard would take them for a model
@@ -316,10 +318,11 @@ def test_generate_arenahard_file(tmp_path, tiny_llama_dir):
     from mt.data import read_samples
     samples = read_samples(res["samples"])
     for r, s in zip(rows, samples):
-        assert r["choices"][0]["turns"][0]["token_len"] == s.num_tokens[0] - (s.finish_reasons[0] == "stop")
-        assert r["choices"][0]["turns"][0]["content"] == s.responses[0].strip()
-    assert all(n <= 4 for s in samples for n in s.num_tokens)
-    with pytest.raises(SystemExit, match="must be 'other.jsonl'"):  # the file name is the model name
+        turn = r["choices"][0]["turns"][0]
+        assert turn["token_len"] == s["num_tokens"][0] - (s["finish_reasons"][0] == "stop")
+        assert turn["content"] == s["responses"][0].strip()
+    assert all(n <= 4 for s in samples for n in s["num_tokens"])
+    with pytest.raises(ConfigError, match="must be 'other.jsonl'"):  # the file name is the model name
         generate.main(["--policy", str(tiny_llama_dir), "--format", "arenahard", "--prompts", str(qs),
                        "--out", str(out), "--name", "other"])
 
@@ -371,19 +374,54 @@ def test_sampling_flags_are_one_set_across_commands(capsys):
     from mt.config import SamplingConfig
     gen_args = ["--policy", "p", "--format", "alpacaeval", "--prompts", "x.json", "--out", "o.json"]
     win_args = ["--rm", "r", "--new", "a.jsonl", "--old", "b.jsonl"]
-    assert generate.parse_args(gen_args).sampling == SamplingConfig()  # the paper's defaults (appendix B)
-    assert winrate.parse_args(win_args).sampling == SamplingConfig()
-    flags = ["--temperature", "0.5", "--top-p", "0.7", "--top-k", "3", "--max-new-tokens", "9",
-             "--max-prompt-tokens", "33", "--slots", "5", "--check-every", "2"]
+    smp_args = ["--model", "m", "--prompts", "p", "--out", "o"]
+    parsers = ((generate.parse_args, gen_args), (winrate.parse_args, win_args), (sampler.parse_args, smp_args))
+    for parse, args in parsers:
+        assert parse(args).sampling == SamplingConfig()  # the paper's defaults (appendix B)
+    flags = ["--sampling.temperature", "0.5", "--sampling.top_p", "0.7", "--sampling.top_k", "3",
+             "--sampling.max_new_tokens", "9", "--sampling.max_prompt_tokens", "33", "--sampling.slots", "5",
+             "--sampling.check_every", "2"]
     want = SamplingConfig(temperature=0.5, top_p=0.7, top_k=3, max_new_tokens=9, max_prompt_tokens=33, slots=5,
                           check_every=2)
-    assert generate.parse_args(gen_args + flags).sampling == want
-    assert winrate.parse_args(win_args + flags).sampling == want
-    assert generate.parse_args(gen_args + ["--greedy", "--temperature", "0"]).sampling.greedy
-    for parse, args in ((generate.parse_args, gen_args), (winrate.parse_args, win_args),
-                        (sampler.main, ["--model", "m", "--prompts", "p", "--out", "o"])):
-        with pytest.raises(SystemExit):  # rejected before any model or file is opened
-            parse(args + ["--top-p", "0", "--slots", "0", "--temperature", "0"])
-        err = capsys.readouterr().err
-        assert "--top-p 0.0: must be in (0, 1]" in err and "--slots 0: must be >= 1" in err
-        assert "--temperature 0.0: must be > 0 (or pass --greedy)" in err
+    for parse, args in parsers:
+        assert parse(args + flags).sampling == want
+    assert generate.parse_args(gen_args + ["--sampling.greedy"]).sampling.greedy
+    assert sampler.parse_args(smp_args + ["--seed", "3", "--n", "2"]).seed == 3
+    a = sampler.parse_args(smp_args + ["--num-samples", "4"])  # torchrun's parser takes --n for its own
+    assert (a.n, a.num_samples) == (5, 4)
+    bad = ((["--sampling.top_p", "0"], "--sampling.top_p=0.0: must be in (0, 1]"),
+           (["--sampling.slots", "0"], "--sampling.slots=0: must be > 0"),
+           (["--sampling.temperature", "0"], "--sampling.temperature=0.0: must be > 0"),
+           (["--sampling.top_k", "-1"], "--sampling.top_k=-1: must be >= 0"))
+    for main, args in ((generate.main, gen_args), (winrate.main, win_args), (sampler.main, smp_args)):
+        for flag, msg in bad:
+            with pytest.raises(ConfigError, match=re.escape(msg)):  # rejected before any model or file is opened
+                main(args + flag)
+    with pytest.raises(ConfigError, match=re.escape("--n=0: must be >= 1")):
+        sampler.main(smp_args + ["--n", "0"])
+    # --help lists every key with its default
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--sampling.top_p float = 0.95" in out and "--no_strip bool = false" in out
+
+
+def test_usage_errors_name_the_flag():
+    with pytest.raises(ConfigError, match="missing --policy, --format, --prompts, --out"):
+        generate.parse_args([])
+    with pytest.raises(ConfigError, match=r"--format='gpt': must be one of alpacaeval, arenahard"):
+        generate.parse_args(["--policy", "p", "--format", "gpt", "--prompts", "x", "--out", "o"])
+    with pytest.raises(ConfigError, match="missing --rm"):
+        winrate.parse_args(["--pairs", "p.jsonl"])
+    with pytest.raises(ConfigError, match="give exactly one of"):
+        winrate.parse_args(["--rm", "r", "--pairs", "p.jsonl", "--new", "a.jsonl"])
+    with pytest.raises(ConfigError, match="--new and --old go together"):
+        winrate.parse_args(["--rm", "r", "--new", "a.jsonl"])
+    with pytest.raises(ConfigError, match="--new_policy, --old_policy and --prompts go together"):
+        winrate.parse_args(["--rm", "r", "--new-policy", "a", "--prompts", "p"])
+    with pytest.raises(ConfigError, match="missing --data"):
+        rewardbench.parse_args(["--rm", "r"])
+    with pytest.raises(ConfigError, match=r"unknown config key --temperature"):  # the old flags are gone
+        rewardbench.parse_args(["--rm", "r", "--data", "d", "--temperature", "1"])
+    with pytest.raises(ConfigError, match=r"--dtype='fp16': must be one of auto, fp32, bf16"):
+        rewardbench.parse_args(["--rm", "r", "--data", "d", "--dtype", "fp16"])

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from mt import losses
-from mt.losses import bradley_terry_loss, dpo_loss, preference_loss, sequence_logps, simpo_loss
+from mt.config import ConfigError, DPOConfig, parse_args
+from mt.losses import bradley_terry_loss, dpo_loss, sequence_logps, simpo_loss
 
 f64 = dict(dtype=torch.float64)
 
@@ -39,7 +40,7 @@ def test_cdpo_label_smoothing_closed_form():
     loss, _ = dpo_loss(*dpo_inputs(), beta=0.1, label_smoothing=eps)
     want = [(1 - eps) * softplus(b) + eps * softplus(-b) for b in (2.0, -0.3)]
     torch.testing.assert_close(loss, torch.tensor(want, **f64))
-    ref, _ = preference_loss("cdpo", *dpo_inputs(), beta=0.1, label_smoothing=eps)
+    ref, _ = losses.LOSSES["cdpo"].fn(*dpo_inputs(), DPOConfig(loss="cdpo", beta=0.1, label_smoothing=eps))
     torch.testing.assert_close(ref, loss)
 
 
@@ -58,7 +59,7 @@ def test_simpo_closed_form():
     loss, m = simpo_loss(avg_c, avg_r, beta=2.0, gamma=1.0)  # 2*(-1+1.5)-1 = 0 ; 2*(-0.5+2)-1 = 2
     torch.testing.assert_close(loss, torch.tensor([math.log(2.0), softplus(2.0)], **f64))
     torch.testing.assert_close(m["margin"], torch.tensor([1.0, 3.0], **f64))
-    same, _ = preference_loss("simpo", avg_c, avg_r, beta=2.0, gamma=1.0)
+    same, _ = losses.LOSSES["simpo"].fn(avg_c, avg_r, None, None, DPOConfig(beta=2.0, simpo_gamma=1.0))
     torch.testing.assert_close(same, loss)
 
 
@@ -74,18 +75,20 @@ def test_bradley_terry_closed_form():
     torch.testing.assert_close(loss, torch.tensor([softplus(1.0), softplus(2.0), softplus(-4.0)], **f64))
 
 
-def test_dispatch_errors_name_what_to_change():
+def test_registry_errors_name_what_to_change():
     args = dpo_inputs()
-    for bad, match in [(dict(name="kto"), "expected one of"),
-                       (dict(name="dpo", label_smoothing=0.1), "only to loss='cdpo'"),
-                       (dict(name="cdpo", label_smoothing=0.0), "0 < label_smoothing < 0.5")]:
-        with pytest.raises(ValueError, match=match):
-            preference_loss(bad.pop("name"), *args, beta=0.1, **bad)
-    with pytest.raises(ValueError, match="needs ref_chosen_logps"):
-        preference_loss("ipo", args[0], args[1], beta=0.1)
+    with pytest.raises(ConfigError, match="--dpo.loss='kto': must be one of"):
+        parse_args(["--dpo.loss", "kto"])
+    with pytest.raises(ConfigError, match="applies only to --dpo.loss cdpo"):
+        parse_args(["--dpo.loss", "dpo", "--dpo.label_smoothing", "0.1"])
+    with pytest.raises(ValueError, match="0 < --dpo.label_smoothing < 0.5"):
+        losses.LOSSES["cdpo"].fn(*args, DPOConfig(loss="cdpo", label_smoothing=0.0))
     with pytest.raises(ValueError, match="loss_type"):
         dpo_loss(*args, beta=0.1, loss_type="cdpo")
-    assert set(losses.USES_REFERENCE) == set(losses.AVERAGE_LOGPS) == set(losses.PREFERENCE_LOSSES)
+    # one registry entry per loss; the config's allowed values are its names
+    assert losses.PREFERENCE_LOSSES == tuple(losses.LOSSES) == ("dpo", "cdpo", "ipo", "simpo", "hinge")
+    assert [n for n, s in losses.LOSSES.items() if not s.uses_reference] == ["simpo"]
+    assert [n for n, s in losses.LOSSES.items() if s.average_logps] == ["simpo"]
 
 
 # ---- gradients: autograd vs finite differences, and stability at extreme margins

@@ -38,9 +38,9 @@ def args(inputs, out):
             "--prompts", str(inputs / "prompts.jsonl"), "--out", str(out), "--em.keep_truncated", "true"]
 
 
-def run_em(argv, env=None, launcher=(sys.executable,), check=True):
+def run_em(argv, env=None, launcher=(sys.executable,), check=True, script=REPO / "run_em.py", pre=()):
     e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    p = subprocess.run([*launcher, str(REPO / "run_em.py"), *argv], cwd=REPO, env=e, capture_output=True, text=True)
+    p = subprocess.run([*launcher, str(script), *pre, *argv], cwd=REPO, env=e, capture_output=True, text=True)
     if check and p.returncode != 0:
         raise AssertionError(f"run_em exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
@@ -94,7 +94,7 @@ def test_sigkill_after_every_stage_then_resume_is_identical(inputs, reference, t
     out.mkdir()
     stages = list(json.loads((reference / "manifest.json").read_text())["stages"])
     for name in stages:  # each rerun skips what is recorded, runs one more stage, and is killed
-        p = run_em(args(inputs, out), env={"MT_KILL_AFTER_STAGE": name}, check=False)
+        p = run_em(args(inputs, out), script=REPO / "tests" / "tools" / "kill_after_stage.py", pre=[name], check=False)
         assert p.returncode == -signal.SIGKILL, (name, p.returncode, p.stderr[-2000:])
         recorded = json.loads((out / "manifest.json").read_text())["stages"]
         assert list(recorded)[-1] == name and len(recorded) == stages.index(name) + 1
@@ -237,10 +237,31 @@ def test_second_round_restarts_from_the_base_models(inputs, tmp_path):
     pi1 = r1 / "policy" / json.loads((r1 / "selection.json").read_text())["chosen"]
     # round 2's E-step samples came from π_1 of round 1 and were judged by r_1 of round 1 ...
     assert str(pi1.relative_to(out)) in stages["round2/iter1/sample"]["inputs"]
-    assert "round1/iter1/rm" in stages["round2/iter1/score"]["inputs"]
+    assert "round1/iter1/rm/final" in stages["round2/iter1/score"]["inputs"]
     # ... while its DPO started from, and used as the reference, the base policy
     assert str(inputs / "policy") in stages["round2/iter1/dpo"]["inputs"]
     assert all(json.loads(line)["ref"] == str(inputs / "policy") for line in open(r2 / "ref_logps.jsonl"))
     assert str(inputs / "rm") in stages["round2/iter1/rm"]["inputs"]
     summary = json.loads((out / "summary.json").read_text())
     assert [(h["round"], h["iter"]) for h in summary["iterations"]] == [(1, 1), (2, 1)]
+
+
+def test_sandbox_preset_with_two_rounds_prints_the_gold_table(tmp_path):
+    """The run layout is named in one place (mt/manifest.py iteration_dir): with --em.rounds 2 the run
+    writes round{r}/iter{t} and the sandbox's gold view finds them (it once globbed iter* and failed)."""
+    from mt import sandbox
+    w = sandbox.build_world(seed=5, cache_dir=tmp_path / "cache", n_prompts=40, sft_examples=640, sft_epochs=1,
+                            rm_prompts=40, rm_epochs=1, eval_prompts=16)
+    out = tmp_path / "run"
+    p = run_em(["--preset", "sandbox", "--policy", str(w.policy_dir), "--rm", str(w.rm_dir), "--prompts",
+                str(w.prompts_path), "--out", str(out), "--iters", "1", "--em.rounds", "2", "--em.d_ms_size", "8",
+                "--em.tau", "0", "--dpo.batch_size", "8", "--dpo.micro_batch_size", "8", "--dpo.save_every", "1",
+                "--rm_train.batch_size", "8", "--rm_train.micro_batch_size", "8"])
+    gold = p.stdout.split("Gold view")[1]
+    rows = [line for line in gold.splitlines() if line.startswith("| round")]
+    assert [r.split(" | ")[0] for r in rows] == ["| round1/iter1", "| round2/iter1"], gold
+    view = sandbox.gold_view(out)  # the same rows from the artifacts alone
+    assert [r["iter"] for r in view] == ["round1/iter1", "round2/iter1"]
+    chosen = json.loads((out / "round2" / "iter1" / "selection.json").read_text())["chosen"]
+    new = [json.loads(x) for x in open(out / "round2" / "iter1" / "selection" / f"{chosen}.samples.jsonl")]
+    assert view[1]["policy_gold"] == pytest.approx(sandbox.policy_gold(new))  # gold of the chosen π on D_MS

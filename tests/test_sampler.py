@@ -305,15 +305,17 @@ def test_sample_rows_and_world_size_1_vs_2(tmp_path):
         for i in range(7):
             words = " ".join(f"w{(7 * i + k) % 100 + 6}" for k in range(1 + 3 * i % 8))
             f.write(json.dumps({"prompt_id": f"q{i}", "prompt": words}) + "\n")
-    args = ["--model", str(tmp_path / "m"), "--prompts", str(prompts), "--num-samples", "3", "--max-new-tokens", "12",
-            "--temperature", "1.0", "--slots", "4", "--seed", "5", "--logps"]
+    # --num-samples, not --n: torchrun's own parser rejects --n as an ambiguous prefix of its options
+    args = ["--model", str(tmp_path / "m"), "--prompts", str(prompts), "--num-samples", "3",
+            "--sampling.max_new_tokens", "12", "--sampling.temperature", "1.0", "--sampling.slots", "4",
+            "--seed", "5", "--logps"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     subprocess.run([sys.executable, "-m", "mt.sampler", *args, "--out", str(one)], check=True, env=env, cwd=REPO)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "-m", "mt.sampler", *args, "--out", str(two)], check=True, env=env, cwd=REPO)
     assert_same_rows(read_rows(one), read_rows(two))
-    assert [s.prompt_id for s in read_samples(one)] == [f"q{i}" for i in range(7)]
+    assert [s["prompt_id"] for s in read_samples(one)] == [f"q{i}" for i in range(7)]
     assert not list(tmp_path.glob("two.jsonl.rank*")), "shards are merged and removed"
 
     # the same rows in process, and their texts are the decoded ids without the stop id
@@ -323,7 +325,7 @@ def test_sample_rows_and_world_size_1_vs_2(tmp_path):
     rows = sample(model, tok, read_prompts(prompts), cfg, seed=5, stream="sample", n=3, return_logps=True)
     assert_same_rows(read_rows(one), rows)
     for row, p in zip(rows, read_prompts(prompts)):
-        assert encode_prompt(tok, p.messages)[0] == tok.bos_token_id
+        assert encode_prompt(tok, p["prompt"])[0] == tok.bos_token_id
         for text, ids, why in zip(row["responses"], row["token_ids"], row["finish_reasons"]):
             assert (ids[-1] in (2, 3)) == (why == "stop")
             assert text == tok.decode(ids[:-1] if why == "stop" else ids, skip_special_tokens=True)

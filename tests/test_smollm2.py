@@ -17,7 +17,7 @@ from mt.config import DPOConfig, SamplingConfig
 from mt.data import pad_sequences, read_jsonl_rows, write_jsonl
 from mt import sampler
 from mt.sampler import sample
-from mt.train import policy_examples
+from mt.chat import policy_examples
 
 QUESTIONS = ["What is the capital of France?", "What is 2 + 3? Answer with a number.",
              "Name a primary color."]

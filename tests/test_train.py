@@ -3,6 +3,7 @@ the non-finite stop, learning on tiny runs, and checkpoints / reference log-prob
 
 Helpers here (tiny_model, random_examples, params) are imported by the other tests/test_train_*.py files.
 """
+import dataclasses
 import hashlib
 import json
 import math
@@ -13,10 +14,16 @@ import torch
 import torch.nn.functional as F
 
 import mt.train as T
+import train_policy
 from conftest import hf_model
+from mt import chat, dist
 from mt.checkpoint import load_model, load_state_dict
 from mt.config import DPOConfig, RMConfig, TrainConfig
+from mt.losses import BRADLEY_TERRY, SFT, preference_objective
 from mt.model import ModelConfig, Transformer
+
+# the three trainings of the one loop, by the names the tests are parametrised with
+OBJ = {"dpo": preference_objective("dpo"), "rm": BRADLEY_TERRY, "sft": SFT}
 
 VOCAB = 64
 
@@ -67,8 +74,8 @@ DPO = dict(lr=1e-3, beta=0.5, warmup_ratio=0.1, save_every=0, seed=3)
 def run(objective, examples, out_dir, seed=0, **cfg):
     cls = {"dpo": DPOConfig, "rm": RMConfig, "sft": TrainConfig}[objective]
     model = tiny_model("score" if objective == "rm" else "lm", seed)
-    refs = T.reference_logps(model, examples, 4, progress=False) if objective == "dpo" else None
-    res = T.train(model, examples, objective, cls(**cfg), out_dir, ref_logps=refs, progress=False)
+    refs = train_policy.reference_logps(model, examples, 4, progress=False) if objective == "dpo" else None
+    res = T.train(model, examples, OBJ[objective], cls(**cfg), out_dir, ref_logps=refs, progress=False)
     return model, res
 
 
@@ -130,7 +137,7 @@ def test_micro8_accum1_equals_micro1_accum8(tmp_path, objective):
 def _loss_and_grads(model, objective, examples, cfg, side, pad_id, refs=None):
     model.zero_grad()
     batch = T.collate(examples, objective != "sft", pad_id, side=side, refs=refs)
-    loss_vec, _ = T.OBJECTIVE_FNS[objective](model, batch, cfg)
+    loss_vec, _ = OBJ[objective].step(model, batch, cfg)
     loss_vec.sum().backward()
     return loss_vec.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
@@ -184,7 +191,7 @@ def test_prompt_and_pad_positions_get_exactly_zero_gradient(side):
         out.retain_grad()
         seen["logits"] = out
     model.lm_head.register_forward_hook(keep)
-    loss, _ = T.dpo_objective(model, batch, DPOConfig(beta=0.5))
+    loss, _ = OBJ["dpo"].step(model, batch, DPOConfig(beta=0.5))
     loss.sum().backward()
     g = seen["logits"].grad.abs().sum(-1)  # (2b, T)
     target_is_response = torch.zeros_like(batch.loss_mask)
@@ -198,7 +205,7 @@ def test_prompt_and_pad_positions_get_exactly_zero_gradient(side):
 
 @torch.no_grad()
 def _implicit_reward_accuracy(model, examples, refs, beta):
-    now = T.reference_logps(model, examples, 8, progress=False)
+    now = train_policy.reference_logps(model, examples, 8, progress=False)
     return sum(beta * ((now[e.key][0] - refs[e.key][0]) - (now[e.key][1] - refs[e.key][1])) > 0
                for e in examples) / len(examples)
 
@@ -206,9 +213,9 @@ def _implicit_reward_accuracy(model, examples, refs, beta):
 def test_tiny_dpo_raises_implicit_reward_accuracy(tmp_path):
     ex = random_examples(16, seed=4)
     model = tiny_model()
-    refs = T.reference_logps(model, ex, 8, progress=False)
+    refs = train_policy.reference_logps(model, ex, 8, progress=False)
     assert _implicit_reward_accuracy(model, ex, refs, 0.5) == 0  # π = π_ref: every implicit reward is 0
-    T.train(model, ex, "dpo", DPOConfig(lr=1e-2, beta=0.5, batch_size=8, micro_batch_size=4, epochs=3),
+    T.train(model, ex, OBJ["dpo"], DPOConfig(lr=1e-2, beta=0.5, batch_size=8, micro_batch_size=4, epochs=3),
             tmp_path, ref_logps=refs, progress=False)
     assert _implicit_reward_accuracy(model, ex, refs, 0.5) >= 0.9
     rows = metrics(tmp_path)
@@ -225,7 +232,7 @@ def test_tiny_rm_raises_pair_accuracy(tmp_path):
     ex = random_examples(16, seed=5)
     model = tiny_model("score", seed=1)
     before = _pair_accuracy(model, ex)
-    T.train(model, ex, "rm", RMConfig(lr=1e-2, batch_size=8, micro_batch_size=4, epochs=4), tmp_path, progress=False)
+    T.train(model, ex, OBJ["rm"], RMConfig(lr=1e-2, batch_size=8, micro_batch_size=4, epochs=4), tmp_path, progress=False)
     after = _pair_accuracy(model, ex)
     assert before < 0.9 and after >= 0.9 and after > before
 
@@ -236,7 +243,7 @@ def test_sft_loss_is_token_mean_nll(tmp_path):
     model = tiny_model()
     naive = [-_naive_logps(model, e.chosen, e.chosen_start) for e in ex]
     tokens = sum(len(e.chosen) - e.chosen_start for e in ex)
-    T.train(model, ex, "sft", TrainConfig(lr=1e-3, batch_size=6, micro_batch_size=2), tmp_path, progress=False)
+    T.train(model, ex, OBJ["sft"], TrainConfig(lr=1e-3, batch_size=6, micro_batch_size=2), tmp_path, progress=False)
     assert metrics(tmp_path)[0]["loss"] == pytest.approx(sum(naive) / tokens, abs=1e-5)
 
 
@@ -246,15 +253,15 @@ def test_sft_loss_is_token_mean_nll(tmp_path):
 def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     ex = random_examples(16, seed=7)
     model = tiny_model()
-    refs = T.reference_logps(model, ex, 8, progress=False)
+    refs = train_policy.reference_logps(model, ex, 8, progress=False)
     calls = {"n": 0}
-    real = T.OBJECTIVE_FNS["dpo"]
+    real = OBJ["dpo"].step
 
     def nan_at_step_3(model, batch, cfg):
         calls["n"] += 1
         loss, m = real(model, batch, cfg)
         return (loss * float("nan") if calls["n"] == 3 else loss), m
-    monkeypatch.setitem(T.OBJECTIVE_FNS, "dpo", nan_at_step_3)
+    nan_objective = dataclasses.replace(OBJ["dpo"], step=nan_at_step_3)
     cfg = DPOConfig(lr=1e-2, beta=0.5, batch_size=4, micro_batch_size=4, save_every=2)
     seen = {}
     real_fail = T._fail
@@ -264,7 +271,7 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path
         real_fail(*a)
     monkeypatch.setattr(T, "_fail", spy)
     with pytest.raises(T.NonFiniteError, match=r"step 3/4 .*non-finite loss.*prompt_ids"):
-        T.train(model, ex, "dpo", cfg, tmp_path, ref_logps=refs, progress=False)
+        T.train(model, ex, nan_objective, cfg, tmp_path, ref_logps=refs, progress=False)
     ckpt = tmp_path / "ckpt-2" / "model.safetensors"
     saved = load_state_dict(tmp_path / "ckpt-2")
     assert all(torch.equal(seen["params"][k], saved[k]) for k in saved)  # no update after step 2
@@ -279,30 +286,29 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path
 
 
 def _pairs(n=6):
-    from mt.data import Pair
     words = ["the sea is blue", "two plus two is four", "hello world", "the quick brown fox jumps", "fine, thank you"]
-    return [Pair(f"p{i}", [{"role": "user", "content": words[i % 5] + "?"}], words[(i + 1) % 5] * (1 + i % 2),
-                 words[(i + 3) % 5]) for i in range(n)]
+    return [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": words[i % 5] + "?"}],
+             "chosen": words[(i + 1) % 5] * (1 + i % 2), "rejected": words[(i + 3) % 5]} for i in range(n)]
 
 
 def test_policy_examples_drop_long_pairs_and_never_truncate(tiny_llama_dir):
     from mt.chat import encode_prompt, encode_response, load_tokenizer
     tok = load_tokenizer(tiny_llama_dir)
     pairs = _pairs()
-    full, dropped = T.policy_examples(tok, pairs, 10_000)
+    full, dropped = chat.policy_examples(tok, pairs, 10_000)
     assert dropped == 0 and len(full) == len(pairs)
     limit = sorted(max(len(e.chosen), len(e.rejected)) for e in full)[3]
-    kept, dropped = T.policy_examples(tok, pairs, limit)
+    kept, dropped = chat.policy_examples(tok, pairs, limit)
     assert dropped == sum(max(len(e.chosen), len(e.rejected)) > limit for e in full) and dropped > 0
     assert len(kept) + dropped == len(pairs)
-    by_id = {p.prompt_id: p for p in pairs}
+    by_id = {p["prompt_id"]: p for p in pairs}
     for e in kept:
         p = by_id[e.prompt_id]
-        x = encode_prompt(tok, p.prompt)
-        assert list(e.chosen) == x + encode_response(tok, p.chosen) and e.chosen_start == len(x)
-        assert list(e.rejected) == x + encode_response(tok, p.rejected)
-        assert e.key == T.pair_id(p.prompt_id, p.chosen, p.rejected)
-    rm_kept, rm_dropped = T.rm_examples(tok, pairs, 10_000)
+        x = encode_prompt(tok, p["prompt"])
+        assert list(e.chosen) == x + encode_response(tok, p["chosen"]) and e.chosen_start == len(x)
+        assert list(e.rejected) == x + encode_response(tok, p["rejected"])
+        assert e.key == chat.pair_id(p["prompt_id"], p["chosen"], p["rejected"])
+    rm_kept, rm_dropped = chat.rm_examples(tok, pairs, 10_000)
     assert rm_dropped == 0 and len(rm_kept) == len(pairs)
 
 
@@ -310,30 +316,30 @@ def test_policy_examples_drop_long_pairs_and_never_truncate(tiny_llama_dir):
 def test_reference_logps_equal_a_transformers_forward(tiny_llama_dir, tmp_path):
     from mt.chat import load_tokenizer
     tok = load_tokenizer(tiny_llama_dir)
-    ex, _ = T.policy_examples(tok, _pairs(), 10_000)
-    ours = T.reference_logps(load_model(tiny_llama_dir), ex, 4, pad_id=tok.pad_token_id, progress=False)
+    ex, _ = chat.policy_examples(tok, _pairs(), 10_000)
+    ours = train_policy.reference_logps(load_model(tiny_llama_dir), ex, 4, pad_id=tok.pad_token_id, progress=False)
     hf = hf_model(tiny_llama_dir)
     for e in ex:
         for seq, start, got in ((e.chosen, e.chosen_start, ours[e.key][0]), (e.rejected, e.rejected_start, ours[e.key][1])):
             logp = F.log_softmax(hf(input_ids=torch.tensor([seq])).logits[0].double(), -1)
             want = sum(logp[t - 1, seq[t]].item() for t in range(start, len(seq)))
             assert got == pytest.approx(want, abs=1e-4)
-    T.write_ref_logps(tmp_path / "ref.jsonl", ex, ours, tiny_llama_dir)
-    back = T.read_ref_logps(tmp_path / "ref.jsonl", ex)
+    train_policy.write_ref_logps(tmp_path / "ref.jsonl", ex, ours, tiny_llama_dir)
+    back = train_policy.read_ref_logps(tmp_path / "ref.jsonl", ex)
     assert back.keys() == ours.keys()  # pytest.approx takes no nested dicts: compare pair by pair
     for key, (c, r) in ours.items():
         assert back[key] == pytest.approx((c, r))
     with pytest.raises(T.TrainError, match="no reference log-probs for pair"):
-        T.read_ref_logps(tmp_path / "ref.jsonl", ex + [T.Example("zzz", "p9", (1, 2), 1, (1, 3), 1)])
+        train_policy.read_ref_logps(tmp_path / "ref.jsonl", ex + [T.Example("zzz", "p9", (1, 2), 1, (1, 3), 1)])
 
 
 def test_dpo_checkpoints_load_in_transformers_with_the_same_logits(tiny_llama_dir, tmp_path):
     from mt.chat import load_tokenizer
     tok = load_tokenizer(tiny_llama_dir)
-    ex, _ = T.policy_examples(tok, _pairs(), 10_000)
+    ex, _ = chat.policy_examples(tok, _pairs(), 10_000)
     model = load_model(tiny_llama_dir)
-    refs = T.reference_logps(model, ex, 4, progress=False)
-    res = T.train(model, ex, "dpo", DPOConfig(lr=1e-3, beta=0.1, batch_size=2, micro_batch_size=1, save_every=2),
+    refs = train_policy.reference_logps(model, ex, 4, progress=False)
+    res = T.train(model, ex, OBJ["dpo"], DPOConfig(lr=1e-3, beta=0.1, batch_size=2, micro_batch_size=1, save_every=2),
                   tmp_path, ref_logps=refs, tokenizer_dir=tiny_llama_dir, progress=False)
     assert [c.name for c in res.checkpoints] == ["ckpt-2"] and res.final == tmp_path / "final"
     assert (tmp_path / "final" / "tokenizer.json").is_file() and (tmp_path / "final" / "generation_config.json").is_file()
@@ -356,12 +362,12 @@ def test_rm_checkpoints_load_in_transformers_with_the_same_scores(tiny_llama_dir
         out = tmp_path / f"rm-{init.name}"
         info = train_rm.train(init, [tmp_path / "pairs.jsonl"], out, cfg)
         assert info["steps"] == 3 and info["pairs"] == 6 and 0 <= info["train_acc"] <= 1
-        assert (out / "config.json").is_file() and (out / "metrics.jsonl").is_file()
-        hf = hf_model(out, "score")
+        assert (out / "final" / "config.json").is_file() and (out / "metrics.jsonl").is_file()
+        hf = hf_model(out / "final", "score")
         from mt.chat import encode_conversation, load_tokenizer
-        tok = load_tokenizer(out)
-        items = [(p.prompt, p.chosen) for p in pairs]
-        ours = score_conversations(out, items, progress=False)
+        tok = load_tokenizer(out / "final")
+        items = [(p["prompt"], p["chosen"]) for p in pairs]
+        ours = score_conversations(out / "final", items, progress=False)
         with torch.no_grad():
             for (msgs, y), s in zip(items, ours):
                 ids = torch.tensor([encode_conversation(tok, msgs, y)])
@@ -370,18 +376,18 @@ def test_rm_checkpoints_load_in_transformers_with_the_same_scores(tiny_llama_dir
                 per_token = hf.score(hf.model(input_ids=ids).last_hidden_state)[0, :, 0]
                 assert per_token[-1].item() == pytest.approx(s, abs=1e-5)
         # a rerun finds the finished run and does not train again
-        mtime = (out / "model.safetensors").stat().st_mtime_ns
+        mtime = (out / "final" / "model.safetensors").stat().st_mtime_ns
         train_rm.train(init, [tmp_path / "pairs.jsonl"], out, cfg)
-        assert (out / "model.safetensors").stat().st_mtime_ns == mtime
-    assert train_rm.pair_accuracy(out, tmp_path / "pairs.jsonl") in {i / 6 for i in range(7)}
+        assert (out / "final" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert train_rm.pair_accuracy(out / "final", tmp_path / "pairs.jsonl") in {i / 6 for i in range(7)}
 
 
 def test_config_errors_name_the_fix(tmp_path):
     ex = random_examples(4)
     with pytest.raises(T.TrainError, match=r"batch_size=6 must be a multiple of micro_batch_size \(4\)"):
-        T.train(tiny_model(), ex, "dpo", DPOConfig(batch_size=6, micro_batch_size=4), tmp_path, ref_logps={})
+        T.train(tiny_model(), ex, OBJ["dpo"], DPOConfig(batch_size=6, micro_batch_size=4), tmp_path, ref_logps={})
     with pytest.raises(T.TrainError, match="needs reference log-probs"):
-        T.train(tiny_model(), ex, "dpo", DPOConfig(batch_size=4, micro_batch_size=4), tmp_path)
+        T.train(tiny_model(), ex, OBJ["dpo"], DPOConfig(batch_size=4, micro_batch_size=4), tmp_path)
     with pytest.raises(T.TrainError, match="objective='ppo'"):
         T.train(tiny_model(), ex, "ppo", DPOConfig(), tmp_path)
     run("rm", ex, tmp_path / "a", batch_size=4, micro_batch_size=4)
@@ -400,13 +406,13 @@ def test_fsdp_single_process_and_bf16_mixed_precision(tmp_path, dtype):
     ex = random_examples(12, seed=8)
     cfg = DPOConfig(lr=1e-3, beta=0.5, batch_size=4, micro_batch_size=2, dtype=dtype)
     plain = tiny_model()
-    refs = T.reference_logps(plain, ex, 4, progress=False)
-    T.train(plain, ex, "dpo", DPOConfig(**{**cfg.__dict__, "dtype": "fp32"}), tmp_path / "plain", ref_logps=refs,
+    refs = train_policy.reference_logps(plain, ex, 4, progress=False)
+    T.train(plain, ex, OBJ["dpo"], DPOConfig(**{**cfg.__dict__, "dtype": "fp32"}), tmp_path / "plain", ref_logps=refs,
             progress=False)
     try:
         sharded = tiny_model()
-        res = T.train(sharded, ex, "dpo", cfg, tmp_path / "fsdp", ref_logps=refs, fsdp=True, progress=False)
-        assert T.is_sharded(sharded) and all(p.dtype == torch.float32 for p in sharded.parameters())
+        res = T.train(sharded, ex, OBJ["dpo"], cfg, tmp_path / "fsdp", ref_logps=refs, fsdp=True, progress=False)
+        assert dist.is_sharded(sharded) and all(p.dtype == torch.float32 for p in sharded.parameters())
     finally:
         tdist.destroy_process_group()
     a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "fsdp")
@@ -431,9 +437,9 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, monkeypat
     monkeypatch.setattr(M.MLP, "forward", counted)
     for ac in (False, True):
         model = tiny_model()
-        refs = T.reference_logps(model, ex, 4, progress=False)
+        refs = train_policy.reference_logps(model, ex, 4, progress=False)
         calls.clear()
-        T.train(model, ex, "dpo", DPOConfig(lr=1e-3, beta=0.5, batch_size=4, micro_batch_size=2,
+        T.train(model, ex, OBJ["dpo"], DPOConfig(lr=1e-3, beta=0.5, batch_size=4, micro_batch_size=2,
                                             activation_checkpointing=ac), tmp_path / str(ac), ref_logps=refs,
                 progress=False)
         got[ac] = (metrics(tmp_path / str(ac)), params(model), len(calls))

@@ -11,6 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 import mt.train as T
+import train_policy
+from test_train import OBJ
 from mt.checkpoint import load_state_dict
 from mt.config import DPOConfig, RMConfig
 from test_train import metrics, random_examples, tiny_model
@@ -54,8 +56,8 @@ def _config(objective):
 def _train(objective, out: Path):
     ex = random_examples(N, seed=11)
     model = tiny_model("score" if objective == "rm" else "lm", seed=2)
-    refs = T.reference_logps(model, ex, 3, progress=False) if objective == "dpo" else None
-    T.train(model, ex, objective, _config(objective), out / objective, ref_logps=refs, progress=False)
+    refs = train_policy.reference_logps(model, ex, 3, progress=False) if objective == "dpo" else None
+    T.train(model, ex, OBJ[objective], _config(objective), out / objective, ref_logps=refs, progress=False)
     return refs
 
 
@@ -93,7 +95,7 @@ def _nan_job(rank, out):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     ex = random_examples(16, seed=12)
     model = tiny_model(seed=3)
-    refs = T.reference_logps(model, ex, 4, progress=False)
+    refs = train_policy.reference_logps(model, ex, 4, progress=False)
     real, calls, seen = T.OBJECTIVE_FNS["dpo"], {"n": 0}, {}
 
     def nan_on_rank1_step3(model, batch, cfg):
@@ -105,7 +107,7 @@ def _nan_job(rank, out):
     T.OBJECTIVE_FNS["dpo"] = nan_on_rank1_step3
     result = {"rank": rank}
     try:
-        T.train(model, ex, "dpo", DPOConfig(lr=1e-2, beta=0.5, batch_size=4, micro_batch_size=2, save_every=2),
+        T.train(model, ex, OBJ["dpo"], DPOConfig(lr=1e-2, beta=0.5, batch_size=4, micro_batch_size=2, save_every=2),
                 out / "run", ref_logps=refs, progress=False)
     except T.NonFiniteError as e:
         result["error"] = str(e)

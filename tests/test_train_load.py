@@ -8,6 +8,11 @@ from pathlib import Path
 import torch
 
 import mt.train as T
+import train_policy
+from test_train import OBJ
+from mt import chat
+from mt import dist
+from mt.checkpoint import load_for_training
 from mt.checkpoint import load_model, load_state_dict
 from mt.config import DPOConfig, RMConfig, TrainConfig
 from mt.data import write_jsonl
@@ -43,7 +48,7 @@ def _load_job(rank, out):
         counter = {"reads": 0}
         restore = _count_safetensors_reads(counter)
         try:
-            model = T.load_for_training(path, TrainConfig(), head=head)
+            model = load_for_training(path, TrainConfig(), head=head)
         finally:
             restore()
         params = list(model.parameters())  # a tied head is one parameter, listed once
@@ -60,7 +65,7 @@ def _load_job(rank, out):
                               and torch.equal(model.inv_freq, rope_inv_freq(model.cfg))),  # rebuilt after to_empty
         }
     try:  # a directory rank 0 cannot read stops every rank with a message (none waits in the broadcast)
-        T.load_for_training(out / "no_weights", TrainConfig())
+        load_for_training(out / "no_weights", TrainConfig())
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
     (out / f"rank{rank}.json").write_text(json.dumps(result))
@@ -120,25 +125,25 @@ def _train_job(rank, out):
     # the former path: every rank loads the full model with load_model, then shards it
     tok = chat.load_tokenizer(policy)
     pad = tok.pad_token_id or 0
-    ex, _ = T.policy_examples(tok, read_pairs(pairs), dpo_cfg.max_length)
-    model = T.prepare_model(load_model(policy, torch.float32, "cpu"), dpo_cfg)
-    refs = T.reference_logps(model, ex, 2 * dpo_cfg.micro_batch_size, pad, progress=False)
+    ex, _ = chat.policy_examples(tok, read_pairs(pairs), dpo_cfg.max_length)
+    model = dist.prepare_model(load_model(policy, torch.float32, "cpu"), dpo_cfg)
+    refs = train_policy.reference_logps(model, ex, 2 * dpo_cfg.micro_batch_size, pad, progress=False)
     if rank == 0:
-        T.write_ref_logps(out / "old_ref.jsonl", ex, refs)
-    T.train(model, ex, "dpo", dpo_cfg, out / "old_dpo", ref_logps=refs, pad_id=pad, progress=False)
-    ex, _ = T.rm_examples(tok, read_pairs(pairs), rm_cfg.max_length)
+        train_policy.write_ref_logps(out / "old_ref.jsonl", ex, refs)
+    T.train(model, ex, OBJ["dpo"], dpo_cfg, out / "old_dpo", ref_logps=refs, pad_id=pad, progress=False)
+    ex, _ = chat.rm_examples(tok, read_pairs(pairs), rm_cfg.max_length)
     torch.manual_seed(rm_cfg.seed)
     model = load_model(policy, torch.float32, "cpu", head="score")
     if model.cfg.hf.get("pad_token_id") is None:
         model.cfg.hf["pad_token_id"] = tok.pad_token_id
-    T.train(model, ex, "rm", rm_cfg, out / "old_rm", pad_id=pad, final_dir=out / "old_rm", progress=False)
+    T.train(model, ex, OBJ["rm"], rm_cfg, out / "old_rm", pad_id=pad, progress=False)
     # the scripts, which now load with load_for_training; rank 1 must not read the safetensors
     counter = {"reads": 0}
     restore = _count_safetensors_reads(counter)
     try:
         torch.manual_seed(99 + rank)  # the RM head must come from rm_cfg.seed on rank 0, not from here
-        train_policy.dpo(policy, pairs, out / "new_ref.jsonl", out / "new_dpo", dpo_cfg)
-        train_rm.train(policy, [pairs], out / "new_rm", rm_cfg)
+        train_policy.dpo(Path(policy), pairs, out / "new_ref.jsonl", out / "new_dpo", dpo_cfg)
+        train_rm.train(Path(policy), [pairs], out / "new_rm", rm_cfg)
     finally:
         restore()
     (out / f"reads{rank}.json").write_text(json.dumps(counter))
@@ -158,7 +163,7 @@ def test_dpo_and_rm_through_the_new_loading_equal_the_former_path(tiny_checkpoin
     for k in old_ref:
         assert abs(old_ref[k]["ref_chosen_logps"] - new_ref[k]["ref_chosen_logps"]) <= 1e-6
         assert abs(old_ref[k]["ref_rejected_logps"] - new_ref[k]["ref_rejected_logps"]) <= 1e-6
-    for old, new, final in (("old_dpo", "new_dpo", "final"), ("old_rm", "new_rm", ".")):
+    for old, new, final in (("old_dpo", "new_dpo", "final"), ("old_rm", "new_rm", "final")):
         a, b = metrics(tmp_path / old), metrics(tmp_path / new)
         assert len(a) == len(b) == 4  # 6 pairs, batch 4 (a short last batch), 2 epochs
         assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= 1e-6, (old, a, b)

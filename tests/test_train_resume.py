@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import mt.train as T
+import train_policy
+from test_train import OBJ
 from mt.checkpoint import load_state_dict
 from mt.config import DPOConfig
 from test_train import metrics, random_examples, tiny_model
@@ -25,7 +27,7 @@ def job(out, kill: str = ""):
     out = Path(out)
     ex = random_examples(14, seed=21)
     model = tiny_model(seed=4)
-    refs = T.reference_logps(model, ex, 4, progress=False)
+    refs = train_policy.reference_logps(model, ex, 4, progress=False)
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
     if kill == "mid-step-5":  # the 9th micro-batch is the first of step 5 (two per step)
         real, calls = T.OBJECTIVE_FNS["dpo"], {"n": 0}
@@ -46,7 +48,7 @@ def job(out, kill: str = ""):
                 die()
             return real_replace(tmp, dst)
         C.replace_dir = T.replace_dir = replace
-    return T.train(model, ex, "dpo", CFG, out, ref_logps=refs, progress=False)
+    return T.train(model, ex, OBJ["dpo"], CFG, out, ref_logps=refs, progress=False)
 
 
 def _killed(out, kill):

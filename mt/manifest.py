@@ -1,0 +1,164 @@
+"""The one resume system: a run directory's config check and its stage records.
+
+    m = Manifest(out, cfg)            # refuses a rerun whose flags differ, naming the keys
+    m.stage("iter1/sample", train_policy.sample, outputs=[it / "samples.jsonl"], policy_dir=pi, ...)
+
+A stage is a function called with keyword arguments. `stage` records exactly what it passes: every
+Path argument that is not where it writes is an input (hashed), every other argument a parameter (a config
+slice as a dict, minus the fields marked scheduling-only in mt/config.py). A rerun skips a stage whose
+inputs, parameters and outputs are unchanged, so a dependency cannot be forgotten; under
+force_config a stage whose inputs or parameters changed is redone, and through its outputs' hashes
+every stage downstream of it. Used by run_em.py and by the standalone train_policy.py / train_rm.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from mt import config as C
+from mt import dist
+from mt.data import read_json, write_json
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of a file or of a directory's files (names + contents). Files over 256 MiB are hashed
+    by size and their first and last 8 MiB, so checking an 8B checkpoint stays fast."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            if size <= 256 * 2**20:
+                h.update(fh.read())
+            else:
+                h.update(str(size).encode() + fh.read(8 * 2**20))
+                fh.seek(size - 8 * 2**20)
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def params_of(value):
+    """A stage argument as recorded: config slices as dicts without their scheduling-only fields."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: params_of(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not f.metadata.get("scheduling")}
+    if isinstance(value, (list, tuple)):
+        return [params_of(v) for v in value]
+    return value
+
+
+def _paths(value) -> list[Path]:
+    if isinstance(value, Path):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Path) for v in value):
+        return list(value)
+    return []
+
+
+def iteration_dir(run_dir: Path, rnd: int, t: int, rounds: int) -> Path:
+    """The one place that names an iteration's directory: iter{t}, or round{r}/iter{t} with rounds > 1."""
+    return Path(run_dir) / (f"iter{t}" if rounds == 1 else f"round{rnd}/iter{t}")
+
+
+def iteration_dirs(run_dir: Path) -> list[Path]:
+    """Every iteration directory a run has made so far, in the order it made them (from its config)."""
+    cfg = read_json(Path(run_dir) / "config.json")
+    rounds, iters = cfg["em"]["rounds"], cfg["iters"]
+    dirs = [iteration_dir(run_dir, r, t, rounds) for r in range(1, rounds + 1) for t in range(1, iters + 1)]
+    return [p for p in dirs if p.is_dir()]
+
+
+class Manifest:
+    """<run>/config.json and <run>/manifest.json, written atomically by rank 0."""
+
+    def __init__(self, run_dir, cfg=None, force: bool = False):
+        self.run_dir = Path(run_dir).resolve()
+        self.path = self.run_dir / "manifest.json"
+        if dist.get().is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg is not None:
+            self.check_config(cfg, force)
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+
+    def check_config(self, cfg, force: bool):
+        """A rerun must use the run's config: otherwise finished stages would mix two experiments."""
+        path = self.run_dir / "config.json"
+        new = C.to_dict(cfg)
+        if path.is_file():
+            old = json.loads(path.read_text())
+            skip = C.scheduling_only(cfg)
+            changed = [c for c in C.diff(old, new) if c.split(":")[0] not in skip]
+            if changed and not force:
+                raise C.ConfigError(
+                    f"{path}: this run was started with a different config:\n  " + "\n  ".join(changed)
+                    + "\nUse the original flags, a new --out, or --force_config true to continue with the "
+                    "new config (finished stages whose inputs are unchanged are kept).")
+        if dist.get().is_main:
+            write_json(path, new)
+
+    def _key(self, p: Path) -> str:
+        """Paths inside the run are recorded relative to it, so a moved run directory stays valid."""
+        p = p.resolve()
+        return p.relative_to(self.run_dir).as_posix() if p.is_relative_to(self.run_dir) else str(p)
+
+    def _hashes(self, paths) -> dict | None:
+        if not all(p.exists() for p in paths):
+            return None
+        return {self._key(p): fingerprint(p) for p in paths}
+
+    def _done(self, name, inputs, outputs, params) -> bool:
+        st = self.data["stages"].get(name)
+        return (bool(st) and st["params"] == params and st["inputs"] == self._hashes(inputs)
+                and st["outputs"] == self._hashes(outputs))
+
+    def _forget(self, name: str, outputs):
+        """A finished stage whose inputs or params changed: drop its record, then its stale outputs.
+
+        In that order, so a crash in between leaves an unrecorded stage, which is redone; a stage that
+        was never recorded keeps its partial outputs (a DPO stage resumes from its last checkpoint).
+        """
+        del self.data["stages"][name]
+        write_json(self.path, self.data)
+        for p in outputs:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+    def record(self, name: str, inputs, outputs, params, seconds: float, info: dict | None):
+        self.data["stages"][name] = {"status": "done", "params": params, "inputs": self._hashes(inputs),
+                                     "outputs": self._hashes(outputs), "seconds": round(seconds, 2),
+                                     "info": info or {}}
+        write_json(self.path, self.data)
+
+    def stage(self, name: str, fn, outputs: list[Path], **args):
+        """Run fn(**args) on every rank unless this stage is recorded done with these inputs and params.
+
+        Returns fn's result, or the recorded info of a finished stage.
+        """
+        outputs = [Path(p) for p in outputs]
+        # a path that is an output, lies inside one or holds one is where the stage writes, not an input
+        inputs = [p for v in args.values() for p in _paths(v)
+                  if not any(p == o or o in p.parents or p in o.parents for o in outputs)]
+        params = json.loads(json.dumps({k: params_of(v) for k, v in args.items() if not _paths(v)}))
+        done = dist.broadcast_object(self._done(name, inputs, outputs, params) if dist.get().is_main else None)
+        if done:
+            dist.print0(f"[done] {name}")
+            return self.data["stages"][name].get("info", {}) if dist.get().is_main else {}
+        stale = name in self.data["stages"]
+        dist.print0(f"[run]  {name}" + ("  (inputs or config changed since it last ran)" if stale else ""))
+        if stale and dist.get().is_main:
+            self._forget(name, outputs)
+        dist.barrier()
+        t0 = time.time()
+        info = fn(**args)
+        dist.barrier()
+        if dist.get().is_main:
+            self.record(name, inputs, outputs, params, time.time() - t0, info if isinstance(info, dict) else None)
+        dist.barrier()
+        return info
