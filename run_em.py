@@ -22,6 +22,7 @@ from mt import dist, em, sandbox
 from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples, read_scores, write_json,
                      write_jsonl)
 from mt.manifest import Manifest, iteration_dir
+from mt.scoring import score_files
 
 # ---- Algorithm 1
 
@@ -110,7 +111,7 @@ def run(cfg: C.Config) -> dict:
     if d.is_main:
         write_json(run_dir / "summary.json", summary)
         print(table(history, cfg))
-        if cfg.preset == "sandbox":  # the world's gold reward shows what the RM can only estimate
+        if cfg.preset.startswith("sandbox"):  # the world's gold reward shows what the RM can only estimate
             print("\nGold view (mt/sandbox.py's gold reward; policy numbers on D_MS):")
             print(sandbox.gold_table(sandbox.gold_view(run_dir)))
     return summary
@@ -148,24 +149,28 @@ def select(out_path: Path, candidates: Path, pi_prev: Path, r_prev: Path, d_ms: 
     (selection.json) and the responses and scores under selection/ beside it.
     """
     sel = out_path.parent / "selection"
-    train_policy.sample(pi_prev, d_ms, sel / "prev.samples.jsonl", sampling, 1, seed, f"{stream}/select-prev")
-    train_policy.score(r_prev, sel / "prev.samples.jsonl", sel / "prev.scores.jsonl")
-    old = [r["scores"][0] for r in read_scores(sel / "prev.scores.jsonl")]
     ckpts = train_policy.checkpoints(candidates)
     if not ckpts:
         raise FileNotFoundError(f"{candidates}: no checkpoints (ckpt-*/final) to select from")
-    rates = {}
-    for k in ckpts:
-        s = sel / f"{k}.samples.jsonl"
-        # the same stream for every k: candidates are compared on common random numbers
-        train_policy.sample(candidates / k, d_ms, s, sampling, 1, seed, f"{stream}/select")
-        train_policy.score(r_prev, s, sel / f"{k}.scores.jsonl")
-        new = [r["scores"][0] for r in read_scores(sel / f"{k}.scores.jsonl")]
-        rates[k] = em.win_rate(new, old)
+    train_policy.sample(pi_prev, d_ms, sel / "prev.samples.jsonl", sampling, 1, seed, f"{stream}/select-prev")
+    for k in ckpts:  # the same stream for every k: candidates are compared on common random numbers
+        train_policy.sample(candidates / k, d_ms, sel / f"{k}.samples.jsonl", sampling, 1, seed, f"{stream}/select")
+    # one scoring call for π_{t-1} and every candidate: an identical response gets one score, a tie in Eq. 6
+    names = ["prev", *ckpts]
+    scored = score_files(r_prev, [(sel / f"{k}.samples.jsonl", sel / f"{k}.scores.jsonl") for k in names])
+    first = {k: [r["scores"][0] for r in rows] for k, rows in zip(names, scored)}
+    rates = {k: {**em.win_rate(first[k], first["prev"]), "truncated": truncated(sel / f"{k}.samples.jsonl")}
+             for k in ckpts}
     choice = em.select_checkpoint({k: v["win_rate"] for k, v in rates.items()}, tau, select, ckpts)
     if dist.get().is_main:
-        write_json(out_path, {**choice, "candidates": rates})
+        write_json(out_path, {**choice, "candidates": rates, "prev_truncated": truncated(sel / "prev.samples.jsonl")})
     return choice
+
+
+def truncated(samples_path: Path) -> float:
+    """The share of responses that hit --sampling.max_new_tokens (what the cap costs)."""
+    reasons = [f for r in read_samples(samples_path) for f in r["finish_reasons"]]
+    return sum(f == "length" for f in reasons) / len(reasons)
 
 
 def pseudo_pairs(out_path: Path, pi_t: Path, pi_prev: Path, r_prev: Path, d_r: Path, sampling: C.SamplingConfig,
@@ -178,16 +183,20 @@ def pseudo_pairs(out_path: Path, pi_t: Path, pi_prev: Path, r_prev: Path, d_r: P
     pp = out_path.parent / "pseudo"
     train_policy.sample(pi_t, d_r, pp / "new.samples.jsonl", sampling, 1, seed, f"{stream}/pseudo-new")
     train_policy.sample(pi_prev, d_r, pp / "prev.samples.jsonl", sampling, 1, seed, f"{stream}/pseudo-prev")
-    train_policy.score(r_prev, pp / "new.samples.jsonl", pp / "new.scores.jsonl")
-    train_policy.score(r_prev, pp / "prev.samples.jsonl", pp / "prev.scores.jsonl")
+    # one scoring call for both: an identical (y_t, y_{t-1}) gets Δr = 0 exactly (Eq. 8)
+    score_files(r_prev, [(pp / "new.samples.jsonl", pp / "new.scores.jsonl"),
+                         (pp / "prev.samples.jsonl", pp / "prev.scores.jsonl")])
     rows = em.make_pseudo_pairs(read_samples(pp / "new.samples.jsonl"), read_samples(pp / "prev.samples.jsonl"),
                                 read_scores(pp / "new.scores.jsonl"), read_scores(pp / "prev.scores.jsonl"),
                                 keep_truncated)
-    return filter_file(rows, out_path, strategy, eps_stat, eps_mult)
+    cap = {"truncated_new": truncated(pp / "new.samples.jsonl"), "truncated_prev": truncated(pp / "prev.samples.jsonl")}
+    return filter_file(rows, out_path, strategy, eps_stat, eps_mult, cap)
 
 
-def filter_file(rows: list[dict], out_path: Path, strategy: str, eps_stat: str, eps_mult: float) -> dict:
+def filter_file(rows: list[dict], out_path: Path, strategy: str, eps_stat: str, eps_mult: float,
+                extra: dict | None = None) -> dict:
     rows, info = em.filter_pseudo_pairs(rows, strategy, eps_stat, eps_mult)
+    info.update(extra or {})
     if dist.get().is_main:
         write_json(out_path.with_suffix(".info.json"), info)
         write_jsonl(out_path, rows)
@@ -229,9 +238,9 @@ def rm_eval(out_path: Path, r_new: Path, r_prev: Path, heldout_path: Path) -> di
 
 def table(history: list[dict], cfg: C.Config) -> str:
     """The end-of-run table: one row per iteration."""
-    head = ("| iter | pairs (dropped) | DPO loss / acc | win rates (chosen) | ε_t | pseudo kept/total "
+    head = ("| iter | pairs (dropped) | truncated | DPO loss / acc | win rates (chosen) | ε_t | pseudo kept/total "
             "| RM train acc | RM held-out acc (prev → new) |")
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 9]
 
     def f(x, fmt=".3f"):
         return "-" if x is None else format(x, fmt)
@@ -243,7 +252,8 @@ def table(history: list[dict], cfg: C.Config) -> str:
         chosen = sel.get("chosen") or f"stop(<{cfg.em.tau})"
         dpo, pp, rm = h.get("dpo", {}), h.get("pseudo_pairs", {}), h.get("rm", {})
         lines.append(
-            f"| {h['round']}.{h['iter']} | {p.get('pairs', '-')} ({dropped}) | {f(dpo.get('loss'))} / "
+            f"| {h['round']}.{h['iter']} | {p.get('pairs', '-')} ({dropped}) | "
+            f"{100 * p.get('truncated_responses', 0) / max(1, p.get('responses', 1)):.1f}% | {f(dpo.get('loss'))} / "
             f"{f(dpo.get('reward_acc'), '.2f')} | {rates} ({chosen}) | {f(pp.get('eps_t'), '.4f')} | "
             f"{pp.get('kept_total', '-')}/{pp.get('n', '-')} | {f(rm.get('train_acc'), '.2f')} | "
             f"{f(rm.get('heldout_acc_prev'), '.2f')} → {f(rm.get('heldout_acc_new'), '.2f')} |")
@@ -304,7 +314,7 @@ def stage_main(name: str, argv: list[str]):
 
 def resolve_inputs(cfg: C.Config) -> C.Config:
     """No --policy/--rm/--prompts: the embedded default, the gold-reward sandbox (built once, cached)."""
-    if cfg.policy or cfg.rm or cfg.prompts or cfg.preset != "sandbox":
+    if cfg.policy or cfg.rm or cfg.prompts or not cfg.preset.startswith("sandbox"):
         missing = [k for k in ("policy", "rm", "prompts") if not getattr(cfg, k)]
         if missing:
             raise C.ConfigError(f"missing --{', --'.join(missing)} (or give none of --policy/--rm/--prompts "

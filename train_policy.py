@@ -225,9 +225,8 @@ def main(cfg: C.StageConfig) -> dict:
                 keep_truncated=cfg.em.keep_truncated)
     m.stage("ref_logps", ref_logps, [out / "ref_logps.jsonl"], policy_dir=Path(cfg.policy),
             pairs_path=pairs_file, out_path=out / "ref_logps.jsonl", **reference_args(cfg.dpo))
-    m.stage("dpo", dpo, [out / "policy"], policy_dir=Path(cfg.policy), pairs_path=pairs_file,
-            ref_path=out / "ref_logps.jsonl", out_dir=out / "policy", cfg=cfg.dpo)
-    info = summary(out / "policy")
+    info = m.stage("dpo", dpo, [out / "policy"], policy_dir=Path(cfg.policy), pairs_path=pairs_file,
+                   ref_path=out / "ref_logps.jsonl", out_dir=out / "policy", cfg=cfg.dpo)
     dist.print0(f"E-step done: {json.dumps(info)}; checkpoints {checkpoints(out / 'policy')} in {out / 'policy'}")
     return info
 

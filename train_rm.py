@@ -82,9 +82,8 @@ def main(cfg: C.StageConfig) -> dict:
                             "--out DIR (see --help)")
     out = Path(cfg.out)
     m = Manifest(out, cfg, cfg.force_config)
-    m.stage("rm", train, [out / "final"], init_dir=Path(cfg.rm), pair_files=pair_files, out_dir=out,
-            cfg=cfg.rm_train)
-    info = summary(out)
+    info = m.stage("rm", train, [out / "final"], init_dir=Path(cfg.rm), pair_files=pair_files, out_dir=out,
+                   cfg=cfg.rm_train)
     dist.print0(f"RM done: {json.dumps(info)} -> {out / 'final'}")
     return info
 

@@ -23,18 +23,15 @@ import run_em  # noqa: E402
 from mt import config as C  # noqa: E402
 from mt import dist, sandbox  # noqa: E402
 
-# variant -> run_em flags (on top of the sandbox preset); the same prompt budget for all (Sec. 5, Table 1)
-VARIANTS = {
-    "mutual_taught": [],
-    "iterative_dpo_fixed_rm": ["--em.update_rm", "false"],
-    "offline_dpo": ["--iters", "1", "--em.update_rm", "false", "--em.select", "false"],
-    "filter_hqs": ["--em.filter", "hqs"],  # Fig. 7
-    "filter_dst": ["--em.filter", "dst"],
-    "no_filter": ["--em.filter", "none"],  # Fig. 6 "w/o DF"
-    "no_selection": ["--em.select", "false"],  # Fig. 6 "w/o MS"
-    "rm_data_pc": ["--em.rm_data", "pc"],  # Fig. 4
-    "rm_data_st": ["--em.rm_data", "st"],
-}
+# variant -> its preset (mt/config.py): Mutual-Taught and every baseline / ablation the sandbox scales
+VARIANTS = {"mutual-taught": "sandbox", **{k: f"sandbox-{k}" for k in C.VARIANTS}}
+
+
+def differences(preset: str) -> str:
+    """The values a preset sets that differ from the sandbox's Mutual-Taught."""
+    base = C.PRESETS["sandbox"]
+    diff = {k: v for k, v in C.PRESETS[preset].items() if base.get(k) != v}
+    return " ".join(f"--{k} {v:.3g}" if isinstance(v, float) else f"--{k} {v}" for k, v in diff.items())
 
 
 @dataclass
@@ -59,7 +56,7 @@ def compare(seeds: list[int], variants: list[str], out: Path) -> str:
     for v in variants:
         for s in seeds:
             run = out / f"{v}-seed{s}"
-            run_em.main(["--preset", "sandbox", "--seed", str(s), "--out", str(run), *VARIANTS[v]])
+            run_em.main(["--preset", VARIANTS[v], "--seed", str(s), "--out", str(run)])
             results.setdefault(v, []).append({"seed": s, **final_metrics(run)})
     (out / "report.json").write_text(json.dumps(results, indent=2))
 
@@ -69,10 +66,12 @@ def compare(seeds: list[int], variants: list[str], out: Path) -> str:
             return "-"
         return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
     lines = [f"Seeds {seeds}; `python eval/sandbox_report.py --seeds {','.join(map(str, seeds))}`", "",
-             "| variant | flags | policy gold | perfect share | gold win vs π0 |", "|---|---|---|---|---|"]
+             "| variant | preset (differences) | paper | policy gold | perfect share | gold win vs π0 |",
+             "|---|---|---|---|---|---|"]
     for v in variants:
-        lines.append(f"| {v} | `{' '.join(VARIANTS[v]) or '(defaults)'}` | {ms(v, 'policy_gold')} | "
-                     f"{ms(v, 'policy_perfect')} | {ms(v, 'gold_win_vs_pi0')} |")
+        paper = C.VARIANTS[v][0] if v in C.VARIANTS else "Table 1 Mutual-Taught"
+        lines.append(f"| {v} | `{VARIANTS[v]}` ({differences(VARIANTS[v]) or 'the sandbox defaults'}) | {paper} | "
+                     f"{ms(v, 'policy_gold')} | {ms(v, 'policy_perfect')} | {ms(v, 'gold_win_vs_pi0')} |")
     table = "\n".join(lines)
     (out / "report.md").write_text(table + "\n")
     return table

@@ -49,7 +49,9 @@ class SamplingConfig:
     temperature: float = opt(0.8, above=0)
     top_p: float = 0.95  # nucleus mass, in (0, 1]; 1 = off
     top_k: int = opt(0, min=0)  # 0 = off
-    max_new_tokens: int = opt(2048, min=1)
+    # the paper states no sampling cap (2,048 is its *training* length); SimPO's on-policy sampler, which
+    # appendix B follows, allows 4,096 new tokens. Each stage reports its truncation rate.
+    max_new_tokens: int = opt(4096, min=1)
     greedy: bool = False  # argmax decoding (ignores temperature, top-p, top-k)
     slots: int = opt(64, above=0, scheduling=True)  # concurrent sequences in the KV cache
     max_prompt_tokens: int = opt(2048, above=0)  # longer prompts are an error naming the prompt id
@@ -83,7 +85,9 @@ class DPOConfig(TrainConfig):
     loss: str = opt("dpo", choices=PREFERENCE_LOSSES)  # mt/losses.py LOSSES
     beta: float = opt(0.01, above=0)
     label_smoothing: float = opt(0.0, min=0)  # cdpo
-    simpo_gamma: float = opt(0.5, min=0)  # simpo target margin (γ; SimPO's γ/β ratio times β)
+    # SimPO's γ: the target reward margin inside its loss, -log σ(β·avg_w − β·avg_l − γ) (simpo only);
+    # SimPO's Llama-3-8B-Instruct recipe: γ/β = 0.55 at β = 2.5, so γ = 1.375
+    target_margin: float = opt(1.375, min=0)
 
 
 @dataclass
@@ -107,13 +111,16 @@ class EMConfig:
     select: bool = True  # model selection (Eq. 6-7); False = take the final checkpoint
     tau: float = opt(0.6, min=0)  # stop when the best win rate < τ
     filter: str = opt("lqf", choices=("lqf", "hqs", "dst", "none"))  # Sec. 4.3, appendix F
-    eps_stat: str = opt("var", choices=("var", "std"))  # var (appendix B) | std (Sec. 4.3)
-    eps_mult: float = opt(2.0, above=0)  # appendix B: 2 × the variance
+    # ε_t = eps_mult × σ of r_{t-1}(y_{t-1}) (Sec. 4.3: σ, in the units of Δr); var = appendix B's literal wording
+    eps_stat: str = opt("std", choices=("std", "var"))
+    eps_mult: float = opt(2.0, above=0)  # appendix B: searched 1, 2, 3; used 2
     rm_data: str = opt("mixed", choices=("mixed", "pc", "st"))  # policy comparison, self-training (Sec. 5.3)
     update_rm: bool = True  # False = iterative DPO with a fixed RM (baseline)
     rm_restart: bool = True  # appendix B: each RM iteration starts from r0
     rounds: int = 1  # Sec. 5.3: a second round restarts both models from the base models
-    rm_heldout: float = opt(0.05, min=0)  # share of D_R held out of RM training (RM accuracy on pseudo-pairs)
+    # share of D_R held out of RM training, to report RM accuracy on pseudo-pairs it never saw; the paper
+    # trains on all of D_R (0), so this is an opt-in diagnostic (the sandbox keeps 0.05)
+    rm_heldout: float = opt(0.0, min=0)
 
 
 @dataclass
@@ -153,25 +160,65 @@ class StageConfig(Config):
 
 # ---- presets: a preset is a dict of overrides on top of the paper's defaults
 
+# The sandbox (mt/sandbox.py) scales the paper to a CPU: the embedded default main job `python run_em.py`.
+SANDBOX: dict = {
+    "iters": 2,  # T = 2, as in the paper's main results
+    "em.n_samples": 4,  # M
+    "em.d_ms_size": 100,  # |D_MS| of the 1,200 prompts; the rest: D_R, D_1, D_2 ≈ 367 each (Sec. 5.1)
+    # Eq. 6 counts a win only when r(y_t) > r(y_{t-1}) strictly; here identical responses (every
+    # perfect sort is the same string, and half of π0's responses are perfect) are frequent ties,
+    # which caps the win rate near 0.5-0.6 for a policy better by gold, so τ is scaled from 0.6.
+    "em.tau": 0.4,
+    "em.rm_heldout": 0.05,  # a diagnostic the sandbox reports
+    "sampling.max_new_tokens": 16, "sampling.slots": 256, "sampling.max_prompt_tokens": 64,
+    # ~300 pairs per iteration: 10 steps of 32, checkpoints at 3, 6, 9 and the final one
+    "dpo.batch_size": 32, "dpo.micro_batch_size": 32, "dpo.lr": 3e-4, "dpo.beta": 0.1,
+    "dpo.save_every": 3, "dpo.max_length": 64,
+    "rm_train.batch_size": 32, "rm_train.micro_batch_size": 32, "rm_train.lr": 3e-4,
+    "rm_train.epochs": 2, "rm_train.max_length": 64,
+}
+SANDBOX_LR_SCALE = SANDBOX["dpo.lr"] / DPOConfig().lr  # the sandbox's DPO lr over the paper's
+
+# The baselines and ablations, as differences from Mutual-Taught, with their sources. Each gives a
+# `paper-NAME` preset (on the paper's defaults) and a `sandbox-NAME` preset (on SANDBOX, learning rates
+# scaled by SANDBOX_LR_SCALE as the sandbox scales the paper's).
+_FIXED_RM = {"em.update_rm": False, "em.rm_fraction": 0.0}  # no M-step: every portion goes to the policy
+VARIANTS: dict[str, tuple[str, dict]] = {
+    # Table 1, appendix A/B: iterative DPO with the fixed r0 over all three portions, three iterations,
+    # lr lowered to 5e-7 ("performance degradation in the final iteration with a large learning rate")
+    "iterative-dpo": ("Table 1 DPO Iter1-3", {**_FIXED_RM, "iters": 3, "em.select": False, "dpo.lr": 5e-7}),
+    # Table 1 offline baselines (appendix A/B): one pass on pairs from π0 scored by r0, "the same sampling
+    # and training parameters as Mutual-Taught"; SimPO with SimPO's own Llama-3-8B-Instruct recipe
+    "offline-dpo": ("Table 1 DPO (offline)", {**_FIXED_RM, "iters": 1, "em.select": False}),
+    "offline-ipo": ("Table 1 IPO", {**_FIXED_RM, "iters": 1, "em.select": False, "dpo.loss": "ipo"}),
+    "offline-simpo": ("Table 1 SimPO", {**_FIXED_RM, "iters": 1, "em.select": False, "dpo.loss": "simpo",
+                                        "dpo.beta": 2.5, "dpo.target_margin": 2.5 * 0.55, "dpo.lr": 1e-6}),
+    # Fig. 6 (appendix E): the two-stage stabilisation
+    "no-select": ("Fig. 6 w/o MS", {"em.select": False}),
+    "no-filter": ("Fig. 6 w/o DF", {"em.filter": "none"}),
+    "no-select-no-filter": ("Fig. 6 w/o both", {"em.select": False, "em.filter": "none"}),
+    # Fig. 4 (Sec. 5.3): the RM's training data
+    "pc": ("Fig. 4 PC only", {"em.rm_data": "pc"}),
+    "st": ("Fig. 4 ST only", {"em.rm_data": "st"}),
+    # Fig. 7 (appendix F): filtering strategies
+    "hqs": ("Fig. 7 HQS", {"em.filter": "hqs"}),
+    "dst": ("Fig. 7 DST", {"em.filter": "dst"}),
+    # Fig. 5 (Sec. 5.3): a second round from the base models
+    "rounds2": ("Fig. 5 round 2", {"em.rounds": 2}),
+}
+
+
+def _scaled(diff: dict) -> dict:
+    """A variant on the sandbox: its learning rates scaled as the sandbox scales the paper's."""
+    return {k: (v * SANDBOX_LR_SCALE if k == "dpo.lr" else v) for k, v in diff.items()}
+
+
 PRESETS: dict[str, dict] = {
+    # Mutual-Taught as the paper runs it: every default of this file, each with its source beside it
     "paper": {},
-    # The embedded default main job (`python run_em.py`): the gold-reward sandbox (mt/sandbox.py) at a
-    # scale for a CPU, the paper's settings scaled down.
-    "sandbox": {
-        "iters": 2,  # T = 2, as in the paper's main results
-        "em.n_samples": 4,  # M
-        "em.d_ms_size": 100,  # |D_MS| of the 1,200 prompts; the rest: D_R, D_1, D_2 ≈ 367 each (Sec. 5.1)
-        # Eq. 6 counts a win only when r(y_t) > r(y_{t-1}) strictly; here identical responses (every
-        # perfect sort is the same string, and half of π0's responses are perfect) are frequent ties,
-        # which caps the win rate near 0.5-0.6 for a policy better by gold, so τ is scaled from 0.6.
-        "em.tau": 0.4,
-        "sampling.max_new_tokens": 16, "sampling.slots": 256, "sampling.max_prompt_tokens": 64,
-        # ~300 pairs per iteration: 10 steps of 32, checkpoints at 3, 6, 9 and the final one
-        "dpo.batch_size": 32, "dpo.micro_batch_size": 32, "dpo.lr": 3e-4, "dpo.beta": 0.1,
-        "dpo.save_every": 3, "dpo.max_length": 64,
-        "rm_train.batch_size": 32, "rm_train.micro_batch_size": 32, "rm_train.lr": 3e-4,
-        "rm_train.epochs": 2, "rm_train.max_length": 64,
-    },
+    "sandbox": SANDBOX,
+    **{f"paper-{k}": dict(diff) for k, (_, diff) in VARIANTS.items()},
+    **{f"sandbox-{k}": {**SANDBOX, **_scaled(diff)} for k, (_, diff) in VARIANTS.items()},
     # tests: a handful of prompts, a few optimizer steps, short responses
     "tiny": {
         "iters": 2, "em.n_samples": 3, "em.d_ms_size": 4, "em.tau": 0.0,

@@ -153,21 +153,27 @@ def select_checkpoint(win_rates: dict[str, float], tau: float, select: bool = Tr
 # ---- data filtering for the M-step (Sec. 4.3, appendix F)
 
 
-def epsilon(old_scores: list[float], stat: str = "var", mult: float = 2.0) -> float:
-    """ε_t from the spread of r_{t-1}(y_{t-1}) over D_R.
-
-    Sec. 4.3 writes ε_t = sqrt(Var) (stat="std", mult=1); appendix B reports the run used twice the
-    variance (stat="var", mult=2), the default. Population variance (ddof=0).
-    """
+def spread(old_scores: list[float]) -> dict:
+    """The spread of r_{t-1}(y_{t-1}): population variance (ddof=0) and standard deviation, over n rows."""
     n = len(old_scores)
-    assert n > 0, "epsilon needs scores"
+    if n == 0:
+        raise ValueError("ε_t needs at least one valid pseudo-pair (every y_t or y_{t-1} was empty or truncated)")
     mean = sum(old_scores) / n
     var = sum((x - mean) ** 2 for x in old_scores) / n
-    if stat == "var":
-        return mult * var
-    if stat == "std":
-        return mult * math.sqrt(var)
-    raise ValueError(f"--em.eps_stat={stat!r}: must be var or std")
+    return {"n": n, "mean": mean, "var": var, "std": math.sqrt(var)}
+
+
+def epsilon(old_scores: list[float], stat: str = "std", mult: float = 2.0) -> float:
+    """ε_t from the spread of r_{t-1}(y_{t-1}) over the valid rows of D_R.
+
+    Sec. 4.3 defines ε_t = sqrt(Var), in the units of Δr (Eq. 8); appendix B searched 1, 2 and 3
+    times and used twice: the default is 2σ, so rescaling an RM's scores never changes a decision.
+    stat="var" is the literal appendix-B wording (2 × the variance: score² against a score).
+    """
+    s = spread(old_scores)
+    if stat not in ("std", "var"):
+        raise ValueError(f"--em.eps_stat={stat!r}: must be std or var")
+    return mult * s[stat]
 
 
 def filter_decision(delta: float, eps: float, strategy: str) -> tuple[bool, bool, str]:
@@ -216,7 +222,10 @@ def filter_pseudo_pairs(rows: list[dict], strategy: str, eps_stat: str, eps_mult
     Every row keeps Δr, ε_t, its decision and why; only rows with kept=True enter the M-step, with
     chosen/rejected set (swapped for a dst pair with Δr < 0).
     """
-    eps = epsilon([r["score_prev"] for r in rows], eps_stat, eps_mult)
+    # σ over the rows whose y_{t-1} could be compared at all (both responses valid), not over every row
+    old = [r["score_prev"] for r in rows if r["valid"]]
+    sp = spread(old)
+    eps = epsilon(old, eps_stat, eps_mult)
     out, stats = [], Counter()
     for r in rows:
         if not r["valid"]:
@@ -231,6 +240,7 @@ def filter_pseudo_pairs(rows: list[dict], strategy: str, eps_stat: str, eps_mult
         stats[reason] += 1
     stats["kept_total"] = sum(r["kept"] for r in out)
     return out, {"eps_t": eps, "strategy": strategy, "eps_stat": eps_stat, "eps_mult": eps_mult,
+                 "eps_rows": sp["n"], "score_prev_std": sp["std"], "score_prev_var": sp["var"],
                  "n": len(out), **dict(stats)}
 
 

@@ -152,7 +152,7 @@ LOSSES: dict[str, PreferenceLoss] = {
     "dpo": PreferenceLoss(_dpo, True, False),  # Eq. 2 / Eq. 4
     "cdpo": PreferenceLoss(_cdpo, True, False),
     "ipo": PreferenceLoss(lambda c, r, rc, rr, cfg: dpo_loss(c, r, rc, rr, cfg.beta, 0.0, "ipo"), True, False),
-    "simpo": PreferenceLoss(lambda c, r, rc, rr, cfg: simpo_loss(c, r, cfg.beta, cfg.simpo_gamma), False, True),
+    "simpo": PreferenceLoss(lambda c, r, rc, rr, cfg: simpo_loss(c, r, cfg.beta, cfg.target_margin), False, True),
     "hinge": PreferenceLoss(lambda c, r, rc, rr, cfg: dpo_loss(c, r, rc, rr, cfg.beta, 0.0, "hinge"), True, False),
 }
 PREFERENCE_LOSSES = tuple(LOSSES)

@@ -5,6 +5,7 @@ Each whole chat is rendered with the RM's OWN tokenizer and template (the policy
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -32,14 +33,30 @@ def score_conversations(rm, items: list[tuple[list[dict], str]], tok=None, batch
                         desc: str = "scoring") -> list[float]:
     """r(x, y) for every (messages, response), on every rank, in input order.
 
-    `rm` is a reward-model directory, or a loaded model with its `tok`. Rank r scores items[r::world];
-    within a rank, longest first into batches of <= max_tokens padded tokens and <= batch_size rows,
-    right-padded, each score read at the row's last real token (by length, never by pad id).
+    Each distinct (messages, response) is scored once and its score reused, so the same text always
+    gets the same score within a call (batch shapes round differently; identical responses are
+    common, and Eq. 6 must see them as ties). Callers that compare scores score all the compared
+    texts in one call (score_files). `rm` is a reward-model directory, or a loaded model with its
+    `tok`. Rank r scores the distinct items [r::world]; within a rank, longest first into batches of
+    <= max_tokens padded tokens and <= batch_size rows, right-padded, each score read at the row's
+    last real token (by length, never by pad id).
     """
     if isinstance(rm, (str, Path)):
         rm, tok = load_rm(rm, device, dtype)
     elif tok is None:
         raise ValueError("score_conversations(model, items) needs the reward model's own tokenizer: tok=...")
+    keys = [json.dumps(item, ensure_ascii=False, sort_keys=True) for item in items]
+    first: dict[str, int] = {}
+    for k in keys:
+        first.setdefault(k, len(first))
+    unique = [None] * len(first)
+    for k, item in zip(keys, items):
+        unique[first[k]] = item
+    scores = _score_distinct(rm, tok, unique, batch_size, max_tokens, progress, desc)
+    return [scores[first[k]] for k in keys]
+
+
+def _score_distinct(rm, tok, items, batch_size, max_tokens, progress, desc) -> list[float]:
     d = dist.get()
     dev = next(rm.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -82,14 +99,25 @@ def score_samples(rm, samples, tok=None, **kw) -> list[dict]:
 
 def score_file(rm_dir, samples_path, out_path, device=None, dtype="auto", **kw) -> list[dict]:
     """Read samples.jsonl, score every response with the RM in rm_dir, write scores.jsonl (rank 0, atomic)."""
+    return score_files(rm_dir, [(samples_path, out_path)], device, dtype, **kw)[0]
+
+
+def score_files(rm_dir, files: list[tuple], device=None, dtype="auto", **kw) -> list[list[dict]]:
+    """score_file for several (samples.jsonl, scores.jsonl) at once, in ONE scoring call, so a response
+    that appears in two files (y_t^k and y_{t-1} in Eq. 6, y_t and y_{t-1} in Eq. 8) gets one score."""
     t0 = time.perf_counter()
     rm, tok = load_rm(rm_dir, device, dtype)
-    samples = read_samples(samples_path)
-    rows = score_samples(rm, samples, tok, **kw)
-    if dist.get().is_main:
-        write_jsonl(out_path, rows)
+    samples = [read_samples(s) for s, _ in files]
+    flat = score_samples(rm, [r for rows in samples for r in rows], tok, **kw)
+    out, k = [], 0
+    for rows, (_, out_path) in zip(samples, files):
+        out.append(flat[k:k + len(rows)])
+        k += len(rows)
+        if dist.get().is_main:
+            write_jsonl(out_path, out[-1])
     dist.barrier()
-    n = sum(len(r["scores"]) for r in rows)
-    dist.print0(f"scored {n} responses of {len(rows)} prompts with {rm_dir} in {time.perf_counter() - t0:.1f}s "
-                f"-> {Path(out_path)}")
-    return rows
+    n = sum(len(r["scores"]) for r in flat)
+    where = ", ".join(str(Path(o)) for _, o in files)
+    dist.print0(f"scored {n} responses of {len(flat)} prompts with {rm_dir} in {time.perf_counter() - t0:.1f}s "
+                f"-> {where}")
+    return out

@@ -9,22 +9,71 @@ import pytest
 from mt.config import PRESETS, Config, ConfigError, diff, flat_keys, from_dict, parse_args, save, to_dict
 
 
-def test_paper_preset_holds_appendix_b():
+# The paper's numbers, each with where it is stated: the `paper` preset must be exactly these.
+PAPER = {
+    "iters": (2, "appendix B: two iterations"),
+    "em.n_samples": (5, "appendix B: M = 5"),
+    "sampling.temperature": (0.8, "appendix B, following SimPO"),
+    "sampling.top_p": (0.95, "appendix B, following SimPO"),
+    "sampling.max_new_tokens": (4096, "not in the paper; SimPO's on-policy sampler, which appendix B follows"),
+    "dpo.loss": ("dpo", "Eq. 4"),
+    "dpo.beta": (0.01, "appendix B"),
+    "dpo.batch_size": (128, "appendix B"),
+    "dpo.lr": (7e-7, "appendix B"),
+    "dpo.max_length": (2048, "appendix B"),
+    "dpo.save_every": (50, "appendix B: a checkpoint every 50 steps"),
+    "dpo.epochs": (1, "appendix B: one epoch"),
+    "dpo.warmup_ratio": (0.1, "appendix B: cosine, warmup 0.1"),
+    "em.d_ms_size": (2000, "appendix B: 2,000 prompts"),
+    "em.tau": (0.6, "appendix B: 60%"),
+    "em.select": (True, "Sec. 4.3 model selection"),
+    "em.filter": ("lqf", "Sec. 4.3: drop Δr <= -ε_t"),
+    "em.eps_stat": ("std", "Sec. 4.3: ε_t = sqrt(Var)"),
+    "em.eps_mult": (2.0, "appendix B: twice"),
+    "em.rm_data": ("mixed", "Sec. 5.1 / 5.3"),
+    "em.rm_restart": (True, "appendix B: each RM iteration starts from the base RM"),
+    "em.pair_rule": ("length_control", "appendix B: length control"),
+    "em.rm_fraction": (1 / 3, "Sec. 5.1: three subsets"),
+    "em.rm_heldout": (0.0, "Sec. 5.1: the RM trains on all of its data"),
+    "em.update_rm": (True, "Alg. 1 line 8"),
+    "em.rounds": (1, "Sec. 5.3: a second round is an additional experiment"),
+    "rm_train.batch_size": (512, "appendix B"),
+    "rm_train.lr": (2e-6, "appendix B"),
+    "rm_train.max_length": (2048, "appendix B"),
+    "rm_train.epochs": (1, "appendix B: one epoch"),
+    "rm_train.warmup_ratio": (0.1, "appendix B"),
+}
+
+
+def test_paper_preset_is_the_paper():
     for cfg in (Config(), parse_args(["--preset", "paper"])):
         assert cfg.preset == "paper"
-        # E-step DPO (Eq. 4)
-        assert (cfg.dpo.beta, cfg.dpo.batch_size, cfg.dpo.lr, cfg.dpo.warmup_ratio) == (0.01, 128, 7e-7, 0.1)
-        assert (cfg.dpo.save_every, cfg.dpo.epochs, cfg.dpo.max_length, cfg.dpo.loss) == (50, 1, 2048, "dpo")
-        # sampling: M=5, T=0.8, top-p 0.95, max length 2048
-        assert cfg.em.n_samples == 5
-        assert (cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.max_new_tokens) == (0.8, 0.95, 2048)
-        # model selection and filtering: τ=0.6, ε = 2 × variance, lqf, mixed RM data, |D_MS| = 2000
-        assert (cfg.em.tau, cfg.em.eps_stat, cfg.em.eps_mult, cfg.em.filter) == (0.6, "var", 2.0, "lqf")
-        assert (cfg.em.rm_data, cfg.em.d_ms_size, cfg.em.pair_rule) == ("mixed", 2000, "length_control")
-        assert cfg.em.rm_restart and cfg.em.update_rm and cfg.em.select
-        # M-step Bradley-Terry (Eq. 5): batch 512, lr 2e-6, 1 epoch
-        assert (cfg.rm_train.batch_size, cfg.rm_train.lr, cfg.rm_train.epochs) == (512, 2e-6, 1)
-        assert cfg.rm_train.max_length == 2048 and cfg.iters == 2
+        for key, (want, source) in PAPER.items():
+            assert _get(dataclasses.asdict(cfg), key) == want, (key, source)
+
+
+def test_every_variant_preset_resolves_to_its_documented_values():
+    """paper-NAME = the paper's defaults + VARIANTS[NAME]; sandbox-NAME = the sandbox + the same
+    differences, learning rates scaled as the sandbox scales the paper's (3e-4 / 7e-7)."""
+    from mt.config import SANDBOX, VARIANTS
+    paper = dataclasses.asdict(Config())
+    for name, (figure, diff) in VARIANTS.items():
+        p, sb = dataclasses.asdict(parse_args(["--preset", f"paper-{name}"])), dataclasses.asdict(
+            parse_args(["--preset", f"sandbox-{name}"]))
+        for key in flat_keys(Config()):
+            if key == "preset":
+                continue
+            assert _get(p, key) == diff.get(key, _get(paper, key)), (name, key)
+            want = diff[key] * (3e-4 / 7e-7) if key == "dpo.lr" and key in diff else diff.get(
+                key, SANDBOX.get(key, _get(paper, key)))
+            assert _get(sb, key) == pytest.approx(want), (name, key)
+    # the baselines as appendix A / B and the SimPO recipe state them
+    it = parse_args(["--preset", "paper-iterative-dpo"])
+    assert (it.iters, it.em.update_rm, it.em.rm_fraction, it.em.select, it.dpo.lr) == (3, False, 0.0, False, 5e-7)
+    simpo = parse_args(["--preset", "paper-offline-simpo"])
+    assert (simpo.dpo.loss, simpo.dpo.beta, simpo.dpo.target_margin, simpo.dpo.lr) == ("simpo", 2.5, 1.375, 1e-6)
+    assert parse_args(["--preset", "paper-offline-ipo"]).dpo.beta == 0.01  # "the same training parameters"
+    assert parse_args(["--preset", "sandbox-offline-dpo", "--dpo.beta", "0.3"]).dpo.beta == 0.3  # flags win
 
 
 def test_tiny_preset():
@@ -76,7 +125,7 @@ def test_unknown_key_lists_valid_keys():
     (["--em.filter", "best"], "--em.filter='best': must be one of lqf, hqs, dst, none"),
     (["--dpo.loss", "kto"], "--dpo.loss='kto': must be one of dpo, cdpo, ipo, simpo, hinge"),
     (["--em.rm_data", "all"], "--em.rm_data='all': must be one of mixed, pc, st"),
-    (["--preset", "huge"], "--preset 'huge': unknown; presets: paper, sandbox, tiny"),
+    (["--preset", "huge"], "--preset 'huge': unknown; presets: paper, sandbox, paper-iterative-dpo"),
     (["--iters"], "--iters: missing value"),
     (["iters", "2"], "unexpected argument 'iters'"),
     (["--iters", "0"], "--iters=0: must be >= 1"),

@@ -59,7 +59,7 @@ def test_simpo_closed_form():
     loss, m = simpo_loss(avg_c, avg_r, beta=2.0, gamma=1.0)  # 2*(-1+1.5)-1 = 0 ; 2*(-0.5+2)-1 = 2
     torch.testing.assert_close(loss, torch.tensor([math.log(2.0), softplus(2.0)], **f64))
     torch.testing.assert_close(m["margin"], torch.tensor([1.0, 3.0], **f64))
-    same, _ = losses.LOSSES["simpo"].fn(avg_c, avg_r, None, None, DPOConfig(beta=2.0, simpo_gamma=1.0))
+    same, _ = losses.LOSSES["simpo"].fn(avg_c, avg_r, None, None, DPOConfig(beta=2.0, target_margin=1.0))
     torch.testing.assert_close(same, loss)
 
 

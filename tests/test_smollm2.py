@@ -70,7 +70,7 @@ def test_template_stop_ids_and_no_double_bos(tok, smollm2_dir):
 
 def test_greedy_answers_are_coherent_and_equal_generate(ours, ref, tok, smollm2_dir):
     cfg = sampler.SamplingConfig(greedy=True, max_new_tokens=24, slots=4)
-    prompts = [type("P", (), {"id": f"q{i}", "messages": msgs(q)})() for i, q in enumerate(QUESTIONS)]
+    prompts = [{"prompt_id": f"q{i}", "prompt": msgs(q)} for i, q in enumerate(QUESTIONS)]
     rows = sample(ours, tok, prompts, cfg, n=1, stop_ids=chat.stop_ids(tok, smollm2_dir), return_logps=True)
     france = rows[0]
     assert "paris" in france["responses"][0].lower(), france["responses"][0]
@@ -125,7 +125,8 @@ def test_one_e_step_on_real_weights(smollm2_dir, tok, tmp_path):
 
     dcfg = DPOConfig(batch_size=len(pairs), micro_batch_size=1, lr=1e-5, max_length=512, save_every=0,
                      warmup_ratio=0.0, beta=0.1)
-    train_policy.ref_logps(smollm2_dir, it / "pairs.jsonl", it / "ref_logps.jsonl", dcfg)
+    train_policy.ref_logps(smollm2_dir, it / "pairs.jsonl", it / "ref_logps.jsonl",
+                           **train_policy.reference_args(dcfg))
     refs = read_jsonl_rows(it / "ref_logps.jsonl")
     # the stored reference log-probs equal transformers' on the same sequences
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
