@@ -17,8 +17,10 @@ from pathlib import Path
 
 import train_policy
 import train_rm
+from mt import chat
 from mt import config as C
 from mt import dist, em, sandbox
+from mt.checkpoint import read_config
 from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples, read_scores, write_json,
                      write_jsonl)
 from mt.manifest import Manifest, iteration_dir
@@ -30,6 +32,7 @@ from mt.scoring import score_files
 def run(cfg: C.Config) -> dict:
     d = dist.init_distributed(None if cfg.device == "auto" else cfg.device)
     run_dir, E = Path(cfg.out), cfg.em
+    preflight(cfg)  # every check that can fail runs before config.json is written
     m = Manifest(run_dir, cfg, cfg.force_config)
     pi0, r0 = Path(cfg.policy), Path(cfg.rm)
 
@@ -115,6 +118,36 @@ def run(cfg: C.Config) -> dict:
             print("\nGold view (mt/sandbox.py's gold reward; policy numbers on D_MS):")
             print(sandbox.gold_table(sandbox.gold_view(run_dir)))
     return summary
+
+
+def preflight(cfg: C.Config):
+    """The inputs checked before anything is written: a typo'd path or an impossible size fails here,
+    not after iteration 1, and never pins a bad config.json."""
+    prompts = read_prompts(cfg.prompts)  # every row validated
+    try:
+        em.partition([p["prompt_id"] for p in prompts], cfg.iters, cfg.em.rm_fraction if cfg.em.update_rm else 0.0,
+                     cfg.em.d_ms_size, cfg.seed)
+    except ValueError as e:
+        raise C.ConfigError(f"{cfg.prompts}: {e}") from None
+    for flag, path, head in (("--policy", cfg.policy, "lm"), ("--rm", cfg.rm, "score")):
+        got = read_config(path).head
+        if got != head:
+            kind = {"lm": "a causal LM (*ForCausalLM)", "score": "a reward model (*ForSequenceClassification)"}
+            raise C.ConfigError(f"{flag} {path}: has a {got!r} head; {flag} must be {kind[head]}")
+    tok = chat.load_tokenizer(cfg.policy)
+    limit = cfg.sampling.max_prompt_tokens
+    for p in prompts:
+        n = len(chat.encode_prompt(tok, p["prompt"]))
+        if n > limit:
+            raise C.ConfigError(f"{cfg.prompts}: prompt {p['prompt_id']!r} is {n} tokens under {cfg.policy}'s chat "
+                                f"template, over --sampling.max_prompt_tokens={limit}. Fix: raise "
+                                "--sampling.max_prompt_tokens or drop the prompt from the file")
+    world = dist.get().world_size
+    for name in ("dpo", "rm_train"):
+        t = getattr(cfg, name)
+        if t.batch_size % (t.micro_batch_size * world):
+            raise C.ConfigError(f"--{name}.batch_size={t.batch_size} is not a multiple of --{name}.micro_batch_size="
+                                f"{t.micro_batch_size} × {world} processes. Fix: change either, or the process count")
 
 
 # ---- the stages that are bookkeeping over files (the heavy ones live in train_policy / train_rm)

@@ -40,9 +40,9 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
 @dataclass
 class BenchSamplerArgs:
     """python eval/bench_sampler.py: our sampler vs transformers' generate()."""
-    shape: str = opt("custom", choices=("custom", "llama3-8b"))  # custom: --hidden/--layers/--vocab; llama3-8b: the paper's policy;
+    shape: str = opt("custom", choices=("custom", "llama3-8b"))  # custom: --hidden/--layers/--vocab; llama3-8b: the paper's policy
     device: str = "cpu"  # cpu | cuda
-    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on cuda, else fp32;
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on cuda, else fp32
     hidden: int = opt(384, above=0)  # custom shape: hidden size (heads of 64)
     layers: int = opt(6, above=0)  # custom shape
     vocab: int = opt(16000, above=1)  # custom shape

@@ -25,9 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import train_policy  # noqa: E402
 from mt import dist  # noqa: E402
 from mt import train as T  # noqa: E402
+from mt.chat import Example  # noqa: E402
 from mt.config import ConfigError, DPOConfig, RMConfig, opt, parse  # noqa: E402
+from mt.losses import BRADLEY_TERRY, preference_objective  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
 
 SHAPES = {
@@ -43,14 +46,14 @@ H100_BF16_TFLOPS = 989.4  # dense, SXM
 @dataclass
 class BenchTrainArgs:
     """python eval/bench_train.py: tokens/s and MFU of DPO and RM training steps."""
-    model: str = opt("small", choices=tuple(sorted(SHAPES)))  # the shape, random weights;
+    model: str = opt("small", choices=tuple(sorted(SHAPES)))  # the shape, random weights
     seq: int = opt(256, above=0)  # tokens per sequence (chosen and rejected each)
     micro: int = opt(2, above=0)  # pairs per forward
     batch: int = opt(4, above=0)  # pairs per optimizer step (global)
     steps: int = opt(4, above=0)  # timed steps (after one warm-up step)
     objective: str = opt("both", choices=("dpo", "rm", "both"))
     ac: bool = False  # activation checkpointing
-    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU;
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"  # auto = cuda if available, else cpu; or cpu | cuda
     threads: int = opt(0, min=0)  # CPU threads (0 = torch's default)
     peak_tflops: float = opt(0.0, min=0)  # 0 = H100 bf16 dense on CUDA, a measured matmul rate on CPU
@@ -73,14 +76,14 @@ def measured_cpu_peak_tflops(n: int = 1024, reps: int = 20) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def examples(n_pairs: int, seq: int, vocab: int, seed: int = 0) -> list[T.Example]:
+def examples(n_pairs: int, seq: int, vocab: int, seed: int = 0) -> list[Example]:
     """Pairs whose chosen and rejected are both `seq` tokens (a quarter prompt): no padding."""
     g = torch.Generator().manual_seed(seed)
     p = seq // 4
     out = []
     for i in range(n_pairs):
         ids = torch.randint(0, vocab, (2 * seq - p,), generator=g).tolist()
-        out.append(T.Example(f"k{i}", f"p{i}", tuple(ids[:seq]), p, tuple(ids[:p] + ids[seq:]), p))
+        out.append(Example(f"k{i}", f"p{i}", tuple(ids[:seq]), p, tuple(ids[:p] + ids[seq:]), p))
     return out
 
 
@@ -99,13 +102,14 @@ def bench(objective: str, a, device: torch.device, peak_tflops: float) -> dict:
     kw = dict(lr=1e-6, batch_size=a.batch, micro_batch_size=a.micro, save_every=0, warmup_ratio=0.0,
               activation_checkpointing=a.ac, dtype=a.dtype, max_length=a.seq)
     cfg = DPOConfig(beta=0.1, **kw) if objective == "dpo" else RMConfig(**kw)
-    model = T.prepare_model(model, cfg, device)
-    refs = T.reference_logps(model, ex, a.micro, progress=False) if objective == "dpo" else None
+    model = dist.prepare_model(model, cfg, device)
+    refs = train_policy.reference_logps(model, ex, a.micro, progress=False) if objective == "dpo" else None
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
-        T.train(model, ex, objective, cfg, out, ref_logps=refs, progress=False, save_dtype=torch.bfloat16)
+        obj = preference_objective("dpo") if objective == "dpo" else BRADLEY_TERRY
+        T.train(model, ex, obj, cfg, out, ref_logps=refs, progress=False, save_dtype=torch.bfloat16)
         rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     timed = rows[1:]  # step 1 is warm-up (allocator, kernels, lazy init)
     seconds = timed[-1]["elapsed"] - rows[0]["elapsed"]

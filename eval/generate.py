@@ -43,7 +43,7 @@ class GenerateArgs:
     samples_out: str = ""  # raw samples file; "" = beside --out (see default_samples_path)
     no_strip: bool = False  # keep leading/trailing whitespace of answers
     device: str = "auto"  # auto = cuda if available, else cpu; or cpu | cuda | cuda:N
-    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU;
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 0  # names the random streams with the stream "eval/answers"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 

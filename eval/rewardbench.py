@@ -36,7 +36,7 @@ class RewardBenchArgs:
     scores_out: str = ""  # optional JSONL with every pair's two scores
     batch_size: int = opt(64, above=0)  # most conversations per forward
     device: str = "auto"  # auto = cuda if available, else cpu; or cpu | cuda | cuda:N
-    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU;
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU
 
 # ---- the leaderboard's constants (allenai/reward-bench: rewardbench/constants.py, analysis/)
 

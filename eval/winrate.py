@@ -44,7 +44,7 @@ class WinrateArgs:
     out: str = ""  # results JSON; "" = print only
     batch_size: int = opt(64, above=0)  # most conversations per RM forward
     device: str = "auto"  # auto = cuda if available, else cpu; or cpu | cuda | cuda:N
-    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU;
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 0  # sampling seed, with --new_policy/--old_policy
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 

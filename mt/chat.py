@@ -13,10 +13,12 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from mt.errors import UserError
+
 _SENTINEL = "\u2063MT-RESPONSE\u2063"
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError):
     """A tokenizer that cannot render chats; the message names the directory and what to change."""
 
 

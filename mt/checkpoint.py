@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from mt import dist
 from mt.dist import resolve_dtype
+from mt.errors import UserError
 from mt.model import ConfigError, ModelConfig, Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -28,7 +29,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 ARCHITECTURES = {("llama", "lm"): "LlamaForCausalLM", ("llama", "score"): "LlamaForSequenceClassification",
                  ("mistral", "lm"): "MistralForCausalLM", ("mistral", "score"): "MistralForSequenceClassification",
                  ("qwen2", "lm"): "Qwen2ForCausalLM", ("qwen2", "score"): "Qwen2ForSequenceClassification"}
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A model directory we cannot read; the message names the path and what is wrong."""
 
 

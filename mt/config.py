@@ -23,10 +23,11 @@ import typing
 from dataclasses import dataclass, field
 
 from mt.data import write_json
+from mt.errors import UserError
 from mt.losses import PREFERENCE_LOSSES
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     pass
 
 
@@ -45,8 +46,8 @@ def opt(default, *, choices: tuple | None = None, above: float | None = None, mi
 
 @dataclass
 class SamplingConfig:
-    """Policy sampling (appendix B, following SimPO): T=0.8, top-p 0.95, max length 2048."""
-    temperature: float = opt(0.8, above=0)
+    """Policy sampling (appendix B, following SimPO): T=0.8, top-p 0.95; at most 4,096 new tokens."""
+    temperature: float = opt(0.8, min=0)  # > 0, or 0 with --sampling.greedy
     top_p: float = 0.95  # nucleus mass, in (0, 1]; 1 = off
     top_k: int = opt(0, min=0)  # 0 = off
     # the paper states no sampling cap (2,048 is its *training* length); SimPO's on-policy sampler, which
@@ -129,7 +130,7 @@ class Config:
     policy: str = ""  # π0: Hugging Face causal-LM directory
     rm: str = ""  # r0: Hugging Face sequence-classification directory (num_labels=1)
     prompts: str = ""  # the prompt set D (jsonl / json / parquet)
-    out: str = "runs/mt"  # run directory
+    out: str = opt("runs/mt", scheduling=True)  # run directory (where, not what: a moved run stays valid)
     iters: int = 2  # T
     seed: int = 0
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
@@ -344,6 +345,8 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= cfg.em.rm_fraction < 1.0 or (cfg.em.update_rm and cfg.em.rm_fraction == 0):
         raise ConfigError(f"--em.rm_fraction={cfg.em.rm_fraction}: must be in (0, 1) (0 only with "
                           "--em.update_rm false, the fixed-RM baseline)")
+    if cfg.em.tau > 1:
+        raise ConfigError(f"--em.tau={cfg.em.tau}: a win rate threshold, must be in [0, 1]")
     if cfg.em.rounds < 1:
         raise ConfigError(f"--em.rounds={cfg.em.rounds}: must be >= 1")
     for name in ("dpo", "rm_train"):
@@ -357,9 +360,17 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"--dpo.label_smoothing={cfg.dpo.label_smoothing} applies only to --dpo.loss cdpo")
     if cfg.dpo.loss == "cdpo" and not 0 < cfg.dpo.label_smoothing < 0.5:
         raise ConfigError("--dpo.loss cdpo needs 0 < --dpo.label_smoothing < 0.5")
-    if not 0.0 < cfg.sampling.top_p <= 1.0:
-        raise ConfigError(f"--sampling.top_p={cfg.sampling.top_p}: must be in (0, 1]")
+    check_sampling(cfg.sampling)
     return cfg
+
+
+def check_sampling(s: SamplingConfig) -> SamplingConfig:
+    """The sampling checks that span fields (every command that samples runs them)."""
+    if not 0.0 < s.top_p <= 1.0:
+        raise ConfigError(f"--sampling.top_p={s.top_p}: must be in (0, 1]")
+    if s.temperature <= 0 and not s.greedy:
+        raise ConfigError(f"--sampling.temperature={s.temperature}: must be > 0 (or pass --sampling.greedy)")
+    return s
 
 
 def _tokens(argv: list[str], cfg) -> list[tuple[str, str]]:
@@ -460,7 +471,7 @@ def help_text(cfg, prog: str | None = None, doc: str = "") -> str:
             typ = typing.get_type_hints(type(obj))[f.name]
             tname = getattr(typ, "__name__", str(typ).replace("typing.", ""))
             m = f.metadata
-            extra = f" one of {'|'.join(m['choices'])}" if m.get("choices") else ""
+            extra = f" (one of {'|'.join(m['choices'])})" if m.get("choices") else ""
             key = f"  --{prefix}{f.name} {tname} = {json.dumps(v, ensure_ascii=False, default=str)}"
             lines.append(f"{key:<44} {notes.get(f.name, '')}{extra}".rstrip())
     section(cfg, "")

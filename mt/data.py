@@ -24,12 +24,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from mt.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 FINISH_REASONS = ("stop", "length")  # "length": hit the token cap without a stop token (truncated)
 EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A malformed input file or row; the message says where (file:line), which field, and what to change."""
 
 
@@ -391,6 +393,15 @@ def align_scores(samples: list[dict], scores: list[dict]) -> list[list[float]]:
 
 # ---- writing: all-or-nothing
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once at import: os.umask can only be read by setting it
+
+
 def atomic_write_text(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     """Write a file atomically: `write(f)` fills a temp file in the same directory, fsync, rename.
 
@@ -401,6 +412,7 @@ def atomic_write_text(path: str | os.PathLike, write: Callable[[Any], None]) -> 
     # the temp file lives in the same directory so os.replace is a rename on one filesystem (atomic)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a written file gets the mode open() would give
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             write(f)
             f.flush()

@@ -16,6 +16,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from mt.errors import UserError
+
 
 @dataclass
 class Dist:
@@ -111,6 +113,10 @@ def broadcast_object(obj, src: int = 0):
 def run(main: Callable[[], object]) -> None:
     """Every command's `__main__`: main(), then every rank leaves the process group together.
 
+    A UserError (a bad file, flag or directory: mt/errors.py) is printed as its one paragraph,
+    `error: ...`, and the process exits with status 2; `MT_DEBUG=1` shows its traceback. A bug keeps
+    its traceback.
+
     A process that ran gloo collectives (CPU, or the private group of a single process) ends with os._exit,
     skipping the interpreter's finalisation. Why: gloo's worker thread drops the last collective's work object
     a moment after the caller has its result, and that object's saved thread-local state holds Python objects;
@@ -119,9 +125,17 @@ def run(main: Callable[[], object]) -> None:
     written — about 1 run in 50 of a 2-rank CPU job here, twice in one CI run. A core dump shows exactly that
     stack (ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~ThreadLocalState -> take_gil during Py_Finalize).
     Everything a command writes is closed (and renamed into place) before main() returns, so skipping
-    finalisation loses nothing. NCCL-only runs exit normally. An exception in main() propagates unchanged.
+    finalisation loses nothing. NCCL-only runs exit normally. Any other exception propagates unchanged.
     """
-    main()
+    try:
+        main()
+    except UserError as e:
+        if os.environ.get("MT_DEBUG") == "1":
+            raise
+        prefix = f"[rank {_STATE.rank}] " if _STATE.world_size > 1 else ""
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)  # no finalisation: a peer may still be inside a collective (see above)
     if not (dist.is_available() and dist.is_initialized()):
         return
     gloo = "gloo" in str(dist.get_backend()).lower()

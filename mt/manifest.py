@@ -13,15 +13,50 @@ every stage downstream of it. Used by run_em.py and by the standalone train_poli
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
 from mt import config as C
 from mt import dist
 from mt.data import read_json, write_json
+from mt.errors import UserError
+
+
+class RunLockedError(UserError):
+    """Another process is running in this run directory."""
+
+
+_HELD: dict[Path, object] = {}  # run directory -> its open, locked .lock file (held until the process ends)
+
+
+def lock_run_dir(run_dir: Path):
+    """An advisory lock on run_dir/.lock for this process's lifetime: two runs into one directory would
+    corrupt it (and the manifest would certify the result). The OS releases it when the process dies,
+    so a SIGKILL never leaves a stale lock."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _HELD:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunLockedError(f"{run_dir}: is in use by {holder}. Fix: wait for that run to finish (or stop it), "
+                             "or give this run another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _HELD[run_dir] = f
 
 
 def fingerprint(path: Path) -> str:
@@ -73,14 +108,33 @@ def iteration_dirs(run_dir: Path) -> list[Path]:
     return [p for p in dirs if p.is_dir()]
 
 
+def clean_leftovers(run_dir: Path):
+    """Hidden partial writes of a killed run (atomic writes' temp files, a directory swap's old copy):
+    unreferenced by construction, removed at the next start under the lock."""
+    for p in list(run_dir.rglob(".*.tmp")) + list(run_dir.rglob(".*.old-*")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
+
+
 class Manifest:
     """<run>/config.json and <run>/manifest.json, written atomically by rank 0."""
 
     def __init__(self, run_dir, cfg=None, force: bool = False):
         self.run_dir = Path(run_dir).resolve()
         self.path = self.run_dir / "manifest.json"
+        err = None
+        if dist.get().is_main:  # rank 0 holds the lock for every rank; all ranks stop if it is taken
+            try:
+                lock_run_dir(self.run_dir)
+            except RunLockedError as e:
+                err = str(e)
+        err = dist.broadcast_object(err)
+        if err:
+            raise RunLockedError(err)
         if dist.get().is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(self.run_dir)
         if cfg is not None:
             self.check_config(cfg, force)
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}

@@ -14,11 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mt.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A model config we cannot run; the message names the field and what to change."""
 
 
@@ -310,7 +312,9 @@ class Transformer(nn.Module):
             return x
         if self.cfg.head == "lm":
             return self.lm_head(x)
-        return self.score(x).squeeze(-1)
+        # a fresh tensor, not squeeze's view: FSDP2 warns that a view returned by a root forward
+        # "can produce wrong gradients", and that warning must not drown out a real one
+        return self.score(x).squeeze(-1).clone()
 
     def rewards(self, input_ids, attention_mask=None, lengths=None):
         """Reward-model score per sequence (B,), read at each row's last real token.

@@ -18,19 +18,23 @@ How it works (gpt-fast / nanochat style, one file):
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+from tqdm import tqdm
 
-from mt.config import SamplingConfig  # the one sampling config: --sampling.* in run_em.py, flags here
+from mt import chat, checkpoint, dist
+from mt.config import ConfigError, SamplingConfig, check_sampling, opt, parse
+from mt.data import read_prompts, write_jsonl
 from mt.model import KVCache, Transformer
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward; bounds the prefill's activation memory
@@ -370,7 +374,6 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
     return tqdm(total=total, desc="sampling", unit="resp", disable=not enabled, dynamic_ncols=True)
 
 
@@ -384,7 +387,6 @@ def gathered(model: torch.nn.Module):
 
     While gathered, a forward runs no collective, so ranks may decode different numbers of steps.
     """
-    from torch.distributed.fsdp import FSDPModule
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
     # each module's own reshard-after-forward setting (the root's differs from the blocks'), restored after
     before = [any(g.post_forward_mesh_info is not None for g in m._get_fsdp_state()._fsdp_param_groups)
@@ -409,7 +411,6 @@ def sample(model: Transformer, tok, prompts: list, cfg: SamplingConfig, seed: in
     independent randomness; the same (seed, stream, prompt id, sample index) always gives the same response.
     With return_logps the rows also carry "token_ids" and "logps" (untempered) per response.
     """
-    from mt import chat
     ids = []
     for p in prompts:
         x = chat.encode_prompt(tok, p["prompt"])
@@ -441,8 +442,6 @@ def sample_to_file(model: Transformer, tok, prompts: list, cfg: SamplingConfig, 
                    return_logps: bool = False, progress: bool = True) -> dict:
     """Data-parallel sampling to one samples.jsonl: rank r takes prompts[r::world] and writes its shard,
     rank 0 merges the shards in input order (atomically). Returns the global summary on every rank."""
-    from mt import dist
-    from mt.data import write_jsonl
     d = dist.get()
     out = Path(out)
     t0 = time.perf_counter()
@@ -484,12 +483,7 @@ def summary_line(s: dict) -> str:
 # ---- command line
 # Its imports sit here rather than at the top while the engine above is being restructured; they move
 # up with the next edit there.
-import sys  # noqa: E402
-from dataclasses import field  # noqa: E402
 
-from mt import chat, checkpoint, dist  # noqa: E402
-from mt.config import ConfigError, opt, parse  # noqa: E402
-from mt.data import read_prompts  # noqa: E402
 
 
 @dataclass
@@ -502,18 +496,11 @@ class SamplerArgs:
     # the same as --n, for torchrun, whose own parser rejects --n as ambiguous; 0 = --n
     num_samples: int = opt(0, min=0)
     stream: str = "sample"  # names this pass's random streams
-    dtype: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))  # auto: bf16 on GPU, fp32 on CPU;
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"  # auto = cuda if available, else cpu; or cpu | cuda | cuda:N
     logps: bool = False  # also write token_ids and untempered logps
     seed: int = 0  # with --stream, names the random streams (same seed, same responses)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-
-
-def check_sampling(cfg: SamplingConfig) -> SamplingConfig:
-    """The sampling check no opt() declaration states (every command that samples runs it)."""
-    if not 0.0 < cfg.top_p <= 1.0:
-        raise ConfigError(f"--sampling.top_p={cfg.top_p}: must be in (0, 1]")
-    return cfg
 
 
 def require(args, *keys: str) -> None:

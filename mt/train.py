@@ -13,34 +13,35 @@ M-step Eq. 5) and plain SFT (building the sandbox's base policy).
 - Data order is a function of (seed, epoch) only, never of the world size.
 - A non-finite loss or gradient norm on any rank stops every rank before the optimizer step.
 - Checkpoints `ckpt-{step}` (model selection's candidates) and `final` are Hugging Face directories;
-  `trainer_state/` (model + optimizer, sharded, torch.distributed.checkpoint) lets an interrupted
-  stage resume at its last checkpoint and finish with the same weights as an uninterrupted run.
+  `trainer_state/` (each rank's shards of the model and of AdamW's state as safetensors, the rest
+  JSON: nothing is ever unpickled) lets an interrupted stage resume at its last checkpoint and finish
+  with the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
-import warnings
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from mt import dist
 from mt.chat import Example
 from mt.checkpoint import replace_dir, save_hf
 from mt.config import TrainConfig
-from mt.data import pad_sequences, read_jsonl_rows, write_json, write_jsonl
+from mt.data import pad_sequences, read_json, read_jsonl_rows, write_json, write_jsonl
+from mt.errors import UserError
 from mt.losses import Objective
 
 
@@ -48,7 +49,7 @@ class NonFiniteError(RuntimeError):
     """A NaN/inf loss or gradient norm; raised on every rank before the optimizer step."""
 
 
-class TrainError(ValueError):
+class TrainError(UserError):
     """A training input we cannot use; the message names the file or field and what to change."""
 
 
@@ -140,9 +141,10 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
         # ---- log (rank 0)
         row = log_row(step, total // cfg.epochs, names, vals, denom, lr, world, batch_idx, num_tokens,
                       state.elapsed())
-        if metrics_file:
+        if metrics_file:  # the one file appended in place: flushed and fsynced like every other write
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
+            os.fsync(metrics_file.fileno())
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}",
                         **({"acc": f"{row['accuracy']:.2f}"} if "accuracy" in row else {}))
@@ -298,7 +300,10 @@ class TrainerState:
         self.checkpoints: list[Path] = []
         self.elapsed0, self.t0 = 0.0, time.perf_counter()
         if (self.dir / "meta.json").is_file():
-            self.meta = json.loads((self.dir / "meta.json").read_text())
+            self.meta = read_json(self.dir / "meta.json")
+            if not isinstance(self.meta, dict) or not {"fingerprint", "step", "done"} <= set(self.meta):
+                raise TrainError(f"{self.dir / 'meta.json'}: not a trainer state (no fingerprint/step/done). "
+                                 f"Fix: delete {self.dir} to start this stage over")
             if self.meta["fingerprint"] != fp:
                 raise TrainError(f"{out_dir}/trainer_state belongs to another run (different data or "
                                  f"hyperparameters). Fix: use a new output directory, or delete "
@@ -320,11 +325,7 @@ class TrainerState:
         """Load the saved state if any and clean a killed run's partial writes; returns the first step."""
         start = 0
         if self.meta and not self.done():
-            msd, osd = get_state_dict(model, optimizer)
-            sd = {"model": msd, "optim": osd}
-            with _quiet_dcp():
-                dcp.load(sd, checkpoint_id=str(self.dir))
-            set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+            self._load(model, optimizer)
             rng = torch.frombuffer(bytearray(base64.b64decode(self.meta["rng"])), dtype=torch.uint8)
             torch.set_rng_state(rng)
             start, self.elapsed0 = self.meta["step"], self.meta["elapsed"]
@@ -334,8 +335,8 @@ class TrainerState:
             for tmp in self.out_dir.glob(".*.tmp-*"):  # partial writes of a killed run
                 shutil.rmtree(tmp, ignore_errors=True)
             metrics = self.out_dir / "metrics.jsonl"
-            if metrics.exists():  # drop rows of steps that will be redone
-                write_jsonl(metrics, [r for r in read_jsonl_rows(metrics) if r["step"] <= start])
+            if metrics.exists():  # keep the rows the saved state covers: later ones are redone
+                write_jsonl(metrics, [r for r in _complete_rows(metrics) if r["step"] <= start])
         dist.barrier()
         self.t0 = time.perf_counter()
         return start
@@ -353,14 +354,52 @@ class TrainerState:
         if dist.get().is_main and tmp.exists():
             shutil.rmtree(tmp)
         dist.barrier()
-        msd, osd = get_state_dict(model, optimizer)
-        with _quiet_dcp():
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        # this rank's shards of the weights and of AdamW's state, as safetensors (no pickle anywhere:
+        # a run directory is shared between people, and unpickling runs code); the rest is JSON
+        tmp.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model/{k}": _local(v) for k, v in model.state_dict().items()}
+        osd = optimizer.state_dict()
+        for i, st in osd["state"].items():
+            tensors.update({f"optim/{i}/{name}": _local(v) for name, v in st.items()})
+        save_file(tensors, str(tmp / self._shard()), metadata={"format": "pt"})
         dist.barrier()
         if dist.get().is_main:
+            meta["world_size"] = dist.get().world_size
+            meta["param_groups"] = [{**g, "betas": list(g["betas"])} for g in osd["param_groups"]]
             write_json(tmp / "meta.json", meta)
             replace_dir(tmp, self.dir)
         dist.barrier()
+
+    def _shard(self) -> str:
+        d = dist.get()
+        return f"rank{d.rank}-of-{d.world_size}.safetensors"
+
+    def _load(self, model, optimizer):
+        """Copy this rank's saved shards into the model's and build AdamW's state from them."""
+        path = self.dir / self._shard()
+        if self.meta.get("world_size", dist.get().world_size) != dist.get().world_size or not path.is_file():
+            raise TrainError(f"{self.dir}: saved by {self.meta.get('world_size')} processes, resumed with "
+                             f"{dist.get().world_size}. Fix: resume with the same process count, or delete "
+                             f"{self.dir} to start this stage over")
+        try:
+            saved = load_file(str(path))
+        except Exception as e:  # a truncated or foreign file
+            raise TrainError(f"{path}: unreadable ({type(e).__name__}: {e}). Fix: delete {self.dir} to start "
+                             "this stage over") from None
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                _local(v, copy=False).copy_(saved[f"model/{k}"])
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        state: dict[int, dict] = {}
+        for key, t in saved.items():
+            if key.startswith("optim/"):
+                _, i, name = key.split("/", 2)
+                p = params[int(i)]
+                if name != "step" and isinstance(p, DTensor):
+                    t = DTensor.from_local(t.to(p.to_local().device), p.device_mesh, p.placements)
+                state.setdefault(int(i), {})[name] = t
+        groups = [{**g, "betas": tuple(g["betas"])} for g in self.meta["param_groups"]]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
 
     def mark_done(self, last: dict):
         """After `final` is written: keep only meta.json (optimizer state is no longer needed)."""
@@ -374,12 +413,25 @@ class TrainerState:
         dist.barrier()
 
 
-@contextlib.contextmanager
-def _quiet_dcp():
-    """One process without a process group is a supported DCP mode; its warning says nothing to act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+def _local(t: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """This rank's part of a (possibly sharded) tensor; with copy, a CPU copy of its own (safetensors
+    refuses storage shared between names, as tied embeddings share it)."""
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.detach().to("cpu", copy=True).contiguous() if copy else local
+
+
+def _complete_rows(path: Path) -> list[dict]:
+    """metrics.jsonl's rows up to the first incomplete one (a kill can cut the appended last line)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            break
+        rows.append(row)
+    return rows
 
 
 def fingerprint(objective: Objective, cfg: TrainConfig, examples: list[Example]) -> str:

@@ -10,8 +10,8 @@ import types
 import pytest
 import torch
 
-from mt.data import (DataError, Pair, Prompt, ReadReport, Sample, Scores, align_scores, attention_mask_from_lengths,
-                     pad_sequences, prompt_hash, read_pairs, read_prompts, read_samples, read_scores, write_jsonl)
+from mt.data import (DataError, ReadReport, align_scores, attention_mask_from_lengths, pad_sequences,
+                     prompt_hash, read_pairs, read_prompts, read_samples, read_scores, write_jsonl)
 
 READERS = {"prompts": read_prompts, "pairs": read_pairs, "samples": read_samples, "scores": read_scores}
 GOOD = {  # one valid row per kind, used as line 1 so a bad line 2 is located exactly
@@ -108,7 +108,7 @@ def test_invalid_utf8_names_its_line(tmp_path):
 
 def test_blank_lines_and_bom_are_not_rows(tmp_path):
     path = _write(tmp_path / "p.jsonl", b"\xef\xbb\xbf" + GOOD["prompts"].encode() + b"\n\n  \r\n")
-    assert read_prompts(path) == [Prompt("p0", [{"role": "user", "content": "Hello"}])]
+    assert read_prompts(path) == [{"prompt_id": "p0", "prompt": [{"role": "user", "content": "Hello"}]}]
 
 
 @pytest.mark.parametrize("text", ["", "\n\n  \n"])
@@ -139,7 +139,7 @@ def test_skip_mode_counts_and_locations(tmp_path):
     before = path.read_bytes()
     report = ReadReport()
     prompts = read_prompts(path, on_error="skip", report=report)
-    assert [p.id for p in prompts] == ["p0", prompt_hash([{"role": "user", "content": "kept without id"}]), "p4"]
+    assert [p["prompt_id"] for p in prompts] == ["p0", prompt_hash([{"role": "user", "content": "kept without id"}]), "p4"]
     assert report.kept == 3 and len(report.skipped) == 3
     assert [s.split(": ")[0] for s in report.skipped] == [f"{path}:2", f"{path}:4", f"{path}:6"]
     assert "invalid JSON" in report.skipped[0] and "field 'prompt'" in report.skipped[1]
@@ -162,37 +162,49 @@ def test_skip_mode_without_report_warns_and_all_bad_raises(tmp_path):
 # ---- round trips
 
 ROUND_TRIP = [
-    ("prompts", read_prompts, [Prompt("a", [{"role": "system", "content": "be brief"},
-                                           {"role": "user", "content": "héllo ✓"}]),
-                               Prompt("b", [{"role": "user", "content": "x\ny"}])]),
-    ("pairs", read_pairs, [Pair("a", [{"role": "user", "content": "Q"}], "c", "r", 1.5, -0.25,
-                                {"delta_r": 0.1, "kept": True, "reason": None}),
-                           Pair("b", [{"role": "user", "content": "Q"}], "c2", "r2")]),
-    ("samples", read_samples, [Sample("a", [{"role": "user", "content": "Q"}], ["x", ""], ["stop", "length"], [2, 0])]),
-    ("scores", read_scores, [Scores("a", [0.1, -3.0, 1e-30]), Scores("b", [2.0])]),
+    ("prompts", read_prompts, [{"prompt_id": "a", "prompt": [{"role": "system", "content": "be brief"},
+                                                             {"role": "user", "content": "héllo ✓"}]},
+                               {"prompt_id": "b", "prompt": [{"role": "user", "content": "x\ny"}]}]),
+    ("pairs", read_pairs, [{"prompt_id": "a", "prompt": [{"role": "user", "content": "Q"}], "chosen": "c",
+                            "rejected": "r", "chosen_score": 1.5, "rejected_score": -0.25,
+                            "delta_r": 0.1, "kept": True, "reason": None},  # other fields kept as they are
+                           {"prompt_id": "b", "prompt": [{"role": "user", "content": "Q"}], "chosen": "c2",
+                            "rejected": "r2"}]),  # no score keys when the row has no scores
+    ("samples", read_samples, [{"prompt_id": "a", "prompt": [{"role": "user", "content": "Q"}],
+                                "responses": ["x", ""], "finish_reasons": ["stop", "length"], "num_tokens": [2, 0]}]),
+    ("scores", read_scores, [{"prompt_id": "a", "scores": [0.1, -3.0, 1e-30]}, {"prompt_id": "b", "scores": [2.0]}]),
 ]
 
 
-@pytest.mark.parametrize("kind,reader,objs", ROUND_TRIP, ids=[r[0] for r in ROUND_TRIP])
-def test_round_trip(tmp_path, kind, reader, objs):
+@pytest.mark.parametrize("kind,reader,rows", ROUND_TRIP, ids=[r[0] for r in ROUND_TRIP])
+def test_round_trip(tmp_path, kind, reader, rows):
     path = tmp_path / "sub" / f"{kind}.jsonl"
-    write_jsonl(path, objs)  # dataclasses are accepted directly
-    assert reader(path) == objs
-    write_jsonl(path, [o.to_row() for o in objs])  # and so are plain dicts
-    assert reader(path) == objs
-    assert [json.loads(l) for l in path.read_text().splitlines()] == [o.to_row() for o in objs]
+    write_jsonl(path, rows)  # a row is a plain dict, from reader to writer
+    got = reader(path)
+    assert got == rows and all(type(r) is dict for r in got)
+    assert [json.loads(l) for l in path.read_text().splitlines()] == rows
+    write_jsonl(path, got)  # what a reader returns is written back unchanged
+    assert [json.loads(l) for l in path.read_text().splitlines()] == rows and reader(path) == rows
 
 
-def test_pair_extra_fields_do_not_override_named_fields():
-    row = Pair("a", [{"role": "user", "content": "Q"}], "c", "r", extra={"chosen": "evil", "eps_t": 0.5}).to_row()
-    assert row["chosen"] == "c" and row["eps_t"] == 0.5 and "chosen_score" not in row
+def test_pair_named_fields_win_over_raw_keys_and_extras_are_kept(tmp_path):
+    # the named fields of the reader's dict are the parsed values, never the raw keys they came from
+    # (a chat "chosen", "id", "score_chosen", "messages"); a null score gives no score key; any other field is kept
+    row = {"id": 7, "prompt": "Q", "rejected": "r", "score_chosen": 2, "rejected_score": None, "eps_t": 0.5,
+           "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "c"}],
+           "messages": [{"role": "user", "content": "other"}]}
+    path = _write(tmp_path / "pairs.jsonl", json.dumps(row) + "\n")
+    [pair] = read_pairs(path)
+    assert pair == {"prompt_id": "7", "prompt": [{"role": "user", "content": "Q"}], "chosen": "c", "rejected": "r",
+                    "chosen_score": 2.0, "eps_t": 0.5}
+    assert pair["chosen"] == "c" and pair["eps_t"] == 0.5 and "rejected_score" not in pair
 
 
 # ---- atomic writes
 
 def test_atomic_write_keeps_previous_file_when_serialisation_fails(tmp_path):
     path = tmp_path / "scores.jsonl"
-    write_jsonl(path, [Scores("old", [1.0])])
+    write_jsonl(path, [{"prompt_id": "old", "scores": [1.0]}])
     before = path.read_bytes()
     rows = [{"prompt_id": "a", "scores": [1.0]}, {"prompt_id": "b", "scores": [2.0]},
             {"prompt_id": "c", "scores": [object()]}, {"prompt_id": "d", "scores": [4.0]}]
@@ -202,7 +214,7 @@ def test_atomic_write_keeps_previous_file_when_serialisation_fails(tmp_path):
         write_jsonl(path, [{"prompt_id": "a", "scores": [float("nan")]}])
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["scores.jsonl"]  # no temp file left behind
-    assert read_scores(path) == [Scores("old", [1.0])]
+    assert read_scores(path) == [{"prompt_id": "old", "scores": [1.0]}]
 
 
 def test_atomic_write_fsyncs_before_rename(tmp_path, monkeypatch):
@@ -236,26 +248,27 @@ UF_ROW = {  # shape of HuggingFaceH4/ultrafeedback_binarized rows
 def test_ultrafeedback_binarized_rows(tmp_path):
     path = _write(tmp_path / "uf.jsonl", json.dumps(UF_ROW) + "\n")
     user = [{"role": "user", "content": "Write a haiku."}]
-    assert read_prompts(path) == [Prompt("9f3a", user)]
-    assert read_pairs(path) == [Pair("9f3a", user, "Old pond...", "No.", 8.5, 3.0, {"source": "evol_instruct"})]
+    assert read_prompts(path) == [{"prompt_id": "9f3a", "prompt": user}]
+    assert read_pairs(path) == [{"prompt_id": "9f3a", "prompt": user, "chosen": "Old pond...", "rejected": "No.",
+                                 "chosen_score": 8.5, "rejected_score": 3.0, "source": "evol_instruct"}]
     # without "prompt" the prompt comes from the first user turn of "messages" / the turns before the chosen answer
     sys_user = [{"role": "system", "content": "S"}] + user
     row = {k: v for k, v in UF_ROW.items() if k != "prompt"}
     row["messages"] = sys_user + [{"role": "assistant", "content": "A"}, {"role": "user", "content": "more"}]
     row["chosen"] = sys_user + [{"role": "assistant", "content": "Old pond..."}]
     path = _write(tmp_path / "uf2.jsonl", json.dumps(row) + "\n")
-    assert read_prompts(path) == [Prompt("9f3a", sys_user)]
-    assert read_pairs(path)[0].prompt == sys_user
+    assert read_prompts(path) == [{"prompt_id": "9f3a", "prompt": sys_user}]
+    assert read_pairs(path)[0]["prompt"] == sys_user
 
 
 def test_prompt_hash_id_for_rows_without_id(tmp_path):
     rows = [{"prompt": "héllo"}, {"prompt": [{"role": "user", "content": "b"}]}]
     path = _write(tmp_path / "p.json", json.dumps(rows))
     prompts = read_prompts(path)
-    assert prompts[0].id == hashlib.sha1("héllo".encode()).hexdigest()[:16]
-    assert prompts[1].id == hashlib.sha1(b"b").hexdigest()[:16]  # same id as the plain string "b"
+    assert prompts[0]["prompt_id"] == hashlib.sha1("héllo".encode()).hexdigest()[:16]
+    assert prompts[1]["prompt_id"] == hashlib.sha1(b"b").hexdigest()[:16]  # same id as the plain string "b"
     chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "b"}]
-    assert prompt_hash(chat) != prompts[1].id and prompt_hash(chat) == prompt_hash(list(chat))
+    assert prompt_hash(chat) != prompts[1]["prompt_id"] and prompt_hash(chat) == prompt_hash(list(chat))
 
 
 def test_json_array_input(tmp_path):
@@ -264,7 +277,7 @@ def test_json_array_input(tmp_path):
     with pytest.raises(DataError, match=r"p\.json\[row 3\]: field 'prompt': is empty"):
         read_prompts(path)
     report = ReadReport()
-    assert [p.id for p in read_prompts(path, on_error="skip", report=report)] == ["1", "2"]  # int ids become str
+    assert [p["prompt_id"] for p in read_prompts(path, on_error="skip", report=report)] == ["1", "2"]  # int ids become str
     assert report.skipped[0].startswith(f"{path}[row 3]:")
     with pytest.raises(DataError, match=r"bad\.json:3: invalid JSON .* Fix: the file must be one JSON array"):
         read_prompts(_write(tmp_path / "bad.json", '[\n {"prompt": "a"},\n {"prompt" "b"}\n]'))
@@ -297,19 +310,24 @@ def test_parquet_with_real_pyarrow(tmp_path):
     pa = pytest.importorskip("pyarrow")  # optional dependency; the error path above always runs
     import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist([{"prompt_id": "a", "prompt": "x"}]), tmp_path / "p.parquet")
-    assert read_prompts(tmp_path / "p.parquet") == [Prompt("a", [{"role": "user", "content": "x"}])]
+    assert read_prompts(tmp_path / "p.parquet") == [{"prompt_id": "a", "prompt": [{"role": "user", "content": "x"}]}]
 
 
 # ---- aligning scores with samples
 
 def test_align_scores():
     q = [{"role": "user", "content": "Q"}]
-    samples = [Sample("a", q, ["x", "y"], ["stop"] * 2, [1, 1]), Sample("b", q, ["z"], ["stop"], [1])]
-    assert align_scores(samples, [Scores("b", [3.0]), Scores("a", [1.0, 2.0])]) == [[1.0, 2.0], [3.0]]
+    samples = [{"prompt_id": "a", "prompt": q, "responses": ["x", "y"], "finish_reasons": ["stop"] * 2,
+                "num_tokens": [1, 1]},
+               {"prompt_id": "b", "prompt": q, "responses": ["z"], "finish_reasons": ["stop"], "num_tokens": [1]}]
+
+    def sc(pid, scores):
+        return {"prompt_id": pid, "scores": scores}
+    assert align_scores(samples, [sc("b", [3.0]), sc("a", [1.0, 2.0])]) == [[1.0, 2.0], [3.0]]
     with pytest.raises(DataError, match="prompt_id 'b' has samples but no scores"):
-        align_scores(samples, [Scores("a", [1.0, 2.0])])
+        align_scores(samples, [sc("a", [1.0, 2.0])])
     with pytest.raises(DataError, match="prompt_id 'a': 1 scores for 2 responses"):
-        align_scores(samples, [Scores("a", [1.0]), Scores("b", [3.0])])
+        align_scores(samples, [sc("a", [1.0]), sc("b", [3.0])])
 
 
 # ---- padding / collation vs a naive loop

@@ -147,11 +147,12 @@ def test_pseudo_pairs_end_to_end_by_hand():
     new[3]["finish_reasons"] = ["length"]  # truncated: no pair
     s_new = [{"prompt_id": i, "scores": [v]} for i, v in zip(ids, [5.0, 0.0, 2.0, 9.0])]
     s_old = [{"prompt_id": i, "scores": [v]} for i, v in zip(ids, [1.0, 3.0, 2.5, 2.0])]
-    # old scores 1, 3, 2.5, 2 -> mean 2.125, var = (1.265625+0.765625+0.140625+0.015625)/4 = 0.546875
+    # ε_t is over the valid rows (d is invalid): old scores 1, 3, 2.5 -> mean 13/6,
+    # var = (49/36 + 25/36 + 4/36) / 3 = 13/18, so 2 × var = 13/9
     raw = em.make_pseudo_pairs(new, old, s_new, s_old)
     assert [r["valid"] for r in raw] == [True, True, True, False]
     rows, info = em.filter_pseudo_pairs(raw, "lqf", "var", 2.0)
-    assert info["eps_t"] == pytest.approx(1.09375)
+    assert info["eps_t"] == pytest.approx(13 / 9) and info["eps_rows"] == 3
     # deltas: a +4 keep, b -3 drop (<= -eps), c -0.5 keep (regularisation), d invalid
     assert [r["kept"] for r in rows] == [True, False, True, False]
     assert [r["reason"] for r in rows] == ["kept", "lqf_low_quality", "kept", "invalid_response"]
@@ -159,7 +160,7 @@ def test_pseudo_pairs_end_to_end_by_hand():
     rows, info = em.filter_pseudo_pairs(raw, "dst", "var", 2.0)
     assert rows[1]["kept"] and rows[1]["chosen"] == "old b"  # dst relabels by the sign of Δr
     rows, info = em.filter_pseudo_pairs(raw, "hqs", "std", 1.0)
-    assert [r["kept"] for r in rows] == [True, False, False, False]  # only Δ=4 >= sqrt(.546875)
+    assert [r["kept"] for r in rows] == [True, False, False, False]  # only Δ=4 >= sqrt(13/18)
     assert info["kept_total"] == 1
 
 

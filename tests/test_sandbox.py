@@ -55,10 +55,10 @@ def test_prompts_are_deterministic_and_readable(tmp_path):
     from mt.data import read_prompts
     path = sandbox.write_prompts(tmp_path / "p.jsonl", 50, seed=3)
     rows = read_prompts(path)
-    assert [p.id for p in rows] == [r["id"] for r in sandbox.make_prompts(50, seed=3)]
+    assert [p["prompt_id"] for p in rows] == [r["id"] for r in sandbox.make_prompts(50, seed=3)]
     assert sandbox.make_prompts(50, seed=3) == sandbox.make_prompts(50, seed=3) != sandbox.make_prompts(50, seed=4)
     for p in rows:
-        nums = sandbox.parse_numbers(p.messages)
+        nums = sandbox.parse_numbers(p["prompt"])
         assert len(set(nums)) == len(nums) and sandbox.LIST_LEN[0] <= len(nums) <= sandbox.LIST_LEN[1]
 
 
@@ -167,15 +167,15 @@ def _fixed_rm_run(world, out: Path, seed: int) -> list[Path]:
     from mt import em
     from mt.data import read_prompts, write_jsonl
     prompts = read_prompts(world.prompts_path)
-    preset = sandbox.SANDBOX_PRESET
-    parts = em.partition([p.id for p in prompts], 2, C.EMConfig().rm_fraction, preset["em.d_ms_size"], seed)
-    by_id = {p.id: p for p in prompts}
+    preset = C.PRESETS["sandbox"]
+    parts = em.partition([p["prompt_id"] for p in prompts], 2, C.EMConfig().rm_fraction, preset["em.d_ms_size"], seed)
+    by_id = {p["prompt_id"]: p for p in prompts}
     policies = [world.policy_dir]
     for t in (1, 2):
         d = out / f"iter{t}"
-        write_jsonl(d / "prompts.jsonl", [by_id[i].to_row() for i in parts[f"D_{t}"]])
-        cfg = C.Config(policy=str(policies[-1]), rm=str(world.rm_dir), prompts=str(d / "prompts.jsonl"), out=str(d),
-                       seed=seed, device="cpu")
+        write_jsonl(d / "prompts.jsonl", [by_id[i] for i in parts[f"D_{t}"]])
+        cfg = C.StageConfig(policy=str(policies[-1]), rm=str(world.rm_dir), prompts=str(d / "prompts.jsonl"),
+                            out=str(d), seed=seed, device="cpu")
         for k, v in preset.items():
             C.set_key(cfg, k, v)
         cfg.dpo.save_every = 0

@@ -59,7 +59,7 @@ def test_score_file_rows_align_with_samples(tiny_rm_dir, tmp_path):
     write_jsonl(tmp_path / "samples.jsonl", rows)
     out = score_file(tiny_rm_dir, tmp_path / "samples.jsonl", tmp_path / "scores.jsonl", progress=False)
     scores = read_scores(tmp_path / "scores.jsonl")
-    assert [s.to_row() for s in scores] == out
+    assert scores == out  # a scores row is its dict
     aligned = align_scores(read_samples(tmp_path / "samples.jsonl"), scores)
     for row, sc in zip(rows, aligned):
         assert sc == pytest.approx(_hf_scores(tiny_rm_dir, [(row["prompt"], y) for y in row["responses"]]), abs=1e-5)

@@ -1,5 +1,6 @@
 """mt/train.py over 2 gloo CPU processes (FSDP2 `fully_shard`) against one plain process, and the non-finite
 stop across ranks. Workers are spawned with torch.multiprocessing and report through files."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -96,7 +97,7 @@ def _nan_job(rank, out):
     ex = random_examples(16, seed=12)
     model = tiny_model(seed=3)
     refs = train_policy.reference_logps(model, ex, 4, progress=False)
-    real, calls, seen = T.OBJECTIVE_FNS["dpo"], {"n": 0}, {}
+    real, calls, seen = OBJ["dpo"].step, {"n": 0}, {}
 
     def nan_on_rank1_step3(model, batch, cfg):
         calls["n"] += 1  # one micro-batch per step per rank (batch 4 = micro 2 × world 2)
@@ -104,10 +105,10 @@ def _nan_job(rank, out):
             seen["sha"] = hashlib.sha256((out / "run" / "ckpt-2" / "model.safetensors").read_bytes()).hexdigest()
         loss, m = real(model, batch, cfg)
         return (loss * float("nan") if calls["n"] == 3 and rank == 1 else loss), m
-    T.OBJECTIVE_FNS["dpo"] = nan_on_rank1_step3
+    nan_objective = dataclasses.replace(OBJ["dpo"], step=nan_on_rank1_step3)
     result = {"rank": rank}
     try:
-        T.train(model, ex, OBJ["dpo"], DPOConfig(lr=1e-2, beta=0.5, batch_size=4, micro_batch_size=2, save_every=2),
+        T.train(model, ex, nan_objective, DPOConfig(lr=1e-2, beta=0.5, batch_size=4, micro_batch_size=2, save_every=2),
                 out / "run", ref_logps=refs, progress=False)
     except T.NonFiniteError as e:
         result["error"] = str(e)
@@ -131,3 +132,43 @@ def test_nan_on_one_rank_stops_every_rank_before_the_update(tmp_path):
     assert not (tmp_path / "run" / "ckpt-3").exists() and not (tmp_path / "run" / "final").exists()
     assert json.loads((tmp_path / "run" / "trainer_state" / "meta.json").read_text())["step"] == 2
     assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2]
+
+
+# ---- an interrupted 2-rank run resumes from its per-rank safetensors shards to the same weights
+
+
+class _Crash(Exception):
+    pass
+
+
+def _resume_job(rank, out):
+    ex = random_examples(N, seed=11)
+    cfg = DPOConfig(beta=0.5, **{**CFG, "epochs": 3}, save_every=2)  # 9 steps, state saved at 2, 4, 6, 8
+    refs = train_policy.reference_logps(tiny_model(seed=2), ex, 3, progress=False)
+    T.train(tiny_model(seed=2), ex, OBJ["dpo"], cfg, out / "whole", ref_logps=refs, progress=False)
+    calls = {"n": 0}
+
+    def crash_in_step_7(model, batch, cfg):  # per rank: 2, 2, 1 micro-batches in each epoch's steps
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise _Crash
+        return OBJ["dpo"].step(model, batch, cfg)
+    try:
+        T.train(tiny_model(seed=2), ex, dataclasses.replace(OBJ["dpo"], step=crash_in_step_7), cfg, out / "cut",
+                ref_logps=refs, progress=False)
+    except _Crash:
+        pass
+    res = T.train(tiny_model(seed=7), ex, OBJ["dpo"], cfg, out / "cut", ref_logps=refs, progress=False)
+    if rank == 0:
+        (out / "resumed.json").write_text(json.dumps({"from": res.resumed_from}))
+
+
+def test_two_rank_run_resumes_bitwise_from_its_safetensors_shards(tmp_path):
+    _spawn(_resume_job, tmp_path)
+    assert json.loads((tmp_path / "resumed.json").read_text())["from"] == 6  # the last state before step 7
+    state = sorted(p.name for p in (tmp_path / "cut" / "trainer_state").iterdir())
+    assert state == ["meta.json"]  # a finished stage keeps only its record; no pickle was ever written
+    a, b = load_state_dict(tmp_path / "whole" / "final"), load_state_dict(tmp_path / "cut" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    untimed = [[{k: v for k, v in r.items() if k != "elapsed"} for r in metrics(tmp_path / d)] for d in ("whole", "cut")]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 9  # every step logged once, with the same values

@@ -1,5 +1,6 @@
 """An interrupted stage restarts cleanly: a run SIGKILLed mid-training, or mid-save, then rerun, ends with
 final weights bitwise equal to an uninterrupted run, and checkpoints already written are never corrupted."""
+import dataclasses
 import hashlib
 import os
 import signal
@@ -12,10 +13,9 @@ import torch
 
 import mt.train as T
 import train_policy
-from test_train import OBJ
 from mt.checkpoint import load_state_dict
 from mt.config import DPOConfig
-from test_train import metrics, random_examples, tiny_model
+from test_train import OBJ, metrics, random_examples, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = DPOConfig(lr=5e-3, beta=0.5, batch_size=4, micro_batch_size=2, epochs=2, save_every=2, seed=1)  # 8 steps
@@ -29,15 +29,16 @@ def job(out, kill: str = ""):
     model = tiny_model(seed=4)
     refs = train_policy.reference_logps(model, ex, 4, progress=False)
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+    objective = OBJ["dpo"]
     if kill == "mid-step-5":  # the 9th micro-batch is the first of step 5 (two per step)
-        real, calls = T.OBJECTIVE_FNS["dpo"], {"n": 0}
+        real, calls = objective.step, {"n": 0}
 
-        def objective(*a):
+        def step(*a):
             calls["n"] += 1
             if calls["n"] == 9:
                 die()
             return real(*a)
-        T.OBJECTIVE_FNS["dpo"] = objective
+        objective = dataclasses.replace(objective, step=step)
     elif kill in ("ckpt-4-rename", "state-4-rename"):  # after the files are written, before the swap into place
         import mt.checkpoint as C
         target = "ckpt-4" if kill == "ckpt-4-rename" else "trainer_state"
@@ -48,7 +49,7 @@ def job(out, kill: str = ""):
                 die()
             return real_replace(tmp, dst)
         C.replace_dir = T.replace_dir = replace
-    return T.train(model, ex, OBJ["dpo"], CFG, out, ref_logps=refs, progress=False)
+    return T.train(model, ex, objective, CFG, out, ref_logps=refs, progress=False)
 
 
 def _killed(out, kill):
