@@ -133,7 +133,8 @@ def preflight(cfg: C.Config):
         got = read_config(path).head
         if got != head:
             kind = {"lm": "a causal LM (*ForCausalLM)", "score": "a reward model (*ForSequenceClassification)"}
-            raise C.ConfigError(f"{flag} {path}: has a {got!r} head; {flag} must be {kind[head]}")
+            raise C.ConfigError(f"{flag} {path}: has a {got!r} head; {flag} must be {kind[head]}. Fix: swap "
+                                "--policy and --rm, or give the right directory")
     tok = chat.load_tokenizer(cfg.policy)
     limit = cfg.sampling.max_prompt_tokens
     for p in prompts:

@@ -26,7 +26,7 @@ from mt import config as C
 from mt import dist
 from mt.chat import Example
 from mt.checkpoint import load_for_training, load_model
-from mt.data import read_pairs, read_prompts, read_samples, read_scores, write_json, write_jsonl
+from mt.data import DataError, read_pairs, read_prompts, read_samples, read_scores, write_json, write_jsonl
 from mt.em import make_pairs
 from mt.losses import LOSSES, preference_objective, sequence_logps
 from mt.manifest import Manifest
@@ -63,7 +63,10 @@ def score(rm_dir: Path, samples_path: Path, out_path: Path) -> dict:
 def pairs(samples_path: Path, scores_path: Path, out_path: Path, rule: str = "length_control",
           keep_truncated: bool = False) -> dict:
     """pairs.jsonl plus pairs.stats.json (pairs kept, prompts dropped and why)."""
-    rows, stats = make_pairs(read_samples(samples_path), read_scores(scores_path), rule, keep_truncated)
+    try:
+        rows, stats = make_pairs(read_samples(samples_path), read_scores(scores_path), rule, keep_truncated)
+    except ValueError as e:  # samples and scores that do not belong together
+        raise DataError(f"{scores_path}: {e}. Fix: score {samples_path} again") from None
     stats = dict(stats)
     if dist.get().is_main:
         write_jsonl(out_path, rows)

@@ -43,11 +43,16 @@ def train(init_dir: Path, pair_files: list[Path], out_dir: Path, cfg: C.RMConfig
                     "(--rm_train.max_length)")
     torch.manual_seed(cfg.seed)  # a fresh score head is drawn on rank 0 (FSDP broadcasts it): reproducible
     model = load_for_training(init_dir, cfg, head="score")
-    if model.cfg.hf.get("pad_token_id") is None:
-        # transformers' sequence classifiers need a pad id to batch; ours read lengths and do not care
-        model.cfg.hf["pad_token_id"] = tok.pad_token_id
+    # The pad id only fills our batches (we read lengths). The RM's files get a pad id that never
+    # occurs in text, chosen where they are written (mt.checkpoint.save_model), so transformers'
+    # classifiers, which pool at the last non-pad token, score the token we trained on.
     run_training(model, examples, BRADLEY_TERRY, cfg, out_dir, pad_id=tok.pad_token_id or 0,
                  tokenizer_dir=init_dir, desc="RM (Bradley-Terry)")
+    final = out_dir / "final"
+    pad_id = json.loads((final / "config.json").read_text()).get("pad_token_id")
+    if dist.get().is_main and pad_id != tok.pad_token_id:
+        print(f"{final}: pad token {load_tokenizer(final).pad_token!r} (id {pad_id}) in place of the "
+              f"init's {tok.pad_token!r} (id {tok.pad_token_id}), which can occur in a chat", flush=True)
     return {"pairs": len(rows), "dropped_too_long": dropped, **summary(out_dir)}
 
 

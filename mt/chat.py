@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -100,6 +101,81 @@ def stop_ids(tok, model_dir=None) -> list[int]:
         ids.append(tok.eos_token_id)
     ids.append(end_of_turn_id(tok))
     return sorted(set(int(i) for i in ids))
+
+
+# ---- the pad token of a reward model we write
+
+# Tokens made to pad, most specific first (Llama-3.1, Pythia/GPT-NeoX, Mistral/Llama-2 fine-tunes, BERT)
+PAD_NAMES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|padding|>", "<PAD>")
+# Special tokens a vocabulary reserves for later use: Llama-3, Mistral v0.3, Mistral Tekken, Gemma
+RESERVED = re.compile(r"<\|reserved_special_token_(\d+)\|>|\[control_(\d+)\]|<SPECIAL_(\d+)>|<unused(\d+)>")
+NEW_PAD = ("<pad>", "<|mt_pad|>")  # added, the first that is not in the vocabulary yet
+
+
+@dataclass(frozen=True)
+class PadChoice:
+    """The pad token a reward model declares: `how` is "kept" (the tokenizer's own, already safe),
+    "reserved" (an unused special token of the vocabulary) or "added" (a new token at `id`)."""
+    token: str
+    id: int
+    how: str
+
+
+def chat_ids(tok) -> set[int]:
+    """Every id a rendered chat of this template can contain beyond the message text: a probe with
+    each role (without the system turn where the template refuses one), with and without the
+    generation prompt, with and without the tokenizer's own special tokens."""
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": "and?"}, {"role": "assistant", "content": "done"}]
+    ids: set[int] = set()
+    for msgs in ([{"role": "system", "content": "be brief"}] + turns, turns):
+        try:
+            texts = [render(tok, msgs, False), render(tok, msgs[:-1], True)]
+        except Exception:  # noqa: BLE001 - a template may raise on a system turn (Mistral)
+            continue
+        for text in texts:
+            for special in (False, True):
+                ids.update(tok(text, add_special_tokens=special)["input_ids"])
+    return ids
+
+
+def _special_tokens(tok) -> dict[int, str]:
+    return {int(i): str(t.content) for i, t in tok.added_tokens_decoder.items() if t.special}
+
+
+def rm_pad_token(tok, vocab_size: int, avoid=()) -> PadChoice:
+    """A pad id for a reward model that never occurs in text, so `transformers`' sequence classifiers
+    (which pool at the last token that is not pad_token_id) score the token we trained on.
+
+    Unsafe: bos, eos, unk, the end-of-turn token, `avoid` (config.json's eos ids) and any id the chat
+    template writes. In order: the tokenizer's own pad if it is a special token and safe; else a
+    vocabulary pad token (PAD_NAMES order); else the highest-numbered reserved special token; else
+    a new token (NEW_PAD) after the last id, for which the caller grows the embedding when needed.
+    Every candidate must have a row in the embedding (id < vocab_size).
+    """
+    unsafe = {tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, *avoid} | chat_ids(tok)
+    try:
+        unsafe.add(end_of_turn_id(tok))
+    except ChatTemplateError:
+        pass
+    specials = {i: t for i, t in _special_tokens(tok).items() if i < vocab_size and i not in unsafe}
+    if tok.pad_token_id in specials:
+        return PadChoice(specials[tok.pad_token_id], tok.pad_token_id, "kept")
+    by_name = {t: i for i, t in specials.items()}
+    for name in PAD_NAMES:
+        if name in by_name:
+            return PadChoice(name, by_name[name], "reserved")
+    reserved = []
+    for i, t in specials.items():
+        m = RESERVED.fullmatch(t)
+        if m:
+            reserved.append((int(next(g for g in m.groups() if g is not None)), i, t))
+    if reserved:
+        _, i, t = max(reserved)
+        return PadChoice(t, i, "reserved")
+    vocab = tok.get_vocab()
+    name = next(n for n in NEW_PAD if n not in vocab)
+    return PadChoice(name, max(vocab.values()) + 1, "added")
 
 
 # ---- training examples: token ids made once, with the policy's or the RM's own tokenizer

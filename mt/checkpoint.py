@@ -3,6 +3,12 @@
 What we save loads in `transformers` unchanged: same parameter names, same config fields, the
 tokenizer and generation_config copied alongside. Under FSDP2, rank 0 alone reads the weights
 (`load_for_training`) and alone writes them after a gather (`save_hf`).
+
+Two fields are made right for the tools that read our checkpoints (README "Checkpoints other tools
+read"): a policy's generation_config.json lists every stop id our sampler uses (chat.stop_ids), so
+vLLM and `generate()` stop at the end of a turn; a reward model's pad id never occurs in text
+(chat.rm_pad_token), so `transformers`' classifiers, which pool at the last non-pad token, score
+the token we trained on. config.json, tokenizer_config.json and special_tokens_map.json agree on it.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +25,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      set_model_state_dict)
 
-from mt import dist
+from mt import chat, dist
 from mt.dist import resolve_dtype
 from mt.errors import UserError
 from mt.model import ConfigError, ModelConfig, Transformer
@@ -74,9 +81,17 @@ def weight_files(path: Path) -> list[Path]:
 def load_state_dict(path) -> dict[str, torch.Tensor]:
     sd = {}
     for f in weight_files(Path(path)):
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                sd[k] = fh.get_tensor(k)
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    sd[k] = fh.get_tensor(k)
+        except Exception as e:  # safetensors raises its own error types for a cut or foreign file
+            raise CheckpointError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e}); a copy cut "
+                                  "short? Fix: copy or save the checkpoint again") from None
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{path}: tensor {k} holds NaN or infinite values: the checkpoint is broken "
+                                  "(a diverged run?). Fix: use an earlier checkpoint")
     return sd
 
 
@@ -93,6 +108,8 @@ def read_weights(path, head: str | None = None) -> tuple[ModelConfig, dict[str, 
     src_head = read_config(path).head
     if src_head == "score" and cfg.head == "lm":
         raise CheckpointError(f"{path}: is a reward model (score head); it has no LM head to load")
+    if src_head == "score":
+        warn_pad_is_eos(path, cfg.hf)
     sd = {k: v for k, v in load_state_dict(path).items() if not k.endswith("rotary_emb.inv_freq")}
     fresh_score = src_head == "lm" and cfg.head == "score"
     if fresh_score or (cfg.head == "lm" and cfg.tie_word_embeddings):
@@ -152,6 +169,10 @@ def save_model(model_or_state, out_dir, cfg: ModelConfig | None = None, tokenize
 
     `model_or_state` is our Transformer or a full (gathered) state dict, with `cfg` then required.
     Files from `tokenizer_dir` (tokenizer, chat template, generation_config) are copied alongside.
+    With `tokenizer_dir`, a policy's generation_config.json gets the full stop list
+    (policy_generation_config) and a reward model a pad id that never occurs in text
+    (chat.rm_pad_token: config.json, tokenizer_config.json and special_tokens_map.json agree; a
+    token added to the vocabulary grows the embedding by its row, the mean of the others).
     """
     if isinstance(model_or_state, Transformer):
         cfg = model_or_state.cfg
@@ -163,6 +184,20 @@ def save_model(model_or_state, out_dir, cfg: ModelConfig | None = None, tokenize
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     dtype = next(iter(state.values())).dtype
+    config = hf_config(cfg, dtype)
+    tok = _tokenizer(tokenizer_dir)
+    pad = None
+    if cfg.head == "score" and tok is not None:
+        pad = chat.rm_pad_token(tok, cfg.vocab_size, avoid=_ids(cfg.hf.get("eos_token_id")))
+        config["pad_token_id"] = pad.id
+        if pad.id >= cfg.vocab_size:  # an added token past the embedding: one more row
+            state = dict(state)
+            emb = state["model.embed_tokens.weight"]
+            row = emb.float().mean(0, keepdim=True).to(emb.dtype)
+            state["model.embed_tokens.weight"] = torch.cat([emb, row.expand(pad.id + 1 - len(emb), -1)])
+            config["vocab_size"] = pad.id + 1
+    elif cfg.head == "lm" and tok is not None:
+        generation_config = policy_generation_config(tok, tokenizer_dir, generation_config)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -174,7 +209,9 @@ def save_model(model_or_state, out_dir, cfg: ModelConfig | None = None, tokenize
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
         if generation_config is not None:
             (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2))
+        if pad is not None:
+            write_pad_token(tmp, pad, tok)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         _write_shards(state, tmp, max_shard_bytes)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -184,6 +221,104 @@ def save_model(model_or_state, out_dir, cfg: ModelConfig | None = None, tokenize
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+# ---- the fields other tools read: stop ids (policies), the pad id (reward models)
+
+
+def _ids(v) -> list[int]:
+    """An id field of config.json / generation_config.json (an int, a list of ints, or null)."""
+    return [] if v is None else [int(i) for i in v] if isinstance(v, list) else [int(v)]
+
+
+def _tokenizer(tokenizer_dir):
+    """The tokenizer saved beside a checkpoint, or None where there is none with a chat template (its
+    files are then copied as they are: without the template we cannot tell the end of a turn)."""
+    if tokenizer_dir is None:
+        return None
+    try:
+        return chat.load_tokenizer(tokenizer_dir)
+    except chat.ChatTemplateError:
+        return None
+
+
+def policy_generation_config(tok, tokenizer_dir, given: dict | None = None) -> dict | None:
+    """The generation_config a policy we write carries: `given` (or tokenizer_dir's file) with
+    eos_token_id the full stop list our sampler uses (chat.stop_ids), so vLLM and `generate()` stop
+    at the end-of-turn token too (vllm#4180: a Llama-3 config listing <|end_of_text|> alone).
+    None means copy tokenizer_dir's file unchanged: it already lists every stop id."""
+    path = Path(tokenizer_dir) / "generation_config.json"
+    base = given if given is not None else json.loads(path.read_text()) if path.is_file() else None
+    stops = sorted(set(chat.stop_ids(tok, tokenizer_dir)) | set(_ids((given or {}).get("eos_token_id"))))
+    if base is not None and set(_ids(base.get("eos_token_id"))) == set(stops):
+        return given
+    out = dict(base) if base is not None else (
+        {"bos_token_id": tok.bos_token_id} if tok.bos_token_id is not None else {})
+    out["eos_token_id"] = stops
+    return out
+
+
+def write_pad_token(out: Path, pad: "chat.PadChoice", tok):
+    """Make the copied tokenizer files declare `pad` (config.json is written by the caller): the pad
+    entry of tokenizer_config.json and special_tokens_map.json (created when the pad changes and the
+    source had none), and for an added token its entry in tokenizer.json, tokenizer_config.json's
+    added_tokens_decoder and added_tokens.json (slow tokenizers). Read back to check."""
+    def load(name):
+        f = out / name
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def save(name, d):
+        (out / name).write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
+
+    def content(v):
+        return v.get("content") if isinstance(v, dict) else v
+
+    entry = {"content": pad.token, "lstrip": False, "normalized": False, "rstrip": False,
+             "single_word": False}
+    tc = load("tokenizer_config.json") or {}
+    changed = content(tc.get("pad_token")) != pad.token
+    if pad.how == "added":
+        tj = load("tokenizer.json")
+        if tj is not None:
+            tj.setdefault("added_tokens", []).append({"id": pad.id, **entry, "special": True})
+            save("tokenizer.json", tj)
+        else:
+            save("added_tokens.json", {**(load("added_tokens.json") or {}), pad.token: pad.id})
+        if "added_tokens_decoder" in tc:
+            tc["added_tokens_decoder"][str(pad.id)] = {**entry, "special": True}
+    if changed or pad.how == "added":
+        tc["pad_token"] = pad.token
+        save("tokenizer_config.json", tc)
+    sm = load("special_tokens_map.json")
+    if sm is None and changed:
+        sm = {k: tc[k] for k in ("bos_token", "eos_token", "unk_token") if tc.get(k) is not None}
+    if sm is not None and content(sm.get("pad_token")) != pad.token:
+        style = sm.get("eos_token", sm.get("bos_token"))
+        sm["pad_token"] = entry if isinstance(style, dict) else pad.token
+        save("special_tokens_map.json", sm)
+    gen = load("generation_config.json")
+    if gen is not None and "pad_token_id" in gen and gen["pad_token_id"] != pad.id:
+        gen["pad_token_id"] = pad.id
+        save("generation_config.json", gen)
+    back = chat.load_tokenizer(out)
+    if (back.pad_token_id, back.convert_tokens_to_ids(pad.token)) != (pad.id, pad.id):
+        raise CheckpointError(f"{out}: wrote pad token {pad.token!r} (id {pad.id}) but the tokenizer reads "
+                              f"back pad id {back.pad_token_id}; tokenizer files of {tok.name_or_path} "
+                              "not understood")
+
+
+def warn_pad_is_eos(path, config: dict):
+    """A reward model whose config.json has pad_token_id among its eos ids is mis-read by every tool
+    that pools at the last non-pad token; ours read lengths and are unaffected."""
+    pad = config.get("pad_token_id")
+    if pad is None or int(pad) not in _ids(config.get("eos_token_id")):
+        return
+    warnings.warn(
+        f"{path}: config.json has pad_token_id == eos_token_id ({pad}). transformers' "
+        "*ForSequenceClassification (and so RewardBench's run_rm.py, TRL, OpenRLHF) pools at the last "
+        "token that is not the pad id, so on a chat ending in that token it scores one token early. "
+        "Our scoring reads lengths and is unaffected; an RM that train_rm.py / run_em.py writes gets a "
+        "pad id of its own (mt.checkpoint.save_model).", stacklevel=3)
 
 
 def _write_shards(state: dict, out: Path, max_shard_bytes: int):

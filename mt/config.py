@@ -325,11 +325,11 @@ def check_fields(cfg):
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"--{key}={v}: must be a finite number")
         if m.get("above") is not None and not v > m["above"]:
-            raise ConfigError(f"--{key}={v}: must be > {m['above']}")
+            raise ConfigError(f"--{key}={v}: must be > {m['above']}. Fix: pass --{key} above {m['above']}")
         if m.get("min") is not None and not v >= m["min"]:
-            raise ConfigError(f"--{key}={v}: must be >= {m['min']}")
+            raise ConfigError(f"--{key}={v}: must be >= {m['min']}. Fix: pass --{key} of at least {m['min']}")
         if m.get("choices") is not None and v not in m["choices"]:
-            raise ConfigError(f"--{key}={v!r}: must be one of {', '.join(m['choices'])}")
+            raise ConfigError(f"--{key}={v!r}: must be one of {', '.join(m['choices'])}. Fix: pass one of them")
     return cfg
 
 
@@ -346,7 +346,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"--em.rm_fraction={cfg.em.rm_fraction}: must be in (0, 1) (0 only with "
                           "--em.update_rm false, the fixed-RM baseline)")
     if cfg.em.tau > 1:
-        raise ConfigError(f"--em.tau={cfg.em.tau}: a win rate threshold, must be in [0, 1]")
+        raise ConfigError(f"--em.tau={cfg.em.tau}: a win rate threshold, must be in [0, 1]. Fix: pass a share, "
+                          "e.g. --em.tau 0.6")
     if cfg.em.rounds < 1:
         raise ConfigError(f"--em.rounds={cfg.em.rounds}: must be >= 1")
     for name in ("dpo", "rm_train"):

@@ -83,6 +83,11 @@ def _text(v: Any, key: str, allow_empty: bool = False) -> str:
         raise _Bad(key, f"must be a string, got {_jtype(v)}", "write the text as a JSON string")
     if not allow_empty and not v.strip():
         raise _Bad(key, "is empty or whitespace only", f"put the text in '{key}' or drop the row")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates no tokenizer takes
+        raise _Bad(key, f"holds a lone UTF-16 surrogate ({v[e.start]!r} at character {e.start})",
+                   "write the character as one escape pair or as UTF-8 text") from None
     return v
 
 
@@ -184,6 +189,9 @@ def _parse_pair(row: dict) -> dict:
         prompt = chat
     else:
         raise _Bad("prompt", "missing", "add a 'prompt' field (a string or an array of messages)")
+    if prompt[-1]["role"] != "user":
+        raise _Bad("prompt", f"last message has role {prompt[-1]['role']!r}",
+                   "end the prompt with the 'user' turn the responses answer")
     if chosen == rejected:
         raise _Bad("rejected", "is identical to 'chosen'", "a pair needs two different responses; drop this row")
     scores = []
@@ -246,6 +254,8 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
                     except json.JSONDecodeError as e:
                         yield n, _Bad(None, f"invalid JSON ({e.msg} at column {e.colno})",
                                       "write exactly one complete JSON object per line")
+                    except RecursionError:
+                        yield n, _Bad(None, "JSON nested too deeply to read", "write a flat row object")
         return
     if path.suffix == ".json":
         data = path.read_bytes()
@@ -257,6 +267,9 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}). "
                             "Fix: the file must be one JSON array of objects") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to read. Fix: write an array of flat row "
+                            "objects") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: top level is a JSON {_jtype(rows)}. Fix: make it an array of row objects "
                             "(or write one object per line in a .jsonl file)")
@@ -448,8 +461,9 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: no such file. Fix: rerun the stage that writes it") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}). Fix: delete it and rerun the stage that writes it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise DataError(f"{path}: not valid JSON ({why}). Fix: delete it and rerun the stage that writes it") from None
 
 
 def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:

