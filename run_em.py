@@ -3,7 +3,7 @@
     python run_em.py                                        # the gold-reward sandbox, CPU, minutes
     python run_em.py --preset paper --policy DIR --rm DIR --prompts FILE --out runs/mt
     torchrun --nproc_per_node 8 run_em.py --policy DIR --rm DIR --prompts FILE --iters 2
-    python run_em.py STAGE --file-args ... [--section.key value ...]    # one stage on explicit files
+    python run_em.py STAGE --file-args ... [--section.key value ...]  # one stage on explicit files
 
 Every stage reads and writes files (DESIGN.md §2) and is recorded in <out>/manifest.json with the
 hashes of its inputs and outputs and the arguments it ran with (mt/manifest.py). Rerunning the same
@@ -21,8 +21,8 @@ from mt import chat
 from mt import config as C
 from mt import dist, em, sandbox
 from mt.checkpoint import read_config
-from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples, read_scores, write_json,
-                     write_jsonl)
+from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples,
+                     read_scores, write_json, write_jsonl)
 from mt.manifest import Manifest, iteration_dir
 from mt.scoring import score_files
 
@@ -36,51 +36,58 @@ def run(cfg: C.Config) -> dict:
     m = Manifest(run_dir, cfg, cfg.force_config)
     pi0, r0 = Path(cfg.policy), Path(cfg.rm)
 
-    # Alg. 1 line 2: partition D into D_1..D_T, D_R and the fixed D_MS (by prompt id, from the seed)
-    split = {k: run_dir / "splits" / f"{k}.jsonl" for k in ["D_MS", "D_R"] + [f"D_{t}" for t in range(1, cfg.iters + 1)]}
-    m.stage("splits", write_splits, list(split.values()), prompts_path=Path(cfg.prompts), out_dir=run_dir / "splits",
-            iters=cfg.iters, rm_fraction=E.rm_fraction if E.update_rm else 0.0, d_ms_size=E.d_ms_size, seed=cfg.seed)
+    # Alg. 1 line 2: partition D into D_1..D_T, D_R and the fixed D_MS
+    # (by prompt id, from the seed)
+    split = {k: run_dir / "splits" / f"{k}.jsonl"
+             for k in ["D_MS", "D_R"] + [f"D_{t}" for t in range(1, cfg.iters + 1)]}
+    m.stage("splits", write_splits, list(split.values()), prompts_path=Path(cfg.prompts),
+            out_dir=run_dir / "splits", iters=cfg.iters,
+            rm_fraction=E.rm_fraction if E.update_rm else 0.0, d_ms_size=E.d_ms_size,
+            seed=cfg.seed)
     D_ms, D_r = split["D_MS"], split["D_R"]
 
     history = []
     gen_pi, gen_r = pi0, r0  # the models that generate and judge the data of the next iteration
     for rnd in range(1, E.rounds + 1):
-        # Sec. 5.3: a new round starts both models from the base models; the previous round's models
-        # only generate and judge its first iteration's data
+        # Sec. 5.3: a new round starts both models from the base models; the previous round's
+        # models only generate and judge its first iteration's data
         init_pi, st_pairs, stop = pi0, [], False
         for t in range(1, cfg.iters + 1):
             it = iteration_dir(run_dir, rnd, t, E.rounds)
             tag, D_t = it.relative_to(run_dir).as_posix(), split[f"D_{t}"]
 
-            # ---- E-step: sample M responses from π_{t-1}, score with r_{t-1}, build pairs, DPO (Eq. 4)
-            m.stage(f"{tag}/sample", train_policy.sample, [it / "samples.jsonl"], policy_dir=gen_pi,
-                    prompts_path=D_t, out_path=it / "samples.jsonl", sampling=cfg.sampling, n=E.n_samples,
-                    seed=cfg.seed, stream=f"{tag}/e-step")
+            # ---- E-step: sample M responses from π_{t-1}, score with r_{t-1},
+            # build pairs, DPO (Eq. 4)
+            m.stage(f"{tag}/sample", train_policy.sample, [it / "samples.jsonl"],
+                    policy_dir=gen_pi, prompts_path=D_t, out_path=it / "samples.jsonl",
+                    sampling=cfg.sampling, n=E.n_samples, seed=cfg.seed, stream=f"{tag}/e-step")
             m.stage(f"{tag}/score", train_policy.score, [it / "scores.jsonl"], rm_dir=gen_r,
                     samples_path=it / "samples.jsonl", out_path=it / "scores.jsonl")
-            m.stage(f"{tag}/pairs", train_policy.pairs, [it / "pairs.jsonl"], samples_path=it / "samples.jsonl",
-                    scores_path=it / "scores.jsonl", out_path=it / "pairs.jsonl", rule=E.pair_rule,
-                    keep_truncated=E.keep_truncated)
+            m.stage(f"{tag}/pairs", train_policy.pairs, [it / "pairs.jsonl"],
+                    samples_path=it / "samples.jsonl", scores_path=it / "scores.jsonl",
+                    out_path=it / "pairs.jsonl", rule=E.pair_rule, keep_truncated=E.keep_truncated)
             check_pairs(it / "pairs.jsonl", D_t)
             st_pairs.append(it / "pairs.jsonl")
-            m.stage(f"{tag}/ref_logps", train_policy.ref_logps, [it / "ref_logps.jsonl"], policy_dir=init_pi,
-                    pairs_path=it / "pairs.jsonl", out_path=it / "ref_logps.jsonl",
-                    **train_policy.reference_args(cfg.dpo))
+            m.stage(f"{tag}/ref_logps", train_policy.ref_logps, [it / "ref_logps.jsonl"],
+                    policy_dir=init_pi, pairs_path=it / "pairs.jsonl",
+                    out_path=it / "ref_logps.jsonl", **train_policy.reference_args(cfg.dpo))
             m.stage(f"{tag}/dpo", train_policy.dpo, [it / "policy"], policy_dir=init_pi,
-                    pairs_path=it / "pairs.jsonl", ref_path=it / "ref_logps.jsonl", out_dir=it / "policy",
-                    cfg=cfg.dpo)
+                    pairs_path=it / "pairs.jsonl", ref_path=it / "ref_logps.jsonl",
+                    out_dir=it / "policy", cfg=cfg.dpo)
 
-            # ---- model selection (Eq. 6-7): every checkpoint vs π_{t-1} on D_MS, judged by r_{t-1}
-            m.stage(f"{tag}/select", select, [it / "selection.json"], out_path=it / "selection.json",
-                    candidates=it / "policy", pi_prev=gen_pi, r_prev=gen_r, d_ms=D_ms, sampling=cfg.sampling,
-                    tau=E.tau, select=E.select, seed=cfg.seed, stream=tag)
+            # ---- model selection (Eq. 6-7):
+            # every checkpoint vs π_{t-1} on D_MS, judged by r_{t-1}
+            m.stage(f"{tag}/select", select, [it / "selection.json"],
+                    out_path=it / "selection.json", candidates=it / "policy", pi_prev=gen_pi,
+                    r_prev=gen_r, d_ms=D_ms, sampling=cfg.sampling, tau=E.tau, select=E.select,
+                    seed=cfg.seed, stream=tag)
             selection = read_json(it / "selection.json")
             metrics = {"round": rnd, "iter": t, "pairs": read_json(it / "pairs.stats.json"),
                        "dpo": train_policy.summary(it / "policy"), "selection": selection}
             history.append(metrics)
             if selection["stop"]:
-                dist.print0(f"{tag}: best win rate {selection['win_rate']:.3f} < τ={E.tau}: stop, keep "
-                            f"π_{t - 1}, r_{t - 1}")
+                dist.print0(f"{tag}: best win rate {selection['win_rate']:.3f} < τ={E.tau}: stop, "
+                            f"keep π_{t - 1}, r_{t - 1}")
                 stop = True
                 break
             pi_t = it / "policy" / selection["chosen"]
@@ -89,19 +96,23 @@ def run(cfg: C.Config) -> dict:
             r_t = gen_r
             if E.update_rm:
                 m.stage(f"{tag}/pseudo_pairs", pseudo_pairs, [it / "pseudo_pairs.jsonl"],
-                        out_path=it / "pseudo_pairs.jsonl", pi_t=pi_t, pi_prev=gen_pi, r_prev=gen_r, d_r=D_r,
-                        sampling=cfg.sampling, strategy=E.filter, eps_stat=E.eps_stat, eps_mult=E.eps_mult,
-                        keep_truncated=E.keep_truncated, seed=cfg.seed, stream=tag)
-                m.stage(f"{tag}/rm_data", rm_data, [it / "rm_train.jsonl", it / "rm_heldout.jsonl"],
+                        out_path=it / "pseudo_pairs.jsonl", pi_t=pi_t, pi_prev=gen_pi,
+                        r_prev=gen_r, d_r=D_r, sampling=cfg.sampling, strategy=E.filter,
+                        eps_stat=E.eps_stat, eps_mult=E.eps_mult, keep_truncated=E.keep_truncated,
+                        seed=cfg.seed, stream=tag)
+                m.stage(f"{tag}/rm_data", rm_data,
+                        [it / "rm_train.jsonl", it / "rm_heldout.jsonl"],
                         pseudo_path=it / "pseudo_pairs.jsonl", st_pairs=list(st_pairs), d_r=D_r,
-                        train_path=it / "rm_train.jsonl", heldout_path=it / "rm_heldout.jsonl", mode=E.rm_data,
-                        heldout=E.rm_heldout)
-                rm_init = r0 if E.rm_restart else gen_r  # appendix B: every RM iteration restarts from r0
+                        train_path=it / "rm_train.jsonl", heldout_path=it / "rm_heldout.jsonl",
+                        mode=E.rm_data, heldout=E.rm_heldout)
+                # appendix B: every RM iteration restarts from r0
+                rm_init = r0 if E.rm_restart else gen_r
                 m.stage(f"{tag}/rm", train_rm.train, [it / "rm"], init_dir=rm_init,
                         pair_files=[it / "rm_train.jsonl"], out_dir=it / "rm", cfg=cfg.rm_train)
                 r_t = it / "rm" / "final"
-                m.stage(f"{tag}/rm_eval", rm_eval, [it / "rm_eval.json"], out_path=it / "rm_eval.json",
-                        r_new=r_t, r_prev=gen_r, heldout_path=it / "rm_heldout.jsonl")
+                m.stage(f"{tag}/rm_eval", rm_eval, [it / "rm_eval.json"],
+                        out_path=it / "rm_eval.json", r_new=r_t, r_prev=gen_r,
+                        heldout_path=it / "rm_heldout.jsonl")
                 metrics["pseudo_pairs"] = read_json(it / "pseudo_pairs.info.json")
                 metrics["rm"] = {**train_rm.summary(it / "rm"), **read_json(it / "rm_eval.json")}
             if d.is_main:
@@ -114,41 +125,45 @@ def run(cfg: C.Config) -> dict:
     if d.is_main:
         write_json(run_dir / "summary.json", summary)
         print(table(history, cfg))
-        if cfg.preset.startswith("sandbox"):  # the world's gold reward shows what the RM can only estimate
+        # the world's gold reward shows what the RM can only estimate
+        if cfg.preset.startswith("sandbox"):
             print("\nGold view (mt/sandbox.py's gold reward; policy numbers on D_MS):")
             print(sandbox.gold_table(sandbox.gold_view(run_dir)))
     return summary
 
 
 def preflight(cfg: C.Config):
-    """The inputs checked before anything is written: a typo'd path or an impossible size fails here,
-    not after iteration 1, and never pins a bad config.json."""
+    """The inputs checked before anything is written: a typo'd path or an impossible size fails
+    here, not after iteration 1, and never pins a bad config.json."""
     prompts = read_prompts(cfg.prompts)  # every row validated
     try:
-        em.partition([p["prompt_id"] for p in prompts], cfg.iters, cfg.em.rm_fraction if cfg.em.update_rm else 0.0,
-                     cfg.em.d_ms_size, cfg.seed)
+        em.partition([p["prompt_id"] for p in prompts], cfg.iters,
+                     cfg.em.rm_fraction if cfg.em.update_rm else 0.0, cfg.em.d_ms_size, cfg.seed)
     except ValueError as e:
         raise C.ConfigError(f"{cfg.prompts}: {e}") from None
     for flag, path, head in (("--policy", cfg.policy, "lm"), ("--rm", cfg.rm, "score")):
         got = read_config(path).head
         if got != head:
-            kind = {"lm": "a causal LM (*ForCausalLM)", "score": "a reward model (*ForSequenceClassification)"}
-            raise C.ConfigError(f"{flag} {path}: has a {got!r} head; {flag} must be {kind[head]}. Fix: swap "
-                                "--policy and --rm, or give the right directory")
+            kind = {"lm": "a causal LM (*ForCausalLM)",
+                    "score": "a reward model (*ForSequenceClassification)"}
+            raise C.ConfigError(f"{flag} {path}: has a {got!r} head; {flag} must be {kind[head]}. "
+                                "Fix: swap --policy and --rm, or give the right directory")
     tok = chat.load_tokenizer(cfg.policy)
     limit = cfg.sampling.max_prompt_tokens
     for p in prompts:
         n = len(chat.encode_prompt(tok, p["prompt"]))
         if n > limit:
-            raise C.ConfigError(f"{cfg.prompts}: prompt {p['prompt_id']!r} is {n} tokens under {cfg.policy}'s chat "
-                                f"template, over --sampling.max_prompt_tokens={limit}. Fix: raise "
+            raise C.ConfigError(f"{cfg.prompts}: prompt {p['prompt_id']!r} is {n} tokens under "
+                                f"{cfg.policy}'s chat template, over "
+                                f"--sampling.max_prompt_tokens={limit}. Fix: raise "
                                 "--sampling.max_prompt_tokens or drop the prompt from the file")
     world = dist.get().world_size
     for name in ("dpo", "rm_train"):
         t = getattr(cfg, name)
         if t.batch_size % (t.micro_batch_size * world):
-            raise C.ConfigError(f"--{name}.batch_size={t.batch_size} is not a multiple of --{name}.micro_batch_size="
-                                f"{t.micro_batch_size} × {world} processes. Fix: change either, or the process count")
+            raise C.ConfigError(f"--{name}.batch_size={t.batch_size} is not a multiple of "
+                                f"--{name}.micro_batch_size={t.micro_batch_size} × {world} "
+                                "processes. Fix: change either, or the process count")
 
 
 # ---- the stages that are bookkeeping over files (the heavy ones live in train_policy / train_rm)
@@ -168,11 +183,13 @@ def write_splits(prompts_path: Path, out_dir: Path, iters: int, rm_fraction: flo
 def check_pairs(pairs_path: Path, prompts_path: Path):
     stats = read_json(pairs_path.with_suffix(".stats.json"))
     if stats.get("pairs") == 0:
-        why = ", ".join(f"{k}={v}" for k, v in stats.items() if k.startswith(("dropped", "truncated", "empty")))
+        why = ", ".join(f"{k}={v}" for k, v in stats.items()
+                        if k.startswith(("dropped", "truncated", "empty")))
         raise RuntimeError(
-            f"{pairs_path}: no preference pairs from {stats.get('prompts')} prompts of {prompts_path} ({why}). "
-            "Fix: raise --sampling.max_new_tokens (truncated responses give no pair), or --em.keep_truncated "
-            "true, or check that the RM's scores are not all equal.")
+            f"{pairs_path}: no preference pairs from {stats.get('prompts')} prompts of "
+            f"{prompts_path} ({why}). Fix: raise --sampling.max_new_tokens (truncated responses "
+            "give no pair), or --em.keep_truncated true, or check that the RM's scores are not "
+            "all equal.")
 
 
 def select(out_path: Path, candidates: Path, pi_prev: Path, r_prev: Path, d_ms: Path,
@@ -186,18 +203,25 @@ def select(out_path: Path, candidates: Path, pi_prev: Path, r_prev: Path, d_ms: 
     ckpts = train_policy.checkpoints(candidates)
     if not ckpts:
         raise FileNotFoundError(f"{candidates}: no checkpoints (ckpt-*/final) to select from")
-    train_policy.sample(pi_prev, d_ms, sel / "prev.samples.jsonl", sampling, 1, seed, f"{stream}/select-prev")
-    for k in ckpts:  # the same stream for every k: candidates are compared on common random numbers
-        train_policy.sample(candidates / k, d_ms, sel / f"{k}.samples.jsonl", sampling, 1, seed, f"{stream}/select")
-    # one scoring call for π_{t-1} and every candidate: an identical response gets one score, a tie in Eq. 6
+    train_policy.sample(pi_prev, d_ms, sel / "prev.samples.jsonl", sampling, 1, seed,
+                        f"{stream}/select-prev")
+    # the same stream for every k: candidates are compared on common random numbers
+    for k in ckpts:
+        train_policy.sample(candidates / k, d_ms, sel / f"{k}.samples.jsonl", sampling, 1, seed,
+                            f"{stream}/select")
+    # one scoring call for π_{t-1} and every candidate:
+    # an identical response gets one score, a tie in Eq. 6
     names = ["prev", *ckpts]
-    scored = score_files(r_prev, [(sel / f"{k}.samples.jsonl", sel / f"{k}.scores.jsonl") for k in names])
+    scored = score_files(r_prev,
+                         [(sel / f"{k}.samples.jsonl", sel / f"{k}.scores.jsonl") for k in names])
     first = {k: [r["scores"][0] for r in rows] for k, rows in zip(names, scored)}
-    rates = {k: {**em.win_rate(first[k], first["prev"]), "truncated": truncated(sel / f"{k}.samples.jsonl")}
+    rates = {k: {**em.win_rate(first[k], first["prev"]),
+                 "truncated": truncated(sel / f"{k}.samples.jsonl")}
              for k in ckpts}
     choice = em.select_checkpoint({k: v["win_rate"] for k, v in rates.items()}, tau, select, ckpts)
     if dist.get().is_main:
-        write_json(out_path, {**choice, "candidates": rates, "prev_truncated": truncated(sel / "prev.samples.jsonl")})
+        write_json(out_path, {**choice, "candidates": rates,
+                              "prev_truncated": truncated(sel / "prev.samples.jsonl")})
     return choice
 
 
@@ -207,23 +231,28 @@ def truncated(samples_path: Path) -> float:
     return sum(f == "length" for f in reasons) / len(reasons)
 
 
-def pseudo_pairs(out_path: Path, pi_t: Path, pi_prev: Path, r_prev: Path, d_r: Path, sampling: C.SamplingConfig,
-                 strategy: str, eps_stat: str, eps_mult: float, keep_truncated: bool, seed: int,
-                 stream: str) -> dict:
+def pseudo_pairs(out_path: Path, pi_t: Path, pi_prev: Path, r_prev: Path, d_r: Path,
+                 sampling: C.SamplingConfig, strategy: str, eps_stat: str, eps_mult: float,
+                 keep_truncated: bool, seed: int, stream: str) -> dict:
     """(y_t ~ π_t) ≻ (y_{t-1} ~ π_{t-1}) on D_R, scored by r_{t-1}, filtered with ε_t (Sec. 4.3).
 
-    Writes out_path (every pair with Δr, ε_t and its decision) and pseudo_pairs.info.json beside it.
+    Writes out_path (every pair with Δr, ε_t and its decision)
+    and pseudo_pairs.info.json beside it.
     """
     pp = out_path.parent / "pseudo"
-    train_policy.sample(pi_t, d_r, pp / "new.samples.jsonl", sampling, 1, seed, f"{stream}/pseudo-new")
-    train_policy.sample(pi_prev, d_r, pp / "prev.samples.jsonl", sampling, 1, seed, f"{stream}/pseudo-prev")
+    train_policy.sample(pi_t, d_r, pp / "new.samples.jsonl", sampling, 1, seed,
+                        f"{stream}/pseudo-new")
+    train_policy.sample(pi_prev, d_r, pp / "prev.samples.jsonl", sampling, 1, seed,
+                        f"{stream}/pseudo-prev")
     # one scoring call for both: an identical (y_t, y_{t-1}) gets Δr = 0 exactly (Eq. 8)
     score_files(r_prev, [(pp / "new.samples.jsonl", pp / "new.scores.jsonl"),
                          (pp / "prev.samples.jsonl", pp / "prev.scores.jsonl")])
-    rows = em.make_pseudo_pairs(read_samples(pp / "new.samples.jsonl"), read_samples(pp / "prev.samples.jsonl"),
-                                read_scores(pp / "new.scores.jsonl"), read_scores(pp / "prev.scores.jsonl"),
-                                keep_truncated)
-    cap = {"truncated_new": truncated(pp / "new.samples.jsonl"), "truncated_prev": truncated(pp / "prev.samples.jsonl")}
+    rows = em.make_pseudo_pairs(read_samples(pp / "new.samples.jsonl"),
+                                read_samples(pp / "prev.samples.jsonl"),
+                                read_scores(pp / "new.scores.jsonl"),
+                                read_scores(pp / "prev.scores.jsonl"), keep_truncated)
+    cap = {"truncated_new": truncated(pp / "new.samples.jsonl"),
+           "truncated_prev": truncated(pp / "prev.samples.jsonl")}
     return filter_file(rows, out_path, strategy, eps_stat, eps_mult, cap)
 
 
@@ -240,8 +269,8 @@ def filter_file(rows: list[dict], out_path: Path, strategy: str, eps_stat: str, 
 PAIR_FIELDS = ("prompt_id", "prompt", "chosen", "rejected")
 
 
-def rm_data(pseudo_path: Path, st_pairs: list[Path], d_r: Path, train_path: Path, heldout_path: Path,
-            mode: str, heldout: float) -> dict:
+def rm_data(pseudo_path: Path, st_pairs: list[Path], d_r: Path, train_path: Path,
+            heldout_path: Path, mode: str, heldout: float) -> dict:
     """The M-step's training set (pc | st | mixed) and the held-out pseudo-pairs it never sees.
 
     The held-out prompts are the first `heldout` share of D_R's ids in sorted order."""
@@ -272,8 +301,8 @@ def rm_eval(out_path: Path, r_new: Path, r_prev: Path, heldout_path: Path) -> di
 
 def table(history: list[dict], cfg: C.Config) -> str:
     """The end-of-run table: one row per iteration."""
-    head = ("| iter | pairs (dropped) | truncated | DPO loss / acc | win rates (chosen) | ε_t | pseudo kept/total "
-            "| RM train acc | RM held-out acc (prev → new) |")
+    head = ("| iter | pairs (dropped) | truncated | DPO loss / acc | win rates (chosen) | ε_t | "
+            "pseudo kept/total | RM train acc | RM held-out acc (prev → new) |")
     lines = [head, "|" + "---|" * 9]
 
     def f(x, fmt=".3f"):
@@ -287,26 +316,35 @@ def table(history: list[dict], cfg: C.Config) -> str:
         dpo, pp, rm = h.get("dpo", {}), h.get("pseudo_pairs", {}), h.get("rm", {})
         lines.append(
             f"| {h['round']}.{h['iter']} | {p.get('pairs', '-')} ({dropped}) | "
-            f"{100 * p.get('truncated_responses', 0) / max(1, p.get('responses', 1)):.1f}% | {f(dpo.get('loss'))} / "
-            f"{f(dpo.get('reward_acc'), '.2f')} | {rates} ({chosen}) | {f(pp.get('eps_t'), '.4f')} | "
-            f"{pp.get('kept_total', '-')}/{pp.get('n', '-')} | {f(rm.get('train_acc'), '.2f')} | "
-            f"{f(rm.get('heldout_acc_prev'), '.2f')} → {f(rm.get('heldout_acc_new'), '.2f')} |")
+            f"{100 * p.get('truncated_responses', 0) / max(1, p.get('responses', 1)):.1f}% | "
+            f"{f(dpo.get('loss'))} / {f(dpo.get('reward_acc'), '.2f')} | {rates} ({chosen}) | "
+            f"{f(pp.get('eps_t'), '.4f')} | {pp.get('kept_total', '-')}/{pp.get('n', '-')} | "
+            f"{f(rm.get('train_acc'), '.2f')} | {f(rm.get('heldout_acc_prev'), '.2f')} → "
+            f"{f(rm.get('heldout_acc_new'), '.2f')} |")
     return "\n".join(lines)
 
 
-# ---- each stage alone, on explicit files: `python run_em.py STAGE --file path ... [--section.key value ...]`
+# ---- each stage alone, on explicit files: `python run_em.py STAGE --file path ...
+# [--section.key value ...]`
 
 STAGES = {  # stage -> (its file arguments, what it does)
-    "sample": (("model", "prompts", "out"), "M responses per prompt (--em.n_samples) -> samples.jsonl"),
-    "score": (("rm", "samples", "out"), "score every response of samples.jsonl with an RM -> scores.jsonl"),
-    "pairs": (("samples", "scores", "out"), "preference pairs by --em.pair_rule -> pairs.jsonl (+ .stats.json)"),
-    "dpo": (("policy", "pairs", "out"), "reference log-probs and DPO (Eq. 4) -> OUT/ref_logps.jsonl, "
+    "sample": (("model", "prompts", "out"),
+               "M responses per prompt (--em.n_samples) -> samples.jsonl"),
+    "score": (("rm", "samples", "out"),
+              "score every response of samples.jsonl with an RM -> scores.jsonl"),
+    "pairs": (("samples", "scores", "out"),
+              "preference pairs by --em.pair_rule -> pairs.jsonl (+ .stats.json)"),
+    "dpo": (("policy", "pairs", "out"),
+            "reference log-probs and DPO (Eq. 4) -> OUT/ref_logps.jsonl, "
             "OUT/policy/ckpt-*, final"),
-    "select": (("prev", "candidates", "rm", "prompts", "out"), "win rate of every checkpoint vs the previous "
+    "select": (("prev", "candidates", "rm", "prompts", "out"),
+               "win rate of every checkpoint vs the previous "
                "policy on D_MS (Eq. 6-7) -> OUT/selection.json"),
-    "pseudo_pairs": (("new", "prev", "rm", "prompts", "out"), "(y_t, y_{t-1}) on D_R, scored and filtered -> "
+    "pseudo_pairs": (("new", "prev", "rm", "prompts", "out"),
+                     "(y_t, y_{t-1}) on D_R, scored and filtered -> "
                      "OUT/pseudo_pairs.jsonl"),
-    "filter": (("pseudo_pairs", "out"), "re-filter pseudo_pairs.jsonl with --em.filter / --em.eps_stat / "
+    "filter": (("pseudo_pairs", "out"),
+               "re-filter pseudo_pairs.jsonl with --em.filter / --em.eps_stat / "
                "--em.eps_mult -> OUT"),
     "rm": (("init", "pairs", "out"), "Bradley-Terry M-step (Eq. 5) from an RM or causal-LM dir on "
            "comma-separated pairs files -> OUT/final"),
@@ -325,37 +363,46 @@ def stage_main(name: str, argv: list[str]):
     a = {k: Path(getattr(cfg, k)) for k in files}
     stream, E = cfg.stream or name, cfg.em
     if name == "sample":
-        return train_policy.sample(a["model"], a["prompts"], a["out"], cfg.sampling, E.n_samples, cfg.seed, stream)
+        return train_policy.sample(a["model"], a["prompts"], a["out"], cfg.sampling, E.n_samples,
+                                   cfg.seed, stream)
     if name == "score":
         return train_policy.score(a["rm"], a["samples"], a["out"])
     if name == "pairs":
-        return train_policy.pairs(a["samples"], a["scores"], a["out"], E.pair_rule, E.keep_truncated)
+        return train_policy.pairs(a["samples"], a["scores"], a["out"], E.pair_rule,
+                                  E.keep_truncated)
     if name == "dpo":
         train_policy.ref_logps(a["policy"], a["pairs"], a["out"] / "ref_logps.jsonl",
                                **train_policy.reference_args(cfg.dpo))
-        return train_policy.dpo(a["policy"], a["pairs"], a["out"] / "ref_logps.jsonl", a["out"] / "policy", cfg.dpo)
+        return train_policy.dpo(a["policy"], a["pairs"], a["out"] / "ref_logps.jsonl",
+                                a["out"] / "policy", cfg.dpo)
     if name == "select":
-        return select(a["out"] / "selection.json", a["candidates"], a["prev"], a["rm"], a["prompts"], cfg.sampling,
-                      E.tau, E.select, cfg.seed, stream)
+        return select(a["out"] / "selection.json", a["candidates"], a["prev"], a["rm"],
+                      a["prompts"], cfg.sampling, E.tau, E.select, cfg.seed, stream)
     if name == "pseudo_pairs":
-        return pseudo_pairs(a["out"] / "pseudo_pairs.jsonl", a["new"], a["prev"], a["rm"], a["prompts"],
-                            cfg.sampling, E.filter, E.eps_stat, E.eps_mult, E.keep_truncated, cfg.seed, stream)
-    if name == "filter":  # re-filter existing pseudo-pairs with another strategy or ε_t, without resampling
-        return filter_file(read_pseudo_pairs(a["pseudo_pairs"]), a["out"], E.filter, E.eps_stat, E.eps_mult)
+        return pseudo_pairs(a["out"] / "pseudo_pairs.jsonl", a["new"], a["prev"], a["rm"],
+                            a["prompts"], cfg.sampling, E.filter, E.eps_stat, E.eps_mult,
+                            E.keep_truncated, cfg.seed, stream)
+    # re-filter existing pseudo-pairs with another strategy or ε_t, without resampling
+    if name == "filter":
+        return filter_file(read_pseudo_pairs(a["pseudo_pairs"]), a["out"], E.filter, E.eps_stat,
+                           E.eps_mult)
     if name == "rm":
-        return train_rm.train(a["init"], [Path(p) for p in cfg.pairs.split(",") if p], a["out"], cfg.rm_train)
+        return train_rm.train(a["init"], [Path(p) for p in cfg.pairs.split(",") if p], a["out"],
+                              cfg.rm_train)
 
 
 def resolve_inputs(cfg: C.Config) -> C.Config:
-    """No --policy/--rm/--prompts: the embedded default, the gold-reward sandbox (built once, cached)."""
+    """No --policy/--rm/--prompts: the embedded default, the gold-reward sandbox
+    (built once, cached)."""
     if cfg.policy or cfg.rm or cfg.prompts or not cfg.preset.startswith("sandbox"):
         missing = [k for k in ("policy", "rm", "prompts") if not getattr(cfg, k)]
         if missing:
-            raise C.ConfigError(f"missing --{', --'.join(missing)} (or give none of --policy/--rm/--prompts "
-                                "to run the gold-reward sandbox)")
+            raise C.ConfigError(f"missing --{', --'.join(missing)} (or give none of "
+                                "--policy/--rm/--prompts to run the gold-reward sandbox)")
         return cfg
     world = sandbox.build_world(seed=cfg.seed)
-    cfg.policy, cfg.rm, cfg.prompts = str(world.policy_dir), str(world.rm_dir), str(world.prompts_path)
+    cfg.policy, cfg.rm, cfg.prompts = (str(world.policy_dir), str(world.rm_dir),
+                                       str(world.prompts_path))
     return cfg
 
 

@@ -1,15 +1,18 @@
-"""The E-step, standalone: sample from π_{t-1}, score with r_{t-1}, build pairs, DPO against π_{t-1} (Eq. 4).
+r"""The E-step, standalone: sample from π_{t-1}, score with r_{t-1}, build pairs,
+DPO against π_{t-1} (Eq. 4).
 
     python train_policy.py --policy DIR --rm DIR --prompts FILE --out runs/estep
-    python train_policy.py --policy DIR --pairs pairs.jsonl --out runs/dpo --dpo.loss simpo   # offline baselines
-    torchrun --nproc_per_node 8 train_policy.py --policy DIR --rm DIR --prompts FILE --out runs/estep
+    python train_policy.py --policy DIR --pairs pairs.jsonl --out runs/dpo \
+        --dpo.loss simpo   # offline baselines
+    torchrun --nproc_per_node 8 train_policy.py --policy DIR --rm DIR --prompts FILE \
+        --out runs/estep
 
-Flags are mt/config.py's (`--dpo.beta 0.05`, `--em.pair_rule max_min`, `--sampling.temperature 1.0`,
-`--preset tiny`; `--help` lists them). Writes, under --out (DESIGN.md §2): samples.jsonl, scores.jsonl,
-pairs.jsonl (+ .stats.json), ref_logps.jsonl, policy/ckpt-{step}/ and policy/final/ (Hugging Face
-directories), policy/metrics.jsonl, and config.json + manifest.json: a rerun skips the finished steps
-(mt/manifest.py, as run_em.py does), resumes DPO from its last checkpoint, and refuses changed flags.
-Each step is also a function here, so run_em.py calls them one by one.
+Flags are mt/config.py's (`--dpo.beta 0.05`, `--em.pair_rule max_min`, `--sampling.temperature
+1.0`, `--preset tiny`; `--help` lists them). Writes, under --out (DESIGN.md §2): samples.jsonl,
+scores.jsonl, pairs.jsonl (+ .stats.json), ref_logps.jsonl, policy/ckpt-{step}/ and policy/final/
+(Hugging Face directories), policy/metrics.jsonl, and config.json + manifest.json: a rerun skips
+the finished steps (mt/manifest.py, as run_em.py does), resumes DPO from its last checkpoint, and
+refuses changed flags. Each step is also a function here, so run_em.py calls them one by one.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from mt import config as C
 from mt import dist
 from mt.chat import Example
 from mt.checkpoint import load_for_training, load_model
-from mt.data import DataError, read_pairs, read_prompts, read_samples, read_scores, write_json, write_jsonl
+from mt.data import (DataError, read_pairs, read_prompts, read_samples, read_scores, write_json,
+                     write_jsonl)
 from mt.em import make_pairs
 from mt.losses import LOSSES, preference_objective, sequence_logps
 from mt.manifest import Manifest
@@ -37,14 +41,15 @@ from mt.train import TrainError, collate, metrics_summary, train
 # ---- E-step / sample: M responses per prompt from π_{t-1} (T=0.8, top-p 0.95)
 
 
-def sample(policy_dir: Path, prompts_path: Path, out_path: Path, sampling: C.SamplingConfig, n: int = 5,
-           seed: int = 0, stream: str = "policy") -> dict:
-    """samples.jsonl for every prompt of prompts_path; data-parallel over ranks. Returns the summary."""
+def sample(policy_dir: Path, prompts_path: Path, out_path: Path, sampling: C.SamplingConfig,
+           n: int = 5, seed: int = 0, stream: str = "policy") -> dict:
+    """samples.jsonl for every prompt of prompts_path; data-parallel over ranks.
+    Returns the summary."""
     d = dist.get()
     tok = chat.load_tokenizer(policy_dir)
     model = load_model(policy_dir, "auto", d.device).eval()
-    s = sample_to_file(model, tok, read_prompts(prompts_path), sampling, out_path, seed=seed, stream=stream,
-                       n=n, stop_ids=chat.stop_ids(tok, policy_dir))
+    s = sample_to_file(model, tok, read_prompts(prompts_path), sampling, out_path, seed=seed,
+                       stream=stream, n=n, stop_ids=chat.stop_ids(tok, policy_dir))
     dist.print0(summary_line(s) + f" -> {out_path}")
     return s
 
@@ -64,7 +69,8 @@ def pairs(samples_path: Path, scores_path: Path, out_path: Path, rule: str = "le
           keep_truncated: bool = False) -> dict:
     """pairs.jsonl plus pairs.stats.json (pairs kept, prompts dropped and why)."""
     try:
-        rows, stats = make_pairs(read_samples(samples_path), read_scores(scores_path), rule, keep_truncated)
+        rows, stats = make_pairs(read_samples(samples_path), read_scores(scores_path), rule,
+                                 keep_truncated)
     except ValueError as e:  # samples and scores that do not belong together
         raise DataError(f"{scores_path}: {e}. Fix: score {samples_path} again") from None
     stats = dict(stats)
@@ -72,7 +78,8 @@ def pairs(samples_path: Path, scores_path: Path, out_path: Path, rule: str = "le
         write_jsonl(out_path, rows)
         write_json(Path(out_path).with_suffix(".stats.json"), stats)
     dist.barrier()
-    dropped = ", ".join(f"{k[8:]} {v}" for k, v in stats.items() if k.startswith("dropped_")) or "none"
+    dropped = ", ".join(f"{k[8:]} {v}" for k, v in stats.items()
+                        if k.startswith("dropped_")) or "none"
     dist.print0(f"pairs ({rule}): {stats.get('pairs', 0)} from {stats.get('prompts', 0)} prompts; "
                 f"dropped {dropped}")
     return stats
@@ -81,13 +88,14 @@ def pairs(samples_path: Path, scores_path: Path, out_path: Path, rule: str = "le
 # ---- E-step / reference log-probs: once, with the frozen π_{t-1}, before any update
 
 
-def ref_logps(policy_dir: Path, pairs_path: Path, out_path: Path, loss: str = "dpo", max_length: int = 2048,
-              micro_batch_size: int = 2, dtype: str = "auto") -> dict:
+def ref_logps(policy_dir: Path, pairs_path: Path, out_path: Path, loss: str = "dpo",
+              max_length: int = 2048, micro_batch_size: int = 2, dtype: str = "auto") -> dict:
     """ref_logps.jsonl: summed log-probs of chosen and rejected under π_{t-1}, keyed by pair id.
 
-    Takes only the DPO settings the reference pass depends on, so a run that changes another (β, lr)
-    keeps its reference log-probs (mt/manifest.py records exactly these arguments)."""
-    cfg = C.DPOConfig(loss=loss, max_length=max_length, micro_batch_size=micro_batch_size, dtype=dtype)
+    Takes only the DPO settings the reference pass depends on, so a run that changes another
+    (β, lr) keeps its reference log-probs (mt/manifest.py records exactly these arguments)."""
+    cfg = C.DPOConfig(loss=loss, max_length=max_length, micro_batch_size=micro_batch_size,
+                      dtype=dtype)
     model, examples, info, pad_id = _policy_and_examples(policy_dir, pairs_path, cfg)
     _compute_ref(model, examples, out_path, cfg, pad_id, policy_dir)
     return info
@@ -96,24 +104,29 @@ def ref_logps(policy_dir: Path, pairs_path: Path, out_path: Path, loss: str = "d
 @torch.no_grad()
 def reference_logps(model, examples: list[Example], micro_batch_size: int, pad_id: int = 0,
                     progress: bool = True) -> dict[str, tuple[float, float]]:
-    """Summed log-probs of chosen and rejected responses under `model`, data-parallel: {pair id: (c, r)}.
+    """Summed log-probs of chosen and rejected responses under `model`,
+    data-parallel: {pair id: (c, r)}.
 
-    no_grad, not inference_mode: inference tensors would break the FSDP training forward that follows.
+    no_grad, not inference_mode: inference tensors would break the FSDP training forward that
+    follows.
     """
     d = dist.get()
     dev = dist.model_device(model)
     order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens)
     share = order[d.rank::d.world_size]
-    k = math.ceil(math.ceil(len(order) / d.world_size) / micro_batch_size)  # equal forwards on every rank
+    # equal forwards on every rank
+    k = math.ceil(math.ceil(len(order) / d.world_size) / micro_batch_size)
     local = []
-    for j in tqdm(range(k), desc="reference log-probs", disable=not (progress and d.is_main), dynamic_ncols=True):
+    for j in tqdm(range(k), desc="reference log-probs", disable=not (progress and d.is_main),
+                  dynamic_ncols=True):
         idx = share[j * micro_batch_size:(j + 1) * micro_batch_size]
         batch = collate([examples[i] for i in (idx or order[:1])], True, pad_id, dev)
         logits = model(batch.ids)  # (2b, T, V)
         lp = sequence_logps(logits, batch.ids, batch.loss_mask)  # (2b,)
         if idx:
             local.append((idx, lp.view(2, -1).T))
-    rows = [(i, *v) for idx, lp in local for i, v in zip(idx, lp.tolist())]  # host sync once, at the end
+    # host sync once, at the end
+    rows = [(i, *v) for idx, lp in local for i, v in zip(idx, lp.tolist())]
     out = {}
     for part in dist.gather_objects(rows):
         for i, c, r in part:
@@ -121,9 +134,11 @@ def reference_logps(model, examples: list[Example], micro_batch_size: int, pad_i
     return out
 
 
-def write_ref_logps(path, examples: list[Example], refs: dict[str, tuple[float, float]], ref_dir: str = ""):
-    write_jsonl(path, ({"pair_id": e.key, "prompt_id": e.prompt_id, "ref_chosen_logps": refs[e.key][0],
-                        "ref_rejected_logps": refs[e.key][1], "ref": str(ref_dir)} for e in examples))
+def write_ref_logps(path, examples: list[Example], refs: dict[str, tuple[float, float]],
+                    ref_dir: str = ""):
+    write_jsonl(path, ({"pair_id": e.key, "prompt_id": e.prompt_id,
+                        "ref_chosen_logps": refs[e.key][0], "ref_rejected_logps": refs[e.key][1],
+                        "ref": str(ref_dir)} for e in examples))
 
 
 def read_ref_logps(path, examples: list[Example] | None = None) -> dict[str, tuple[float, float]]:
@@ -136,21 +151,23 @@ def read_ref_logps(path, examples: list[Example] | None = None) -> dict[str, tup
                 continue
             try:
                 row = json.loads(line)
-                refs[row["pair_id"]] = (float(row["ref_chosen_logps"]), float(row["ref_rejected_logps"]))
+                refs[row["pair_id"]] = (float(row["ref_chosen_logps"]),
+                                        float(row["ref_rejected_logps"]))
             except (ValueError, KeyError, TypeError) as e:
-                raise TrainError(f"{path}:{n}: bad reference log-prob row ({type(e).__name__}: {e}). "
-                                 "Fix: delete the file so it is recomputed") from None
+                raise TrainError(f"{path}:{n}: bad reference log-prob row ({type(e).__name__}: "
+                                 f"{e}). Fix: delete the file so it is recomputed") from None
     for e in examples or []:
         if e.key not in refs:
-            raise TrainError(f"{path}: no reference log-probs for pair {e.key} (prompt_id {e.prompt_id!r}); "
-                             "the file was made for other pairs. Fix: delete it so it is recomputed")
+            raise TrainError(f"{path}: no reference log-probs for pair {e.key} (prompt_id "
+                             f"{e.prompt_id!r}); the file was made for other pairs. Fix: delete "
+                             "it so it is recomputed")
     return refs
 
 
 def reference_args(cfg: C.DPOConfig) -> dict:
     """The DPO settings ref_logps takes."""
-    return {"loss": cfg.loss, "max_length": cfg.max_length, "micro_batch_size": cfg.micro_batch_size,
-            "dtype": cfg.dtype}
+    return {"loss": cfg.loss, "max_length": cfg.max_length,
+            "micro_batch_size": cfg.micro_batch_size, "dtype": cfg.dtype}
 
 
 def _policy_and_examples(policy_dir, pairs_path, cfg: C.DPOConfig):
@@ -161,7 +178,8 @@ def _policy_and_examples(policy_dir, pairs_path, cfg: C.DPOConfig):
         dist.print0(f"{pairs_path}: dropped {dropped} of {len(pair_rows)} pairs longer than "
                     f"max_length={cfg.max_length} tokens (--dpo.max_length)")
     model = load_for_training(policy_dir, cfg)  # under FSDP only rank 0 reads the weights
-    return model, examples, {"pairs": len(pair_rows), "dropped_too_long": dropped}, tok.pad_token_id or 0
+    return (model, examples, {"pairs": len(pair_rows), "dropped_too_long": dropped},
+            tok.pad_token_id or 0)
 
 
 def _compute_ref(model, examples, out_path, cfg, pad_id, policy_dir):
@@ -173,18 +191,21 @@ def _compute_ref(model, examples, out_path, cfg, pad_id, policy_dir):
     return refs
 
 
-# ---- E-step / DPO (Eq. 4): β=0.01, batch 128, lr 7e-7, cosine, warmup 0.1, checkpoint every 50 steps
+# ---- E-step / DPO (Eq. 4): β=0.01, batch 128, lr 7e-7, cosine, warmup 0.1,
+# checkpoint every 50 steps
 
 
-def dpo(policy_dir: Path, pairs_path: Path, ref_path: Path, out_dir: Path, cfg: C.DPOConfig) -> dict:
-    """Train π_t from π_{t-1} on pairs_path; reference log-probs from ref_path (computed there if missing)."""
+def dpo(policy_dir: Path, pairs_path: Path, ref_path: Path, out_dir: Path,
+        cfg: C.DPOConfig) -> dict:
+    """Train π_t from π_{t-1} on pairs_path; reference log-probs from ref_path
+    (computed there if missing)."""
     model, examples, info, pad_id = _policy_and_examples(policy_dir, pairs_path, cfg)
     refs = None
     if LOSSES[cfg.loss].uses_reference:
         refs = (read_ref_logps(ref_path, examples) if Path(ref_path).is_file()
                 else _compute_ref(model, examples, ref_path, cfg, pad_id, policy_dir))
-    train(model, examples, preference_objective(cfg.loss), cfg, out_dir, ref_logps=refs, pad_id=pad_id,
-          tokenizer_dir=policy_dir, desc=f"DPO ({cfg.loss})")
+    train(model, examples, preference_objective(cfg.loss), cfg, out_dir, ref_logps=refs,
+          pad_id=pad_id, tokenizer_dir=policy_dir, desc=f"DPO ({cfg.loss})")
     return {**info, **summary(out_dir)}
 
 
@@ -197,7 +218,8 @@ def checkpoints(policy_dir) -> list[str]:
 
 
 def summary(train_dir) -> dict:
-    """steps, losses, and `reward_acc`: the mean implicit-reward accuracy over the last epoch's steps."""
+    """steps, losses, and `reward_acc`: the mean implicit-reward accuracy over the last epoch's
+    steps."""
     out = metrics_summary(train_dir)
     if "accuracy" in out:
         out["reward_acc"] = out.pop("accuracy")
@@ -219,20 +241,23 @@ def main(cfg: C.StageConfig) -> dict:
     pairs_file = Path(cfg.pairs) if cfg.pairs else out / "pairs.jsonl"
     if not cfg.pairs:
         m.stage("sample", sample, [out / "samples.jsonl"], policy_dir=Path(cfg.policy),
-                prompts_path=Path(cfg.prompts), out_path=out / "samples.jsonl", sampling=cfg.sampling,
-                n=cfg.em.n_samples, seed=cfg.seed)
-        m.stage("score", score, [out / "scores.jsonl"], rm_dir=Path(cfg.rm), samples_path=out / "samples.jsonl",
-                out_path=out / "scores.jsonl")
+                prompts_path=Path(cfg.prompts), out_path=out / "samples.jsonl",
+                sampling=cfg.sampling, n=cfg.em.n_samples, seed=cfg.seed)
+        m.stage("score", score, [out / "scores.jsonl"], rm_dir=Path(cfg.rm),
+                samples_path=out / "samples.jsonl", out_path=out / "scores.jsonl")
         m.stage("pairs", pairs, [pairs_file], samples_path=out / "samples.jsonl",
                 scores_path=out / "scores.jsonl", out_path=pairs_file, rule=cfg.em.pair_rule,
                 keep_truncated=cfg.em.keep_truncated)
     m.stage("ref_logps", ref_logps, [out / "ref_logps.jsonl"], policy_dir=Path(cfg.policy),
             pairs_path=pairs_file, out_path=out / "ref_logps.jsonl", **reference_args(cfg.dpo))
-    info = m.stage("dpo", dpo, [out / "policy"], policy_dir=Path(cfg.policy), pairs_path=pairs_file,
-                   ref_path=out / "ref_logps.jsonl", out_dir=out / "policy", cfg=cfg.dpo)
-    dist.print0(f"E-step done: {json.dumps(info)}; checkpoints {checkpoints(out / 'policy')} in {out / 'policy'}")
+    info = m.stage("dpo", dpo, [out / "policy"], policy_dir=Path(cfg.policy),
+                   pairs_path=pairs_file, ref_path=out / "ref_logps.jsonl", out_dir=out / "policy",
+                   cfg=cfg.dpo)
+    dist.print0(f"E-step done: {json.dumps(info)}; checkpoints {checkpoints(out / 'policy')} in "
+                f"{out / 'policy'}")
     return info
 
 
 if __name__ == "__main__":
-    dist.run(lambda: main(C.parse(sys.argv[1:], C.StageConfig(), "python train_policy.py", __doc__)))
+    dist.run(lambda: main(C.parse(sys.argv[1:], C.StageConfig(), "python train_policy.py",
+                                  __doc__)))

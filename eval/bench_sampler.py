@@ -4,6 +4,7 @@ r"""Tokens/s of our sampler vs transformers' generate() on the same random Llama
     python eval/bench_sampler.py --hidden 512 --layers 8 --vocab 32000 --repeats 1   # a bigger model
     python eval/bench_sampler.py --shape llama3-8b --device cuda --sampling.slots 128 --prompts 256 \
         --sampling.max_new_tokens 512
+    python eval/bench_sampler.py --model DIR --n 1 --sampling.max_new_tokens 64 --sampling.slots 8
 
 Response lengths vary the way real ones do: a set of stop ids, sized so a token is a stop id with
 probability about 1/--mean_len, makes most responses end early and a few run to the cap.
@@ -12,6 +13,12 @@ sampler keeps --sampling.slots sequences in flight and refills a slot as soon as
 Both sample with the same --sampling.* settings (temperature, top-p, top-k or greedy), in the same
 dtype, in this one process; the best of --repeats runs is reported. --sampling.compile compiles our
 decode step (in the warm-up).
+
+--model DIR benchmarks a real chat model instead (a Hugging Face directory: its weights, its
+tokenizer's chat template and its stop ids from generation_config.json): the first --prompts of
+the 32 built-in CHAT_PROMPTS as user turns, --n responses each, the same stop ids for both sides
+(--fixed_length: none, every response runs to the cap). --variants also times our sampler with a
+feature switched off (refill at once instead of in groups, no shared-prefix prefill), same run.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mt.checkpoint import resolve_dtype  # noqa: E402
+from mt import chat, sampler  # noqa: E402
+from mt.checkpoint import load_model, resolve_dtype  # noqa: E402
 from mt.config import ConfigError, SamplingConfig, opt, parse  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
 from mt.sampler import check_sampling, generate  # noqa: E402
@@ -34,6 +42,42 @@ from mt.sampler import check_sampling, generate  # noqa: E402
 # Llama-3-8B's shape (random weights): the paper's policy, for the GPU figure
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)
+
+# --model: short, varied user turns, as a chat policy gets them
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the ocean.",
+    "Explain photosynthesis to a ten-year-old.",
+    "Give me three tips for sleeping better.",
+    "How do I reverse a list in Python?",
+    "What causes the seasons on Earth?",
+    "Suggest a name for a coffee shop run by cats.",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "What is the difference between a virus and a bacterium?",
+    "Write a short, polite email declining a meeting invitation.",
+    "Why is the sky blue?",
+    "List five healthy breakfast ideas.",
+    "How many legs does a spider have?",
+    "Translate 'good morning, how are you?' into Spanish.",
+    "What is a prime number? Give two examples.",
+    "Tell me a joke about computers.",
+    "How do vaccines work?",
+    "Describe the water cycle in a few sentences.",
+    "What should I pack for a weekend camping trip?",
+    "Explain what a black hole is.",
+    "Write a limerick about a forgetful wizard.",
+    "What is 17 times 23?",
+    "Give me a simple recipe for pancakes.",
+    "What are the three states of matter?",
+    "How can I improve my public speaking?",
+    "Who wrote 'Pride and Prejudice'?",
+    "Explain the rules of chess in brief.",
+    "What is machine learning, in one paragraph?",
+    "Write a motivational sentence for someone starting a new job.",
+    "Why do cats purr?",
+    "What is the boiling point of water at sea level?",
+    "Recommend a good habit to learn this year and explain why.",
+]
 
 
 
@@ -52,6 +96,9 @@ class BenchSamplerArgs:
     repeats: int = opt(2, above=0)
     threads: int = opt(0, min=0)  # torch threads (0 = torch's default)
     seed: int = 0
+    model: str = ""  # a Hugging Face chat model directory instead of the random model (see above)
+    fixed_length: bool = False  # --model: no stop ids, every response runs to max_new_tokens
+    variants: bool = False  # also time our sampler with grouped refill / shared prefix switched off
     # slots: concurrent sequences (generate(): rows per call); compile: our decode step only
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=256, slots=32))
 
@@ -72,6 +119,19 @@ def build(a: BenchSamplerArgs, device: torch.device, dtype: torch.dtype):
     ours.to(dtype).to_empty(device=device)  # as mt.checkpoint.load_model does
     ours.load_state_dict(hf.state_dict(), strict=False)
     return hf, ours.eval()
+
+
+def load_chat(a: BenchSamplerArgs, device: torch.device, dtype: torch.dtype):
+    """transformers' model and ours from --model, the chat prompts' ids and the model's stop ids."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).to(device).eval()
+    ours = load_model(a.model, dtype=dtype, device=device).eval()
+    tok = chat.load_tokenizer(a.model)
+    prompts = [chat.encode_prompt(tok, [{"role": "user", "content": q}])
+               for q in CHAT_PROMPTS[: a.prompts]]
+    stops = [] if a.fixed_length else chat.stop_ids(tok, a.model)
+    hf.generation_config.eos_token_id = stops or None  # generate() would add the file's otherwise
+    return hf, ours, prompts, stops
 
 
 def stop_set(a: BenchSamplerArgs, ours, prompts, device) -> list[int]:
@@ -121,7 +181,7 @@ def run_hf(hf, prompts, stops, cfg: SamplingConfig, n: int, device):
         ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
             out = hf.generate(ids, attention_mask=mask, **how, max_new_tokens=cfg.max_new_tokens,
-                              eos_token_id=stops, pad_token_id=0)[:, T:].tolist()
+                              eos_token_id=stops or None, pad_token_id=0)[:, T:].tolist()
         for row in out:  # a response ends at its first stop id (generate() pads finished rows)
             k = next((k for k, t in enumerate(row) if t in stop), None)
             lengths.append(len(row) if k is None else k + 1)
@@ -158,18 +218,28 @@ def main(argv=None):
     device = torch.device(a.device)
     dtype = resolve_dtype(a.dtype, device)
 
-    hf, ours = build(a, device, dtype)
-    c = ours.cfg
-    g = torch.Generator().manual_seed(a.seed)
-    prompts = [torch.randint(1, c.vocab_size, (int(L),), generator=g).tolist()
-               for L in torch.randint(16, 129, (a.prompts,), generator=g)]
-    stops = stop_set(a, ours, prompts, device)
+    if a.model:
+        hf, ours, prompts, stops = load_chat(a, device, dtype)
+        c = ours.cfg
+        what = f"{a.model} ({c.model_type})"
+        lengths = f"{len(prompts)} chat prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens"
+        stopping = f"stop ids {stops}" if stops else "no stop ids (fixed length)"
+    else:
+        hf, ours = build(a, device, dtype)
+        c = ours.cfg
+        g = torch.Generator().manual_seed(a.seed)
+        prompts = [torch.randint(1, c.vocab_size, (int(L),), generator=g).tolist()
+                   for L in torch.randint(16, 129, (a.prompts,), generator=g)]
+        stops = stop_set(a, ours, prompts, device)
+        what = f"Llama ({a.shape})"
+        lengths = f"{a.prompts} prompts of 16-128 tokens"
+        stopping = f"{len(stops)} stop ids"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     decoding = "greedy" if cfg.greedy else f"T={cfg.temperature} top-p={cfg.top_p} top-k={cfg.top_k}"
-    print(f"model: Llama ({a.shape}) hidden {c.hidden_size}, {c.num_hidden_layers} layers, vocab {c.vocab_size} "
+    print(f"model: {what} hidden {c.hidden_size}, {c.num_hidden_layers} layers, vocab {c.vocab_size} "
           f"({sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params), {str(dtype)[6:]}, {where}; "
-          f"{a.prompts} prompts of 16-128 tokens x {a.n} responses, {cfg.slots} concurrent, max "
-          f"{cfg.max_new_tokens} new tokens, {decoding}, {len(stops)} stop ids, decode step "
+          f"{lengths} x {a.n} responses, {cfg.slots} concurrent, max "
+          f"{cfg.max_new_tokens} new tokens, {decoding}, {stopping}, decode step "
           f"{'compiled' if cfg.compile else 'eager'}")
 
     # warm up both paths (allocator, kernels) on a small job
@@ -178,16 +248,30 @@ def main(argv=None):
     if cfg.compile:  # the one-row graph too (a size of 1 is specialised), as the tail of a pass can reach it
         run_ours(ours, prompts[:1], stops, warm, 1, device)
     run_hf(hf, prompts[: cfg.slots // a.n], stops, warm, a.n, device)
+    runs = [("generate()", run_hf, hf, {}), ("ours", run_ours, ours, {})]
+    if a.variants:  # the same engine with one feature switched off
+        runs += [("ours, refill at once", run_ours, ours, dict(REFILL_GROUP=0, REFILL_WAIT=0)),
+                 ("ours, no shared prefix", run_ours, ours, dict(SHARE_PREFIX=False))]
     best = {}
     for r in range(a.repeats):
-        for name, fn, model in (("generate()", run_hf, hf), ("ours", run_ours, ours)):
-            dt, lengths = fn(model, prompts, stops, cfg, a.n, device)
+        for name, fn, model, switch in runs:
+            saved = {k: getattr(sampler, k) for k in switch}
+            for k, v in switch.items():
+                setattr(sampler, k, v)
+            try:
+                dt, lengths = fn(model, prompts, stops, cfg, a.n, device)
+            finally:
+                for k, v in saved.items():
+                    setattr(sampler, k, v)
             tps = sum(lengths) / dt
-            print(f"  run {r + 1} {name:>10}: {sum(lengths)} tokens in {dt:.1f}s = {tps:.0f} tokens/s; "
+            print(f"  run {r + 1} {name:>22}: {sum(lengths)} tokens in {dt:.1f}s = {tps:.0f} tokens/s; "
                   f"{describe(lengths, cfg.max_new_tokens)}")
             best[name] = max(best.get(name, 0.0), tps)
     ratio = best["ours"] / best["generate()"]
     print(f"best tokens/s: ours {best['ours']:.0f}, generate() {best['generate()']:.0f}, ratio {ratio:.2f}x")
+    for name in best:
+        if name.startswith("ours, "):
+            print(f"  {name}: {best[name]:.0f} tokens/s, ours is {best['ours'] / best[name]:.2f}x that")
     return ratio
 
 

@@ -8,21 +8,28 @@
 a JSON array, or parquet with pyarrow installed). --prior is the prior test sets (chosen/rejected as
 full chats, a `subset` column naming the set). A pair is correct only if r(chosen) > r(rejected)
 strictly, as in the official script: a tie is wrong. Sections are scored as the leaderboard does.
+
+Beside --out, the official script's own files (scripts/run_rm.py, results/ as it writes them):
+eval-set/ORG/MODEL.json (per-subset accuracy as fractions, flat) and eval-set-scores/ORG/MODEL.json
+(every row's scores, column by column), and pref-sets/, pref-sets-scores/ for --prior. Chats are
+scored whole unless --max_length 2048, the official script's left truncation (README "RewardBench":
+where our numbers and the official script's can differ).
 """
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 if __package__ in (None, ""):  # `python eval/rewardbench.py`: make `mt` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mt import dist  # noqa: E402
+from mt import chat, dist  # noqa: E402
 from mt.config import ConfigError, opt, parse  # noqa: E402
-from mt.data import DataError, iter_rows, write_json, write_jsonl  # noqa: E402
-from mt.scoring import score_conversations  # noqa: E402
+from mt.data import DataError, atomic_write_text, iter_rows, write_json, write_jsonl  # noqa: E402
+from mt.scoring import load_rm, score_conversations  # noqa: E402
 
 
 @dataclass
@@ -37,6 +44,12 @@ class RewardBenchArgs:
     batch_size: int = opt(64, above=0)  # most conversations per forward
     device: str = "auto"  # auto = cuda if available, else cpu; or cpu | cuda | cuda:N
     dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU
+    # 0 = score every chat whole; 2048 = the official run_rm.py: keep each chat's last 2,048 tokens
+    max_length: int = opt(0, min=0)
+    name: str = ""  # ORG/MODEL in the official files; "" = local/<the --rm directory's name>
+    # the official results/ tree (eval-set/, eval-set-scores/, pref-sets*/); "" = results/
+    # beside --out (none without --out)
+    official_dir: str = ""
 
 # ---- the leaderboard's constants (allenai/reward-bench: rewardbench/constants.py, analysis/)
 
@@ -178,6 +191,7 @@ class BenchRow:
     prompt: list[dict]  # the chat before the response, ending in a user turn
     chosen: str
     rejected: str
+    source_id: object = None  # the row's "id" as the file has it (the official files keep it)
 
 
 def _chat(v, where: str, field: str) -> list[dict]:
@@ -224,7 +238,8 @@ def read_bench(path) -> list[BenchRow]:
             raise BenchError(f"{where}: field 'prompt' missing (and 'chosen' is not a chat to take it from)")
         if prompt[-1]["role"] != "user" or not prompt[-1]["content"].strip():
             raise BenchError(f"{where}: field 'prompt' must end with a non-empty user message")
-        out.append(BenchRow(str(row.get("id", where)), row["subset"], prompt, chosen, rejected))
+        out.append(BenchRow(str(row.get("id", where)), row["subset"], prompt, chosen, rejected,
+                            row.get("id")))
     if not out:
         raise BenchError(f"{path}: no rows")
     return out
@@ -233,23 +248,111 @@ def read_bench(path) -> list[BenchRow]:
 # ---- the model part
 
 
-def score_rows(rm_dir, rows: list[BenchRow], batch_size: int = 64, dtype: str = "auto"
-               ) -> tuple[list[float], list[float]]:
-    """r(prompt, chosen) and r(prompt, rejected) for every row, by the RM at `rm_dir`, each chat rendered
-    with the RM's own chat template (as the official script does); data-parallel under torchrun."""
+class LeftTruncated:
+    """The RM's tokenizer keeping the last `max_length` ids of every text it encodes: the official
+    run_rm.py's pipeline (truncation_side="left", truncation=True, max_length=2048)."""
+
+    def __init__(self, tok, max_length: int):
+        self._tok, self.max_length = tok, max_length
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        enc = self._tok(*args, **kwargs)
+        enc["input_ids"] = enc["input_ids"][-self.max_length:]
+        return enc
+
+
+def score_rows(rm_dir, rows: list[BenchRow], batch_size: int = 64, dtype: str = "auto",
+               max_length: int = 0) -> tuple[list[float], list[float]]:
+    """r(prompt, chosen) and r(prompt, rejected) for every row, by the RM at `rm_dir`, each chat
+    rendered with the RM's own chat template (as the official script does); data-parallel under
+    torchrun. max_length > 0 keeps each chat's last max_length tokens (the official truncation)."""
     items = [(r.prompt, r.chosen) for r in rows] + [(r.prompt, r.rejected) for r in rows]
-    scores = score_conversations(rm_dir, items, batch_size=batch_size, dtype=dtype, desc="rewardbench")
+    kw = dict(batch_size=batch_size, desc="rewardbench")
+    if max_length:
+        rm, tok = load_rm(rm_dir, dtype=dtype)
+        scores = score_conversations(rm, items, LeftTruncated(tok, max_length), **kw)
+    else:
+        scores = score_conversations(rm_dir, items, dtype=dtype, **kw)
     return scores[:len(rows)], scores[len(rows):]
 
 
-def evaluate(rm_dir, data, prior=None, batch_size: int = 64, dtype: str = "auto") -> tuple[dict, list[dict]]:
-    """Score the files with the RM; returns (summary, per-row records)."""
-    rows = read_bench(data) + (read_bench(prior) if prior else [])
-    chosen, rejected = score_rows(rm_dir, rows, batch_size, dtype)
+def results(rows: list[BenchRow], chosen: list[float], rejected: list[float]
+            ) -> tuple[dict, list[dict]]:
+    """(summary, per-row records) of scored rows."""
     summary = summarize(count_correct([r.subset for r in rows], chosen, rejected))
     records = [{"id": r.id, "subset": r.subset, "chosen_score": c, "rejected_score": s, "correct": c > s}
                for r, c, s in zip(rows, chosen, rejected)]
     return summary, records
+
+
+def evaluate(rm_dir, data, prior=None, batch_size: int = 64, dtype: str = "auto",
+             max_length: int = 0) -> tuple[dict, list[dict]]:
+    """Score the files with the RM; returns (summary, per-row records)."""
+    rows = read_bench(data) + (read_bench(prior) if prior else [])
+    return results(rows, *score_rows(rm_dir, rows, batch_size, dtype, max_length))
+
+
+# ---- the official script's files (scripts/run_rm.py, rewardbench/utils.py save_to_hub)
+
+MODEL_TYPE = "Seq. Classifier"  # run_rm.py's model_type for an AutoModelForSequenceClassification
+
+
+def chat_texts(rm_dir, rows: list[BenchRow]) -> list[tuple[str, str]]:
+    """(text_chosen, text_rejected): each whole chat as the RM's chat template renders it."""
+    tok = chat.load_tokenizer(rm_dir)
+    return [tuple(chat.render(tok, r.prompt + [{"role": "assistant", "content": y}], False)
+                  for y in (r.chosen, r.rejected)) for r in rows]
+
+
+def official_results(name: str, rows: list[BenchRow], chosen, rejected) -> dict:
+    """results/{eval-set,pref-sets}/ORG/MODEL.json: model, model_type, chat_template and each
+    subset's accuracy as a fraction (ties wrong), nothing else."""
+    counts = count_correct([r.subset for r in rows], chosen, rejected)
+    return {"model": name, "model_type": MODEL_TYPE, "chat_template": "tokenizer",
+            **{s: c / n for s, (c, n) in sorted(counts.items())}}
+
+
+def official_scores(name: str, rows: list[BenchRow], chosen, rejected, texts) -> dict:
+    """results/{eval-set,pref-sets}-scores/ORG/MODEL.json: one list per column, row order, and the
+    model's name, type and template as scalars (what the official analysis reads with pandas)."""
+    return {"text_chosen": [c for c, _ in texts], "text_rejected": [r for _, r in texts],
+            "results": [int(c > r) for c, r in zip(chosen, rejected)],
+            "subset": [r.subset for r in rows], "id": [r.source_id for r in rows],
+            "scores_chosen": list(chosen), "scores_rejected": list(rejected),
+            "model": name, "model_type": MODEL_TYPE, "chat_template": "tokenizer"}
+
+
+def official_name(a: RewardBenchArgs) -> str:
+    """ORG/MODEL: the official readers list results/<set>/*/ (one folder per organisation)."""
+    name = a.name or f"local/{Path(a.rm).resolve().name}"
+    parts = PurePosixPath(name).parts
+    if len(parts) != 2 or any(p in ("", ".", "..") for p in parts) or name.startswith("/"):
+        raise ConfigError(f"--name={name!r}: must be ORG/MODEL (the official files are "
+                          "results/eval-set/ORG/MODEL.json)")
+    return name
+
+
+def write_official(root, name: str, core: list[BenchRow], prior: list[BenchRow], chosen, rejected,
+                   texts) -> list[Path]:
+    """The official script's files under root for the core rows (eval-set) and the prior sets
+    (pref-sets), each set as its own run of run_rm.py writes it (--pref_sets for the second)."""
+    written, k = [], 0
+    for rows, kind in ((core, "eval-set"), (prior, "pref-sets")):
+        if not rows:
+            continue
+        sl = slice(k, k + len(rows))
+        k += len(rows)
+        c, r, t = chosen[sl], rejected[sl], texts[sl]
+        for sub, obj in ((kind, official_results(name, rows, c, r)),
+                         (f"{kind}-scores", official_scores(name, rows, c, r, t))):
+            path = Path(root) / sub / f"{name}.json"
+            text = json.dumps(obj, indent=4, sort_keys=True)  # as save_to_hub writes it
+            atomic_write_text(path, lambda f, t=text: f.write(t))
+            written.append(path)
+    return written
 
 
 def parse_args(argv=None) -> RewardBenchArgs:
@@ -258,14 +361,20 @@ def parse_args(argv=None) -> RewardBenchArgs:
     missing = [k for k in ("rm", "data") if not getattr(a, k)]
     if missing:
         raise ConfigError(f"missing --{', --'.join(missing)} (--help lists every key)")
+    official_name(a)
     return a
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     dist.init_distributed(None if args.device == "auto" else args.device)
-    summary, records = evaluate(args.rm, args.data, args.prior or None, args.batch_size, args.dtype)
-    result = {"rm": str(args.rm), "data": str(args.data), "prior": args.prior or None, **summary}
+    core, prior = read_bench(args.data), read_bench(args.prior) if args.prior else []
+    rows = core + prior
+    chosen, rejected = score_rows(args.rm, rows, args.batch_size, args.dtype, args.max_length)
+    summary, records = results(rows, chosen, rejected)
+    result = {"rm": str(args.rm), "data": str(args.data), "prior": args.prior or None,
+              "max_length": args.max_length, **summary}
+    official = args.official_dir or (Path(args.out).parent / "results" if args.out else None)
     if dist.get().is_main:
         if summary["unknown_subsets"]:
             warnings.warn("subsets in no section (reported, not scored): "
@@ -275,6 +384,11 @@ def main(argv=None) -> dict:
             write_json(args.out, result)
         if args.scores_out:
             write_jsonl(args.scores_out, records)
+        if official:
+            texts = chat_texts(args.rm, rows)
+            paths = write_official(official, official_name(args), core, prior, chosen, rejected,
+                                   texts)
+            print(f"official run_rm.py files: {', '.join(map(str, paths))}", flush=True)
     return result
 
 

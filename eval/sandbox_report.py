@@ -1,11 +1,14 @@
 """The gold view of sandbox runs, and Mutual-Taught against its baselines and ablations over seeds.
 
-    python eval/sandbox_report.py --run runs/mt                          # gold table of one run directory
-    python eval/sandbox_report.py --seeds 0,1,2 --out runs/report        # every variant x seed, mean ± std
+    # gold table of one run directory
+    python eval/sandbox_report.py --run runs/mt
+    # every variant x seed, mean ± std
+    python eval/sandbox_report.py --seeds 0,1,2 --out runs/report
 
-In the sandbox the gold reward is known, so we measure what the paper can only estimate: the policy's
-gold reward, its gold win rate against π0, the RM's agreement with gold on pairs from the current
-policy, and the gold accuracy of the pseudo-pairs before and after filtering (mt/sandbox.py gold_view).
+In the sandbox the gold reward is known, so we measure what the paper can only estimate: the
+policy's gold reward, its gold win rate against π0, the RM's agreement with gold on pairs from the
+current policy, and the gold accuracy of the pseudo-pairs before and after filtering (mt/sandbox.py
+gold_view).
 """
 from __future__ import annotations
 
@@ -16,14 +19,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python eval/sandbox_report.py`: make `mt` importable from the repo root
+# `python eval/sandbox_report.py`: make `mt` importable from the repo root
+if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import run_em  # noqa: E402
 from mt import config as C  # noqa: E402
 from mt import dist, sandbox  # noqa: E402
 
-# variant -> its preset (mt/config.py): Mutual-Taught and every baseline / ablation the sandbox scales
+# variant -> its preset (mt/config.py): Mutual-Taught
+# and every baseline / ablation the sandbox scales
 VARIANTS = {"mutual-taught": "sandbox", **{k: f"sandbox-{k}" for k in C.VARIANTS}}
 
 
@@ -31,7 +36,8 @@ def differences(preset: str) -> str:
     """The values a preset sets that differ from the sandbox's Mutual-Taught."""
     base = C.PRESETS["sandbox"]
     diff = {k: v for k, v in C.PRESETS[preset].items() if base.get(k) != v}
-    return " ".join(f"--{k} {v:.3g}" if isinstance(v, float) else f"--{k} {v}" for k, v in diff.items())
+    return " ".join(f"--{k} {v:.3g}" if isinstance(v, float) else f"--{k} {v}"
+                    for k, v in diff.items())
 
 
 @dataclass
@@ -46,12 +52,14 @@ def final_metrics(run: Path) -> dict:
     """The last finished iteration's policy gold numbers (the run's output policy)."""
     rows = [r for r in sandbox.gold_view(run) if "policy_gold" in r]
     last = rows[-1] if rows else {}
-    return {k: last.get(k, math.nan) for k in ("policy_gold", "policy_perfect", "gold_win_vs_pi0")} | {
-        "iters_done": len(rows)}
+    return ({k: last.get(k, math.nan)
+             for k in ("policy_gold", "policy_perfect", "gold_win_vs_pi0")}
+            | {"iters_done": len(rows)})
 
 
 def compare(seeds: list[int], variants: list[str], out: Path) -> str:
-    """Run every variant on every seed (each a run_em.py run on the sandbox) and tabulate mean ± std."""
+    """Run every variant on every seed (each a run_em.py run on the sandbox)
+    and tabulate mean ± std."""
     results: dict[str, list[dict]] = {}
     for v in variants:
         for s in seeds:
@@ -64,21 +72,27 @@ def compare(seeds: list[int], variants: list[str], out: Path) -> str:
         xs = [r[k] for r in results[v] if not math.isnan(r[k])]
         if not xs:
             return "-"
-        return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
-    lines = [f"Seeds {seeds}; `python eval/sandbox_report.py --seeds {','.join(map(str, seeds))}`", "",
-             "| variant | preset (differences) | paper | policy gold | perfect share | gold win vs π0 |",
+        return (f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1
+                else f"{xs[0]:.3f}")
+    lines = [f"Seeds {seeds}; `python eval/sandbox_report.py --seeds {','.join(map(str, seeds))}`",
+             "",
+             "| variant | preset (differences) | paper | policy gold | perfect share | "
+             "gold win vs π0 |",
              "|---|---|---|---|---|---|"]
     for v in variants:
         paper = C.VARIANTS[v][0] if v in C.VARIANTS else "Table 1 Mutual-Taught"
-        lines.append(f"| {v} | `{VARIANTS[v]}` ({differences(VARIANTS[v]) or 'the sandbox defaults'}) | {paper} | "
-                     f"{ms(v, 'policy_gold')} | {ms(v, 'policy_perfect')} | {ms(v, 'gold_win_vs_pi0')} |")
+        lines.append(f"| {v} | `{VARIANTS[v]}` "
+                     f"({differences(VARIANTS[v]) or 'the sandbox defaults'}) | {paper} | "
+                     f"{ms(v, 'policy_gold')} | {ms(v, 'policy_perfect')} | "
+                     f"{ms(v, 'gold_win_vs_pi0')} |")
     table = "\n".join(lines)
     (out / "report.md").write_text(table + "\n")
     return table
 
 
 def main(argv=None):
-    a = C.parse(sys.argv[1:] if argv is None else argv, ReportConfig(), "python eval/sandbox_report.py", __doc__)
+    a = C.parse(sys.argv[1:] if argv is None else argv, ReportConfig(),
+                "python eval/sandbox_report.py", __doc__)
     if a.run:
         print(sandbox.gold_table(sandbox.gold_view(Path(a.run))))
         return
@@ -89,7 +103,8 @@ def main(argv=None):
     try:
         seeds = [int(s) for s in a.seeds.split(",") if s]
     except ValueError:
-        raise C.ConfigError(f"--seeds {a.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        raise C.ConfigError(f"--seeds {a.seeds!r}: expected comma-separated integers, "
+                            "e.g. 0,1,2") from None
     print(compare(seeds, variants, Path(a.out)))
 
 

@@ -33,7 +33,8 @@ def load_tokenizer(path) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise ChatTemplateError(f"{path}: tokenizer directory does not exist")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # never run a directory's own Python (transformers may otherwise ask on stdin)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many types here; ours names the directory
         raise ChatTemplateError(f"{path}: could not load a tokenizer ({type(e).__name__}: {e})") from None
     if tok.chat_template is None:

@@ -1,13 +1,14 @@
-"""Typed configuration: the paper's defaults (appendix B), named presets, and the one flag language.
+"""Typed configuration: the paper's defaults (appendix B), named presets,
+and the one flag language.
 
     python run_em.py --preset paper --policy DIR --rm DIR --prompts FILE --iters 2 --dpo.beta 0.05
 
 Every paper hyperparameter is a default here; every methodological choice is a flag. Every command
-(run_em.py and its stages, train_policy.py, train_rm.py, python -m mt.sampler, eval/*.py) parses its
-flags with `parse(argv, SomeDataclass())`: `--section.key value` (or `--key=value`; a bare `--flag` is
-true for a bool), type-checked against the defaults, unknown keys rejected with the valid ones, and
-`--help` lists every key with its type, default and the comment written beside the field.
-Allowed values and ranges are declared beside their field with `opt(...)`.
+(run_em.py and its stages, train_policy.py, train_rm.py, python -m mt.sampler, eval/*.py) parses
+its flags with `parse(argv, SomeDataclass())`: `--section.key value` (or `--key=value`; a bare
+`--flag` is true for a bool), type-checked against the defaults, unknown keys rejected with the
+valid ones, and `--help` lists every key with its type, default and the comment written beside the
+field. Allowed values and ranges are declared beside their field with `opt(...)`.
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ class ConfigError(UserError):
     pass
 
 
-def opt(default, *, choices: tuple | None = None, above: float | None = None, min: float | None = None,
-        scheduling: bool = False):
-    """A field with its allowed values beside it: `choices`, a strict lower bound `above`, or `min`.
+def opt(default, *, choices: tuple | None = None, above: float | None = None,
+        min: float | None = None, scheduling: bool = False):
+    """A field with its allowed values beside it: `choices`,
+    a strict lower bound `above`, or `min`.
 
     scheduling=True marks a setting that only schedules the work (it never changes a result), so a
     resumed run may change it without redoing anything (mt/manifest.py).
@@ -46,48 +48,57 @@ def opt(default, *, choices: tuple | None = None, above: float | None = None, mi
 
 @dataclass
 class SamplingConfig:
-    """Policy sampling (appendix B, following SimPO): T=0.8, top-p 0.95; at most 4,096 new tokens."""
+    # one physical string for the docstring: its first line is this section's --help heading
+    ("Policy sampling (appendix B, following SimPO): T=0.8, top-p 0.95; at most 4,096 new "
+     "tokens.")
     temperature: float = opt(0.8, min=0)  # > 0, or 0 with --sampling.greedy
     top_p: float = 0.95  # nucleus mass, in (0, 1]; 1 = off
     top_k: int = opt(0, min=0)  # 0 = off
-    # the paper states no sampling cap (2,048 is its *training* length); SimPO's on-policy sampler, which
-    # appendix B follows, allows 4,096 new tokens. Each stage reports its truncation rate.
+    # the paper states no sampling cap (2,048 is its *training* length); SimPO's on-policy sampler,
+    # which appendix B follows, allows 4,096 new tokens. Each stage reports its truncation rate.
     max_new_tokens: int = opt(4096, min=1)
     greedy: bool = False  # argmax decoding (ignores temperature, top-p, top-k)
     slots: int = opt(64, above=0, scheduling=True)  # concurrent sequences in the KV cache
     max_prompt_tokens: int = opt(2048, above=0)  # longer prompts are an error naming the prompt id
     # decode steps between host checks for finished rows; 0 = 1 on CPU, 8 on GPU
     check_every: int = opt(0, min=0, scheduling=True)
-    compile: bool = False  # torch.compile the decode step's forward (dynamic shapes; the first pass compiles)
+    # torch.compile the decode step's forward (dynamic shapes; the first pass compiles)
+    compile: bool = False
 
 
 @dataclass
 class TrainConfig:
-    """One optimisation stage (DPO or Bradley-Terry); the global batch = micro × accumulation × world."""
+    """One optimisation stage (DPO or Bradley-Terry);
+    the global batch = micro × accumulation × world."""
     lr: float = opt(7e-7, above=0)
     batch_size: int = opt(128, above=0)  # global, in pairs
     micro_batch_size: int = opt(2, above=0)  # pairs per rank per forward
     epochs: int = opt(1, above=0)
     warmup_ratio: float = 0.1  # cosine schedule after a linear warmup; in [0, 1)
     min_lr_ratio: float = 0.0
-    max_length: int = opt(2048, above=0)  # prompt + response tokens; longer pairs are dropped and counted
+    # prompt + response tokens; longer pairs are dropped and counted
+    max_length: int = opt(2048, above=0)
     weight_decay: float = opt(0.0, min=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = opt(1.0, min=0)
-    save_every: int = opt(50, min=0)  # optimizer steps; these checkpoints are model selection's candidates
-    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto = bf16 on GPU (fp32 master), fp32 on CPU
+    # optimizer steps; these checkpoints are model selection's candidates
+    save_every: int = opt(50, min=0)
+    # auto = bf16 on GPU (fp32 master), fp32 on CPU
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))
     activation_checkpointing: bool = False
     seed: int = 0
 
 
 @dataclass
 class DPOConfig(TrainConfig):
-    """E-step, Eq. 4: DPO with π_{t-1} as the reference; β=0.01, batch 128, lr 7e-7 (appendix B)."""
+    # one physical string for the docstring: its first line is this section's --help heading
+    ("E-step, Eq. 4: DPO with π_{t-1} as the reference; β=0.01, batch 128, lr 7e-7 "
+     "(appendix B).")
     loss: str = opt("dpo", choices=PREFERENCE_LOSSES)  # mt/losses.py LOSSES
     beta: float = opt(0.01, above=0)
     label_smoothing: float = opt(0.0, min=0)  # cdpo
-    # SimPO's γ: the target reward margin inside its loss, -log σ(β·avg_w − β·avg_l − γ) (simpo only);
-    # SimPO's Llama-3-8B-Instruct recipe: γ/β = 0.55 at β = 2.5, so γ = 1.375
+    # SimPO's γ: the target reward margin inside its loss, -log σ(β·avg_w − β·avg_l − γ) (simpo
+    # only); SimPO's Llama-3-8B-Instruct recipe: γ/β = 0.55 at β = 2.5, so γ = 1.375
     target_margin: float = opt(1.375, min=0)
 
 
@@ -106,21 +117,25 @@ class EMConfig:
     """Algorithm 1 and the two-stage stabilisation of Sec. 4.3."""
     n_samples: int = 5  # M responses per prompt of D_t
     d_ms_size: int = opt(2000, min=0)  # |D_MS|, drawn before iteration 1
-    rm_fraction: float = 1 / 3  # share of the remaining prompts in D_R (Sec. 5.1: three equal parts)
-    pair_rule: str = opt("length_control", choices=("length_control", "max_min"))  # appendix B | max/min
+    # share of the remaining prompts in D_R (Sec. 5.1: three equal parts)
+    rm_fraction: float = 1 / 3
+    # appendix B | max/min
+    pair_rule: str = opt("length_control", choices=("length_control", "max_min"))
     keep_truncated: bool = False  # truncated / empty responses give no pair by default
     select: bool = True  # model selection (Eq. 6-7); False = take the final checkpoint
     tau: float = opt(0.6, min=0)  # stop when the best win rate < τ
     filter: str = opt("lqf", choices=("lqf", "hqs", "dst", "none"))  # Sec. 4.3, appendix F
-    # ε_t = eps_mult × σ of r_{t-1}(y_{t-1}) (Sec. 4.3: σ, in the units of Δr); var = appendix B's literal wording
+    # ε_t = eps_mult × σ of r_{t-1}(y_{t-1}) (Sec. 4.3: σ, in the units of Δr);
+    # var = appendix B's literal wording
     eps_stat: str = opt("std", choices=("std", "var"))
     eps_mult: float = opt(2.0, above=0)  # appendix B: searched 1, 2, 3; used 2
-    rm_data: str = opt("mixed", choices=("mixed", "pc", "st"))  # policy comparison, self-training (Sec. 5.3)
+    # policy comparison, self-training (Sec. 5.3)
+    rm_data: str = opt("mixed", choices=("mixed", "pc", "st"))
     update_rm: bool = True  # False = iterative DPO with a fixed RM (baseline)
     rm_restart: bool = True  # appendix B: each RM iteration starts from r0
     rounds: int = 1  # Sec. 5.3: a second round restarts both models from the base models
-    # share of D_R held out of RM training, to report RM accuracy on pseudo-pairs it never saw; the paper
-    # trains on all of D_R (0), so this is an opt-in diagnostic (the sandbox keeps 0.05)
+    # share of D_R held out of RM training, to report RM accuracy on pseudo-pairs it never saw; the
+    # paper trains on all of D_R (0), so this is an opt-in diagnostic (the sandbox keeps 0.05)
     rm_heldout: float = opt(0.0, min=0)
 
 
@@ -130,7 +145,8 @@ class Config:
     policy: str = ""  # π0: Hugging Face causal-LM directory
     rm: str = ""  # r0: Hugging Face sequence-classification directory (num_labels=1)
     prompts: str = ""  # the prompt set D (jsonl / json / parquet)
-    out: str = opt("runs/mt", scheduling=True)  # run directory (where, not what: a moved run stays valid)
+    # run directory (where, not what: a moved run stays valid)
+    out: str = opt("runs/mt", scheduling=True)
     iters: int = 2  # T
     seed: int = 0
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
@@ -147,7 +163,8 @@ class Config:
 class StageConfig(Config):
     """One stage on explicit files (train_policy.py, train_rm.py, `python run_em.py STAGE`)."""
     out: str = ""  # the stage's output file or directory
-    pairs: str = ""  # ready preference pairs (train_policy.py: offline DPO; train_rm.py: comma-separated files)
+    # ready preference pairs (train_policy.py: offline DPO; train_rm.py: comma-separated files)
+    pairs: str = ""
     model: str = ""  # sample: the policy directory to sample from
     samples: str = ""  # score, pairs: a samples.jsonl
     scores: str = ""  # pairs: the scores.jsonl of those samples
@@ -156,16 +173,19 @@ class StageConfig(Config):
     candidates: str = ""  # select: the directory holding ckpt-*/ and final/
     pseudo_pairs: str = ""  # filter: a pseudo_pairs.jsonl to re-filter
     init: str = ""  # rm: the RM (or causal LM, given a fresh score head) to start from
-    stream: str = ""  # names the random stream (run_em.py uses e.g. iter1/e-step); default: the stage name
+    # names the random stream (run_em.py uses e.g. iter1/e-step); default: the stage name
+    stream: str = ""
 
 
 # ---- presets: a preset is a dict of overrides on top of the paper's defaults
 
-# The sandbox (mt/sandbox.py) scales the paper to a CPU: the embedded default main job `python run_em.py`.
+# The sandbox (mt/sandbox.py) scales the paper to a CPU:
+# the embedded default main job `python run_em.py`.
 SANDBOX: dict = {
     "iters": 2,  # T = 2, as in the paper's main results
     "em.n_samples": 4,  # M
-    "em.d_ms_size": 100,  # |D_MS| of the 1,200 prompts; the rest: D_R, D_1, D_2 ≈ 367 each (Sec. 5.1)
+    # |D_MS| of the 1,200 prompts; the rest: D_R, D_1, D_2 ≈ 367 each (Sec. 5.1)
+    "em.d_ms_size": 100,
     # Eq. 6 counts a win only when r(y_t) > r(y_{t-1}) strictly; here identical responses (every
     # perfect sort is the same string, and half of π0's responses are perfect) are frequent ties,
     # which caps the win rate near 0.5-0.6 for a policy better by gold, so τ is scaled from 0.6.
@@ -181,19 +201,25 @@ SANDBOX: dict = {
 SANDBOX_LR_SCALE = SANDBOX["dpo.lr"] / DPOConfig().lr  # the sandbox's DPO lr over the paper's
 
 # The baselines and ablations, as differences from Mutual-Taught, with their sources. Each gives a
-# `paper-NAME` preset (on the paper's defaults) and a `sandbox-NAME` preset (on SANDBOX, learning rates
-# scaled by SANDBOX_LR_SCALE as the sandbox scales the paper's).
-_FIXED_RM = {"em.update_rm": False, "em.rm_fraction": 0.0}  # no M-step: every portion goes to the policy
+# `paper-NAME` preset (on the paper's defaults) and a `sandbox-NAME` preset (on SANDBOX, learning
+# rates scaled by SANDBOX_LR_SCALE as the sandbox scales the paper's).
+# no M-step: every portion goes to the policy
+_FIXED_RM = {"em.update_rm": False, "em.rm_fraction": 0.0}
 VARIANTS: dict[str, tuple[str, dict]] = {
-    # Table 1, appendix A/B: iterative DPO with the fixed r0 over all three portions, three iterations,
-    # lr lowered to 5e-7 ("performance degradation in the final iteration with a large learning rate")
-    "iterative-dpo": ("Table 1 DPO Iter1-3", {**_FIXED_RM, "iters": 3, "em.select": False, "dpo.lr": 5e-7}),
-    # Table 1 offline baselines (appendix A/B): one pass on pairs from π0 scored by r0, "the same sampling
-    # and training parameters as Mutual-Taught"; SimPO with SimPO's own Llama-3-8B-Instruct recipe
+    # Table 1, appendix A/B: iterative DPO with the fixed r0 over all three portions, three
+    # iterations, lr lowered to 5e-7 ("performance degradation in the final iteration with a large
+    # learning rate")
+    "iterative-dpo": ("Table 1 DPO Iter1-3",
+                      {**_FIXED_RM, "iters": 3, "em.select": False, "dpo.lr": 5e-7}),
+    # Table 1 offline baselines (appendix A/B): one pass on pairs from π0 scored by r0, "the same
+    # sampling and training parameters as Mutual-Taught"; SimPO with SimPO's own
+    # Llama-3-8B-Instruct recipe
     "offline-dpo": ("Table 1 DPO (offline)", {**_FIXED_RM, "iters": 1, "em.select": False}),
-    "offline-ipo": ("Table 1 IPO", {**_FIXED_RM, "iters": 1, "em.select": False, "dpo.loss": "ipo"}),
-    "offline-simpo": ("Table 1 SimPO", {**_FIXED_RM, "iters": 1, "em.select": False, "dpo.loss": "simpo",
-                                        "dpo.beta": 2.5, "dpo.target_margin": 2.5 * 0.55, "dpo.lr": 1e-6}),
+    "offline-ipo": ("Table 1 IPO",
+                    {**_FIXED_RM, "iters": 1, "em.select": False, "dpo.loss": "ipo"}),
+    "offline-simpo": ("Table 1 SimPO", {**_FIXED_RM, "iters": 1, "em.select": False,
+                                        "dpo.loss": "simpo", "dpo.beta": 2.5,
+                                        "dpo.target_margin": 2.5 * 0.55, "dpo.lr": 1e-6}),
     # Fig. 6 (appendix E): the two-stage stabilisation
     "no-select": ("Fig. 6 w/o MS", {"em.select": False}),
     "no-filter": ("Fig. 6 w/o DF", {"em.filter": "none"}),
@@ -215,7 +241,8 @@ def _scaled(diff: dict) -> dict:
 
 
 PRESETS: dict[str, dict] = {
-    # Mutual-Taught as the paper runs it: every default of this file, each with its source beside it
+    # Mutual-Taught as the paper runs it: every default of this file,
+    # each with its source beside it
     "paper": {},
     "sandbox": SANDBOX,
     **{f"paper-{k}": dict(diff) for k, (_, diff) in VARIANTS.items()},
@@ -303,7 +330,8 @@ def _parse(key: str, raw, typ):
 def set_key(cfg, key: str, raw):
     keys = flat_keys(cfg)
     if key not in keys:
-        raise ConfigError(f"unknown config key --{key}; valid keys: {', '.join('--' + k for k in keys)}")
+        raise ConfigError(f"unknown config key --{key}; valid keys: "
+                          f"{', '.join('--' + k for k in keys)}")
     *path, leaf = key.split(".")
     obj = cfg
     for p in path:
@@ -325,29 +353,34 @@ def check_fields(cfg):
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"--{key}={v}: must be a finite number")
         if m.get("above") is not None and not v > m["above"]:
-            raise ConfigError(f"--{key}={v}: must be > {m['above']}. Fix: pass --{key} above {m['above']}")
+            raise ConfigError(f"--{key}={v}: must be > {m['above']}. Fix: pass --{key} above "
+                              f"{m['above']}")
         if m.get("min") is not None and not v >= m["min"]:
-            raise ConfigError(f"--{key}={v}: must be >= {m['min']}. Fix: pass --{key} of at least {m['min']}")
+            raise ConfigError(f"--{key}={v}: must be >= {m['min']}. Fix: pass --{key} of at least "
+                              f"{m['min']}")
         if m.get("choices") is not None and v not in m["choices"]:
-            raise ConfigError(f"--{key}={v!r}: must be one of {', '.join(m['choices'])}. Fix: pass one of them")
+            raise ConfigError(f"--{key}={v!r}: must be one of {', '.join(m['choices'])}. Fix: "
+                              "pass one of them")
     return cfg
 
 
 def validate(cfg: Config) -> Config:
-    """Reject inconsistent experiment configs before any compute, naming the field and the allowed values."""
+    """Reject inconsistent experiment configs before any compute, naming the field
+    and the allowed values."""
     check_fields(cfg)
     if cfg.preset not in PRESETS:
         raise ConfigError(f"--preset {cfg.preset!r}: unknown; presets: {', '.join(PRESETS)}")
     if cfg.iters < 1:
         raise ConfigError(f"--iters={cfg.iters}: must be >= 1")
     if cfg.em.n_samples < 2:
-        raise ConfigError(f"--em.n_samples={cfg.em.n_samples}: pairs need at least 2 responses per prompt")
+        raise ConfigError(f"--em.n_samples={cfg.em.n_samples}: pairs need at least 2 responses "
+                          "per prompt")
     if not 0.0 <= cfg.em.rm_fraction < 1.0 or (cfg.em.update_rm and cfg.em.rm_fraction == 0):
         raise ConfigError(f"--em.rm_fraction={cfg.em.rm_fraction}: must be in (0, 1) (0 only with "
                           "--em.update_rm false, the fixed-RM baseline)")
     if cfg.em.tau > 1:
-        raise ConfigError(f"--em.tau={cfg.em.tau}: a win rate threshold, must be in [0, 1]. Fix: pass a share, "
-                          "e.g. --em.tau 0.6")
+        raise ConfigError(f"--em.tau={cfg.em.tau}: a win rate threshold, must be in [0, 1]. Fix: "
+                          "pass a share, e.g. --em.tau 0.6")
     if cfg.em.rounds < 1:
         raise ConfigError(f"--em.rounds={cfg.em.rounds}: must be >= 1")
     for name in ("dpo", "rm_train"):
@@ -358,7 +391,8 @@ def validate(cfg: Config) -> Config:
         if not 0.0 <= t.warmup_ratio < 1.0:
             raise ConfigError(f"--{name}.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
     if cfg.dpo.label_smoothing and cfg.dpo.loss != "cdpo":
-        raise ConfigError(f"--dpo.label_smoothing={cfg.dpo.label_smoothing} applies only to --dpo.loss cdpo")
+        raise ConfigError(f"--dpo.label_smoothing={cfg.dpo.label_smoothing} applies only to "
+                          "--dpo.loss cdpo")
     if cfg.dpo.loss == "cdpo" and not 0 < cfg.dpo.label_smoothing < 0.5:
         raise ConfigError("--dpo.loss cdpo needs 0 < --dpo.label_smoothing < 0.5")
     check_sampling(cfg.sampling)
@@ -370,7 +404,8 @@ def check_sampling(s: SamplingConfig) -> SamplingConfig:
     if not 0.0 < s.top_p <= 1.0:
         raise ConfigError(f"--sampling.top_p={s.top_p}: must be in (0, 1]")
     if s.temperature <= 0 and not s.greedy:
-        raise ConfigError(f"--sampling.temperature={s.temperature}: must be > 0 (or pass --sampling.greedy)")
+        raise ConfigError(f"--sampling.temperature={s.temperature}: must be > 0 (or pass "
+                          "--sampling.greedy)")
     return s
 
 
@@ -381,7 +416,8 @@ def _tokens(argv: list[str], cfg) -> list[tuple[str, str]]:
     while i < len(argv):
         tok = argv[i]
         if not tok.startswith("--"):
-            raise ConfigError(f"unexpected argument {tok!r}: options are --key value (e.g. --dpo.beta 0.05)")
+            raise ConfigError(f"unexpected argument {tok!r}: options are --key value (e.g. "
+                              "--dpo.beta 0.05)")
         key, eq, val = tok[2:].partition("=")
         key = key.replace("-", "_")
         i += 1
@@ -398,9 +434,9 @@ def _tokens(argv: list[str], cfg) -> list[tuple[str, str]]:
 
 
 def parse(argv: list[str], base, prog: str | None = None, doc: str = ""):
-    """Any command's flags onto a copy of the dataclass `base`: `--preset NAME` first (when `base` has
-    one), then `--a.b value` overrides in order; then the checks declared beside the fields, and
-    `validate` for an experiment Config. `--help` prints the keys and exits."""
+    """Any command's flags onto a copy of the dataclass `base`: `--preset NAME` first (when `base`
+    has one), then `--a.b value` overrides in order; then the checks declared beside the fields,
+    and `validate` for an experiment Config. `--help` prints the keys and exits."""
     cfg = copy.deepcopy(base)
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(cfg, prog, doc))
@@ -456,7 +492,8 @@ def _comments(cls) -> dict[str, str]:
 
 def help_text(cfg, prog: str | None = None, doc: str = "") -> str:
     prog = prog or f"python {sys.argv[0]}"
-    lines = [f"usage: {prog} [--key value ...]   (also --key=value; a bare --flag sets a bool)", ""]
+    lines = [f"usage: {prog} [--key value ...]   (also --key=value; a bare --flag sets a bool)",
+             ""]
     if doc:
         lines += [doc.strip(), ""]
 
@@ -473,7 +510,8 @@ def help_text(cfg, prog: str | None = None, doc: str = "") -> str:
             tname = getattr(typ, "__name__", str(typ).replace("typing.", ""))
             m = f.metadata
             extra = f" (one of {'|'.join(m['choices'])})" if m.get("choices") else ""
-            key = f"  --{prefix}{f.name} {tname} = {json.dumps(v, ensure_ascii=False, default=str)}"
+            key = (f"  --{prefix}{f.name} {tname} = "
+                   f"{json.dumps(v, ensure_ascii=False, default=str)}")
             lines.append(f"{key:<44} {notes.get(f.name, '')}{extra}".rstrip())
     section(cfg, "")
     if hasattr(cfg, "preset"):

@@ -32,7 +32,8 @@ EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 
 class DataError(UserError):
-    """A malformed input file or row; the message says where (file:line), which field, and what to change."""
+    """A malformed input file or row; the message says where (file:line),
+    which field, and what to change."""
 
 
 class _Bad(Exception):
@@ -70,9 +71,11 @@ def _get(row: dict, key: str, what: str) -> Any:
 
 
 def _id(v: Any, key: str) -> str:
-    # ints are accepted (common in datasets) and become strings, so ids compare the same after a round-trip
+    # ints are accepted (common in datasets) and become strings,
+    # so ids compare the same after a round-trip
     if isinstance(v, bool) or not isinstance(v, (str, int)):
-        raise _Bad(key, f"must be a string, got {_jtype(v)}", f"write the id as a string, e.g. \"{key}\": \"42\"")
+        raise _Bad(key, f"must be a string, got {_jtype(v)}",
+                   f"write the id as a string, e.g. \"{key}\": \"42\"")
     if isinstance(v, str) and not v.strip():
         raise _Bad(key, "is empty", "give every row a non-empty id")
     return str(v)
@@ -85,7 +88,8 @@ def _text(v: Any, key: str, allow_empty: bool = False) -> str:
         raise _Bad(key, "is empty or whitespace only", f"put the text in '{key}' or drop the row")
     try:
         v.encode("utf-8")
-    except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates no tokenizer takes
+    except UnicodeEncodeError as e:
+        # JSON's "\ud800" escapes decode to lone surrogates no tokenizer takes
         raise _Bad(key, f"holds a lone UTF-16 surrogate ({v[e.start]!r} at character {e.start})",
                    "write the character as one escape pair or as UTF-8 text") from None
     return v
@@ -95,15 +99,18 @@ def _score(v: Any, key: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _Bad(key, f"must be a number, got {_jtype(v)}", "write the score as a JSON number")
     if not math.isfinite(v):
-        raise _Bad(key, f"is {v} (not finite)", "re-score this response; scores must be finite numbers")
+        raise _Bad(key, f"is {v} (not finite)",
+                   "re-score this response; scores must be finite numbers")
     return float(v)
 
 
 def _list(v: Any, key: str, what: str) -> list:
     if not isinstance(v, list):
-        raise _Bad(key, f"must be an array, got {_jtype(v)}", f"write '{key}' as a JSON array of {what}")
+        raise _Bad(key, f"must be an array, got {_jtype(v)}",
+                   f"write '{key}' as a JSON array of {what}")
     if not v:
-        raise _Bad(key, "is an empty array", f"give at least one {what[:-1]} in '{key}' or drop the row")
+        raise _Bad(key, "is an empty array",
+                   f"give at least one {what[:-1]} in '{key}' or drop the row")
     return v
 
 
@@ -115,7 +122,8 @@ def _messages(v: Any, key: str) -> list[dict]:
         raise _Bad(key, f"must be a string or an array of messages, got {_jtype(v)}",
                    'write it as "text" or [{"role": "user", "content": "text"}]')
     if not v:
-        raise _Bad(key, "is an empty array", "give at least one {\"role\": \"user\", \"content\": ...} message")
+        raise _Bad(key, "is an empty array",
+                   "give at least one {\"role\": \"user\", \"content\": ...} message")
     out = []
     for i, m in enumerate(v):
         where = f"{key}[{i}]"
@@ -124,17 +132,21 @@ def _messages(v: Any, key: str) -> list[dict]:
                        'write each message as {"role": ..., "content": ...}')
         for k in ("role", "content"):
             if k not in m:
-                raise _Bad(f"{where}.{k}", "missing", 'write each message as {"role": ..., "content": ...}')
+                raise _Bad(f"{where}.{k}", "missing",
+                           'write each message as {"role": ..., "content": ...}')
         if m["role"] not in ROLES:
-            raise _Bad(f"{where}.role", f"unknown role {m['role']!r}", "use one of " + ", ".join(ROLES))
+            raise _Bad(f"{where}.role", f"unknown role {m['role']!r}",
+                       "use one of " + ", ".join(ROLES))
         out.append({"role": m["role"], "content": _text(m["content"], f"{where}.content")})
     return out
 
 
 def prompt_hash(messages: list[dict]) -> str:
-    """Stable id for a row without one: first 16 hex of sha1 of the prompt text (of canonical JSON for chats)."""
+    """Stable id for a row without one: first 16 hex of sha1 of the prompt text
+    (of canonical JSON for chats)."""
     if len(messages) == 1 and messages[0]["role"] == "user":
-        text = messages[0]["content"]  # so "text" and [{"role": "user", "content": "text"}] get the same id
+        # so "text" and [{"role": "user", "content": "text"}] get the same id
+        text = messages[0]["content"]
     else:
         text = json.dumps(messages, sort_keys=True, ensure_ascii=False)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
@@ -152,16 +164,19 @@ def _row_id(row: dict, messages: list[dict]) -> str:
 def _parse_prompt(row: dict) -> dict:
     if "prompt" in row:
         msgs = _messages(row["prompt"], "prompt")
-    elif "messages" in row:  # UltraFeedback-binarized: the prompt is the chat up to the first user turn
+    elif "messages" in row:
+        # UltraFeedback-binarized: the prompt is the chat up to the first user turn
         msgs = _messages(row["messages"], "messages")
         users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
         if not users:
-            raise _Bad("messages", "has no user message", "add the user's prompt as a 'user' message")
+            raise _Bad("messages", "has no user message",
+                       "add the user's prompt as a 'user' message")
         msgs = msgs[: users[0] + 1]
     else:
         raise _Bad("prompt", "missing", "add a 'prompt' field (a string or an array of messages)")
     if msgs[-1]["role"] != "user":
-        raise _Bad("prompt", f"last message has role {msgs[-1]['role']!r}", "end the prompt with a 'user' message")
+        raise _Bad("prompt", f"last message has role {msgs[-1]['role']!r}",
+                   "end the prompt with a 'user' message")
     return {"prompt_id": _row_id(row, msgs), "prompt": msgs}
 
 
@@ -170,12 +185,14 @@ _PAIR_KEYS = {"prompt_id", "id", "prompt", "chosen", "rejected", "chosen_score",
 
 
 def _response(v: Any, key: str) -> tuple[str, list[dict] | None]:
-    """A response as text, or (UltraFeedback) as a chat whose last assistant message is the response."""
+    """A response as text, or (UltraFeedback) as a chat whose last assistant message is the
+    response."""
     if isinstance(v, list):
         msgs = _messages(v, key)
         idx = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         if not idx:
-            raise _Bad(key, "has no assistant message", "end the conversation with the assistant's response")
+            raise _Bad(key, "has no assistant message",
+                       "end the conversation with the assistant's response")
         return msgs[idx[-1]]["content"], msgs[: idx[-1]]
     return _text(v, key), None
 
@@ -193,12 +210,14 @@ def _parse_pair(row: dict) -> dict:
         raise _Bad("prompt", f"last message has role {prompt[-1]['role']!r}",
                    "end the prompt with the 'user' turn the responses answer")
     if chosen == rejected:
-        raise _Bad("rejected", "is identical to 'chosen'", "a pair needs two different responses; drop this row")
+        raise _Bad("rejected", "is identical to 'chosen'",
+                   "a pair needs two different responses; drop this row")
     scores = []
     for ours, uf in (("chosen_score", "score_chosen"), ("rejected_score", "score_rejected")):
         key = ours if ours in row else uf
         scores.append(None if row.get(key) is None else _score(row[key], key))
-    out = {"prompt_id": _row_id(row, prompt), "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    out = {"prompt_id": _row_id(row, prompt), "prompt": prompt, "chosen": chosen,
+           "rejected": rejected}
     for key, score in zip(("chosen_score", "rejected_score"), scores):
         if score is not None:
             out[key] = score
@@ -225,9 +244,10 @@ def _parse_sample(row: dict) -> dict:
                        "use 'stop' (ended on a stop token) or 'length' (truncated)")
     for i, n in enumerate(ntok):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise _Bad(f"num_tokens[{i}]", f"is {n!r}", "write the response's token count as an integer >= 0")
-    return {"prompt_id": pid, "prompt": prompt, "responses": responses, "finish_reasons": list(reasons),
-            "num_tokens": list(ntok)}
+            raise _Bad(f"num_tokens[{i}]", f"is {n!r}",
+                       "write the response's token count as an integer >= 0")
+    return {"prompt_id": pid, "prompt": prompt, "responses": responses,
+            "finish_reasons": list(reasons), "num_tokens": list(ntok)}
 
 
 def _parse_scores(row: dict) -> dict:
@@ -239,14 +259,16 @@ def _parse_scores(row: dict) -> dict:
 # ---- file reading: locate every row, parse it, check ids are unique
 
 def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (1-based line or row number, JSON value or _Bad); file-level problems raise DataError."""
+    """Yield (1-based line or row number, JSON value or _Bad);
+    file-level problems raise DataError."""
     if path.suffix == ".jsonl":
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
                 try:  # decode per line, so invalid UTF-8 is reported at its line
                     line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
                 except UnicodeDecodeError as e:
-                    yield n, _Bad(None, f"invalid UTF-8 at byte {e.start}", "re-save the file as UTF-8")
+                    yield n, _Bad(None, f"invalid UTF-8 at byte {e.start}",
+                                  "re-save the file as UTF-8")
                     continue
                 if line.strip():  # blank lines (e.g. a trailing newline) are not rows
                     try:
@@ -255,7 +277,8 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
                         yield n, _Bad(None, f"invalid JSON ({e.msg} at column {e.colno})",
                                       "write exactly one complete JSON object per line")
                     except RecursionError:
-                        yield n, _Bad(None, "JSON nested too deeply to read", "write a flat row object")
+                        yield n, _Bad(None, "JSON nested too deeply to read",
+                                      "write a flat row object")
         return
     if path.suffix == ".json":
         data = path.read_bytes()
@@ -263,16 +286,17 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
             rows = json.loads(data.decode("utf-8-sig"))
         except UnicodeDecodeError as e:
             line = data.count(b"\n", 0, e.start) + 1
-            raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start}. Fix: re-save the file as UTF-8") from None
+            raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start}. Fix: re-save the "
+                            "file as UTF-8") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}). "
                             "Fix: the file must be one JSON array of objects") from None
         except RecursionError:
-            raise DataError(f"{path}: JSON nested too deeply to read. Fix: write an array of flat row "
-                            "objects") from None
+            raise DataError(f"{path}: JSON nested too deeply to read. Fix: write an array of flat "
+                            "row objects") from None
         if not isinstance(rows, list):
-            raise DataError(f"{path}: top level is a JSON {_jtype(rows)}. Fix: make it an array of row objects "
-                            "(or write one object per line in a .jsonl file)")
+            raise DataError(f"{path}: top level is a JSON {_jtype(rows)}. Fix: make it an array "
+                            "of row objects (or write one object per line in a .jsonl file)")
     else:
         try:
             import pyarrow.parquet as pq
@@ -288,12 +312,14 @@ def _check_path(path) -> Path:
     if not path.is_file():
         raise DataError(f"{path}: no such file. Fix: check the path (cwd is {os.getcwd()})")
     if path.suffix not in EXTENSIONS:
-        raise DataError(f"{path}: unknown extension {path.suffix!r}. Fix: use one of " + ", ".join(EXTENSIONS))
+        raise DataError(f"{path}: unknown extension {path.suffix!r}. Fix: use one of "
+                        + ", ".join(EXTENSIONS))
     return path
 
 
 def iter_rows(path) -> Iterator[tuple[str, Any]]:
-    """(location, JSON row) of a .jsonl / .json / .parquet file, for readers with their own schema (eval/).
+    """(location, JSON row) of a .jsonl / .json / .parquet file,
+    for readers with their own schema (eval/).
 
     The location is 'file:line' (JSONL) or 'file[row n]'; unreadable rows raise DataError there.
     """
@@ -307,11 +333,13 @@ def iter_rows(path) -> Iterator[tuple[str, Any]]:
 
 def _read(path, parse: Callable[[dict], Any], key: Callable[[Any], Any], dup: str,
           on_error: str, report: ReadReport | None) -> list:
-    """Parse every row of `path`: a bad row raises DataError, or with on_error="skip" is listed in `report`."""
+    """Parse every row of `path`: a bad row raises DataError,
+    or with on_error="skip" is listed in `report`."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = _check_path(path)
-    unit = "line" if path.suffix == ".jsonl" else "row"  # JSON arrays and parquet are located by row index
+    # JSON arrays and parquet are located by row index
+    unit = "line" if path.suffix == ".jsonl" else "row"
     silent = report is None  # nobody will look at the report, so a skip must at least warn
     report = ReadReport() if silent else report
     report.path, report.kept, report.skipped = str(path), 0, []
@@ -322,13 +350,17 @@ def _read(path, parse: Callable[[dict], Any], key: Callable[[Any], Any], dup: st
             if isinstance(row, _Bad):
                 raise row
             if not isinstance(row, dict):
-                raise _Bad(None, f"row is a JSON {_jtype(row)}, not an object", "write each row as a {...} object")
+                raise _Bad(None, f"row is a JSON {_jtype(row)}, not an object",
+                           "write each row as a {...} object")
             obj = parse(row)
             k = key(obj)
             if k in seen:
-                hashed = " (rows without an id get prompt_hash of their text)" if dup != "row" else ""
-                raise _Bad("prompt_id", f"duplicate {dup} for {k if isinstance(k, str) else k[0]!r} "
-                           f"(first at {unit} {seen[k]})", "drop the repeated row or give it another id" + hashed)
+                hashed = (" (rows without an id get prompt_hash of their text)" if dup != "row"
+                          else "")
+                raise _Bad("prompt_id",
+                           f"duplicate {dup} for {k if isinstance(k, str) else k[0]!r} "
+                           f"(first at {unit} {seen[k]})",
+                           "drop the repeated row or give it another id" + hashed)
             seen[k] = n
         except _Bad as e:
             loc = f"{path}:{n}" if unit == "line" else f"{path}[row {n}]"
@@ -340,7 +372,8 @@ def _read(path, parse: Callable[[dict], Any], key: Callable[[Any], Any], dup: st
         out.append(obj)
     report.kept = len(out)
     if nrows == 0:
-        raise DataError(f"{path}: file is empty (no rows). Fix: check the path or the stage that wrote it")
+        raise DataError(f"{path}: file is empty (no rows). Fix: check the path or the stage that "
+                        "wrote it")
     if not out:
         raise DataError(f"{path}: no valid rows (all {nrows} skipped):\n{report}")
     if report.skipped and silent:
@@ -349,14 +382,16 @@ def _read(path, parse: Callable[[dict], Any], key: Callable[[Any], Any], dup: st
 
 
 def read_prompts(path, on_error: str = "raise", report: ReadReport | None = None) -> list[dict]:
-    """Prompts from {"prompt_id"|"id", "prompt"}, {"prompt"} (id = prompt_hash) or UltraFeedback rows."""
+    """Prompts from {"prompt_id"|"id", "prompt"}, {"prompt"} (id = prompt_hash)
+    or UltraFeedback rows."""
     return _read(path, _parse_prompt, lambda p: p["prompt_id"], "prompt", on_error, report)
 
 
 def read_pairs(path, on_error: str = "raise", report: ReadReport | None = None) -> list[dict]:
-    """Preference pairs; the same (prompt_id, chosen, rejected) twice is an error (it would double-weight it)."""
-    return _read(path, _parse_pair, lambda p: (p["prompt_id"], p["chosen"], p["rejected"]), "pair", on_error,
-                 report)
+    """Preference pairs; the same (prompt_id, chosen, rejected) twice is an error
+    (it would double-weight it)."""
+    return _read(path, _parse_pair, lambda p: (p["prompt_id"], p["chosen"], p["rejected"]), "pair",
+                 on_error, report)
 
 
 def read_samples(path, on_error: str = "raise", report: ReadReport | None = None) -> list[dict]:
@@ -378,28 +413,33 @@ def _parse_pseudo_pair(row: dict) -> dict:
     for key in ("score_t", "score_prev", "delta"):
         out[key] = _score(_get(row, key, "r_{t-1}'s score or margin"), key)
     if not isinstance(_get(row, "valid", "whether both responses are usable"), bool):
-        raise _Bad("valid", f"must be true or false, got {_jtype(row['valid'])}", "write a JSON boolean")
+        raise _Bad("valid", f"must be true or false, got {_jtype(row['valid'])}",
+                   "write a JSON boolean")
     return out
 
 
 def read_pseudo_pairs(path) -> list[dict]:
-    """Pseudo-pairs {"prompt_id", "prompt", "y_t", "y_prev", "score_t", "score_prev", "delta", "valid",
-    and once filtered "chosen", "rejected", "eps", "kept", "swapped", "reason"}, one row per prompt of D_R."""
+    """Pseudo-pairs {"prompt_id", "prompt", "y_t", "y_prev", "score_t", "score_prev", "delta",
+    "valid", and once filtered "chosen", "rejected", "eps", "kept", "swapped", "reason"},
+    one row per prompt of D_R."""
     return _read(path, _parse_pseudo_pair, lambda r: r["prompt_id"], "row", "raise", None)
 
 
 def align_scores(samples: list[dict], scores: list[dict]) -> list[list[float]]:
-    """Scores for each sample in the samples' order; errors if a prompt is missing or the counts differ."""
+    """Scores for each sample in the samples' order; errors if a prompt is missing
+    or the counts differ."""
     by_id = {s["prompt_id"]: s["scores"] for s in scores}
     out = []
     for s in samples:
         pid = s["prompt_id"]
         if pid not in by_id:
             raise DataError(f"prompt_id {pid!r} has samples but no scores. Fix: re-run scoring "
-                            "on this samples file (the scores file may come from another iteration)")
+                            "on this samples file (the scores file may come from another "
+                            "iteration)")
         if len(by_id[pid]) != len(s["responses"]):
-            raise DataError(f"prompt_id {pid!r}: {len(by_id[pid])} scores for {len(s['responses'])} "
-                            "responses. Fix: re-run scoring on this samples file")
+            raise DataError(f"prompt_id {pid!r}: {len(by_id[pid])} scores for "
+                            f"{len(s['responses'])} responses. Fix: re-run scoring on this "
+                            "samples file")
         out.append(by_id[pid])
     return out
 
@@ -422,10 +462,12 @@ def atomic_write_text(path: str | os.PathLike, write: Callable[[Any], None]) -> 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the temp file lives in the same directory so os.replace is a rename on one filesystem (atomic)
+    # the temp file lives in the same directory so os.replace is a rename on one filesystem
+    # (atomic)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a written file gets the mode open() would give
+        # mkstemp makes 0600; a written file gets the mode open() would give
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             write(f)
             f.flush()
@@ -451,11 +493,13 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write one JSON document atomically (configs, manifests, metrics)."""
-    atomic_write_text(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"))
+    atomic_write_text(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False,
+                                                         allow_nan=False) + "\n"))
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """One JSON document this project wrote (stats, selection, metrics); a corrupt one names the file."""
+    """One JSON document this project wrote (stats, selection, metrics);
+    a corrupt one names the file."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -463,7 +507,8 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(f"{path}: no such file. Fix: rerun the stage that writes it") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise DataError(f"{path}: not valid JSON ({why}). Fix: delete it and rerun the stage that writes it") from None
+        raise DataError(f"{path}: not valid JSON ({why}). Fix: delete it and rerun the stage that "
+                        "writes it") from None
 
 
 def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:
@@ -474,7 +519,8 @@ def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:
 
 # ---- padding / collation
 
-def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(seqs: list[list[int]], pad_id: int,
+                  side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Stack token lists into ids (B, T) padded with pad_id on `side`, plus their lengths (B,)."""
     if side not in ("right", "left"):
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
@@ -493,8 +539,10 @@ def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tu
     return ids, lengths
 
 
-def attention_mask_from_lengths(lengths: torch.Tensor, T: int, side: str = "right") -> torch.Tensor:
-    """Bool mask (B, T), True on real tokens; built from lengths, never by searching for pad (pad may equal eos)."""
+def attention_mask_from_lengths(lengths: torch.Tensor, T: int,
+                                side: str = "right") -> torch.Tensor:
+    """Bool mask (B, T), True on real tokens; built from lengths, never by searching for pad
+    (pad may equal eos)."""
     if side not in ("right", "left"):
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
     if lengths.numel() and int(lengths.max()) > T:

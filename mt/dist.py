@@ -1,7 +1,8 @@
-"""All distributed set-up in one place: torchrun → NCCL on GPU, gloo on CPU; plain python = world of 1.
+"""All distributed set-up in one place: torchrun → NCCL on GPU, gloo on CPU;
+plain python = world of 1.
 
-Also the device policy of training (dtypes, FSDP2 wrapping, activation checkpointing), kept out of the
-training loop as torchtitan keeps `apply_fsdp` out of its `train.py`.
+Also the device policy of training (dtypes, FSDP2 wrapping, activation checkpointing), kept out of
+the training loop as torchtitan keeps `apply_fsdp` out of its `train.py`.
 """
 from __future__ import annotations
 
@@ -41,18 +42,21 @@ def init_distributed(device: str | None = None) -> Dist:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         _STATE = Dist(device=dev)
         return _STATE
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                          int(os.environ["LOCAL_RANK"]))
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    _STATE = Dist(rank, world, local, torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu"))
+    _STATE = Dist(rank, world, local,
+                  torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu"))
     return _STATE
 
 
 def ensure_process_group(device: torch.device):
-    """FSDP2 needs a process group even for one process (plain `python` on one GPU): make a private one."""
+    """FSDP2 needs a process group even for one process
+    (plain `python` on one GPU): make a private one."""
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -114,18 +118,20 @@ def run(main: Callable[[], object]) -> None:
     """Every command's `__main__`: main(), then every rank leaves the process group together.
 
     A UserError (a bad file, flag or directory: mt/errors.py) is printed as its one paragraph,
-    `error: ...`, and the process exits with status 2; `MT_DEBUG=1` shows its traceback. A bug keeps
-    its traceback.
+    `error: ...`, and the process exits with status 2; `MT_DEBUG=1` shows its traceback. A bug
+    keeps its traceback.
 
-    A process that ran gloo collectives (CPU, or the private group of a single process) ends with os._exit,
-    skipping the interpreter's finalisation. Why: gloo's worker thread drops the last collective's work object
-    a moment after the caller has its result, and that object's saved thread-local state holds Python objects;
-    if the drop lands while the interpreter is finalising, the thread takes the GIL from a dying interpreter and
-    the process aborts ("terminate called without an active exception", SIGABRT) after every output was
-    written — about 1 run in 50 of a 2-rank CPU job here, twice in one CI run. A core dump shows exactly that
-    stack (ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~ThreadLocalState -> take_gil during Py_Finalize).
-    Everything a command writes is closed (and renamed into place) before main() returns, so skipping
-    finalisation loses nothing. NCCL-only runs exit normally. Any other exception propagates unchanged.
+    A process that ran gloo collectives (CPU, or the private group of a single process) ends with
+    os._exit, skipping the interpreter's finalisation. Why: gloo's worker thread drops the last
+    collective's work object a moment after the caller has its result, and that object's saved
+    thread-local state holds Python objects; if the drop lands while the interpreter is finalising,
+    the thread takes the GIL from a dying interpreter and the process aborts ("terminate called
+    without an active exception", SIGABRT) after every output was written — about 1 run in 50 of a
+    2-rank CPU job here, twice in one CI run. A core dump shows exactly that stack
+    (ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~ThreadLocalState -> take_gil during
+    Py_Finalize). Everything a command writes is closed (and renamed into place) before main()
+    returns, so skipping finalisation loses nothing. NCCL-only runs exit normally. Any other
+    exception propagates unchanged.
     """
     try:
         main()
@@ -154,14 +160,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
-    """A dtype flag as a torch dtype: "auto" (or None) = bf16 on a GPU, fp32 on the CPU; names as in DTYPES."""
+    """A dtype flag as a torch dtype: "auto" (or None) = bf16 on a GPU,
+    fp32 on the CPU; names as in DTYPES."""
     if dtype in (None, "auto"):
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} (or auto: bf16 "
-                         "on a GPU, fp32 on the CPU)")
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} (or "
+                         "auto: bf16 on a GPU, fp32 on the CPU)")
     return DTYPES[dtype]
 
 
@@ -174,15 +181,18 @@ def model_device(model) -> torch.device:
 
 
 def uses_fsdp(cfg, device: torch.device, fsdp: bool | None = None) -> bool:
-    """FSDP when asked, else whenever world > 1, on GPU, or for bf16 (mixed precision is FSDP's policy)."""
+    """FSDP when asked, else whenever world > 1, on GPU, or for bf16
+    (mixed precision is FSDP's policy)."""
     if fsdp is not None:
         return fsdp
-    return get().world_size > 1 or device.type == "cuda" or resolve_dtype(cfg.dtype, device) != torch.float32
+    return (get().world_size > 1 or device.type == "cuda"
+            or resolve_dtype(cfg.dtype, device) != torch.float32)
 
 
 def prepare_model(model, cfg, device=None, fsdp: bool | None = None):
-    """fp32 master weights on `device`; FSDP2 per block then the root (bf16 params, fp32 reductions on
-    GPU); activation checkpointing per block. Returns the same module, wrapped in place; idempotent.
+    """fp32 master weights on `device`; FSDP2 per block then the root (bf16 params, fp32 reductions
+    on GPU); activation checkpointing per block. Returns the same module,
+    wrapped in place; idempotent.
 
     A model on the meta device (see checkpoint.load_for_training) is sharded first, then only this
     rank's shards are allocated, empty: the caller loads the weights."""
@@ -194,16 +204,18 @@ def prepare_model(model, cfg, device=None, fsdp: bool | None = None):
     if dtype != torch.float32 and not fsdp:
         raise ValueError(f"dtype {dtype} needs FSDP's mixed precision (fsdp=True)")
     if get().world_size > 1 and not fsdp:
-        raise ValueError(f"world size {get().world_size} needs FSDP (fsdp=True): nothing else syncs the "
-                         "gradients")
+        raise ValueError(f"world size {get().world_size} needs FSDP (fsdp=True): nothing else "
+                         "syncs the gradients")
     on_meta = any(p.is_meta for p in model.parameters())
     if on_meta and not fsdp:
-        raise ValueError("a model on the meta device has no weights: load it with load_model (or use FSDP)")
+        raise ValueError("a model on the meta device has no weights: load it with load_model (or "
+                         "use FSDP)")
     model.float()  # master weights stay fp32; FSDP casts a bf16 copy for compute
     if cfg.activation_checkpointing:
         for block in model.model.layers:
             # overriding forward (not wrapping the module) keeps Hugging Face parameter names
-            block.forward = (lambda *a, _f=block.forward, **k: checkpoint(_f, *a, use_reentrant=False, **k))
+            block.forward = (lambda *a, _f=block.forward, **k:
+                             checkpoint(_f, *a, use_reentrant=False, **k))
     if not fsdp:
         return model.to(device)
     ensure_process_group(device)
@@ -211,8 +223,10 @@ def prepare_model(model, cfg, device=None, fsdp: bool | None = None):
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)  # embeddings, final norm, head; moves shards to the device
+    # embeddings, final norm, head; moves shards to the device
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     if on_meta:
-        # allocate this rank's shards only (uninitialised); Transformer._apply rebuilds the fp32 rope buffer
+        # allocate this rank's shards only (uninitialised);
+        # Transformer._apply rebuilds the fp32 rope buffer
         model.to_empty(device=device)
     return model

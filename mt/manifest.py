@@ -1,14 +1,16 @@
 """The one resume system: a run directory's config check and its stage records.
 
     m = Manifest(out, cfg)            # refuses a rerun whose flags differ, naming the keys
-    m.stage("iter1/sample", train_policy.sample, outputs=[it / "samples.jsonl"], policy_dir=pi, ...)
+    m.stage("iter1/sample", train_policy.sample, outputs=[it / "samples.jsonl"], policy_dir=pi,
+            ...)
 
 A stage is a function called with keyword arguments. `stage` records exactly what it passes: every
-Path argument that is not where it writes is an input (hashed), every other argument a parameter (a config
-slice as a dict, minus the fields marked scheduling-only in mt/config.py). A rerun skips a stage whose
-inputs, parameters and outputs are unchanged, so a dependency cannot be forgotten; under
-force_config a stage whose inputs or parameters changed is redone, and through its outputs' hashes
-every stage downstream of it. Used by run_em.py and by the standalone train_policy.py / train_rm.py.
+Path argument that is not where it writes is an input (hashed), every other argument a parameter (a
+config slice as a dict, minus the fields marked scheduling-only in mt/config.py). A rerun skips a
+stage whose inputs, parameters and outputs are unchanged, so a dependency cannot be forgotten;
+under force_config a stage whose inputs or parameters changed is redone, and through its outputs'
+hashes every stage downstream of it.
+Used by run_em.py and by the standalone train_policy.py / train_rm.py.
 """
 from __future__ import annotations
 
@@ -32,13 +34,14 @@ class RunLockedError(UserError):
     """Another process is running in this run directory."""
 
 
-_HELD: dict[Path, object] = {}  # run directory -> its open, locked .lock file (held until the process ends)
+# run directory -> its open, locked .lock file (held until the process ends)
+_HELD: dict[Path, object] = {}
 
 
 def lock_run_dir(run_dir: Path):
-    """An advisory lock on run_dir/.lock for this process's lifetime: two runs into one directory would
-    corrupt it (and the manifest would certify the result). The OS releases it when the process dies,
-    so a SIGKILL never leaves a stale lock."""
+    """An advisory lock on run_dir/.lock for this process's lifetime: two runs into one directory
+    would corrupt it (and the manifest would certify the result). The OS releases it when the
+    process dies, so a SIGKILL never leaves a stale lock."""
     run_dir = Path(run_dir).resolve()
     if run_dir in _HELD:
         return
@@ -50,8 +53,8 @@ def lock_run_dir(run_dir: Path):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise RunLockedError(f"{run_dir}: is in use by {holder}. Fix: wait for that run to finish (or stop it), "
-                             "or give this run another --out") from None
+        raise RunLockedError(f"{run_dir}: is in use by {holder}. Fix: wait for that run to finish "
+                             "(or stop it), or give this run another --out") from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -78,7 +81,8 @@ def fingerprint(path: Path) -> str:
 
 
 def params_of(value):
-    """A stage argument as recorded: config slices as dicts without their scheduling-only fields."""
+    """A stage argument as recorded: config slices as dicts without their scheduling-only
+    fields."""
     if dataclasses.is_dataclass(value):
         return {f.name: params_of(getattr(value, f.name)) for f in dataclasses.fields(value)
                 if not f.metadata.get("scheduling")}
@@ -96,21 +100,24 @@ def _paths(value) -> list[Path]:
 
 
 def iteration_dir(run_dir: Path, rnd: int, t: int, rounds: int) -> Path:
-    """The one place that names an iteration's directory: iter{t}, or round{r}/iter{t} with rounds > 1."""
+    """The one place that names an iteration's directory: iter{t},
+    or round{r}/iter{t} with rounds > 1."""
     return Path(run_dir) / (f"iter{t}" if rounds == 1 else f"round{rnd}/iter{t}")
 
 
 def iteration_dirs(run_dir: Path) -> list[Path]:
-    """Every iteration directory a run has made so far, in the order it made them (from its config)."""
+    """Every iteration directory a run has made so far,
+    in the order it made them (from its config)."""
     cfg = read_json(Path(run_dir) / "config.json")
     rounds, iters = cfg["em"]["rounds"], cfg["iters"]
-    dirs = [iteration_dir(run_dir, r, t, rounds) for r in range(1, rounds + 1) for t in range(1, iters + 1)]
+    dirs = [iteration_dir(run_dir, r, t, rounds) for r in range(1, rounds + 1)
+            for t in range(1, iters + 1)]
     return [p for p in dirs if p.is_dir()]
 
 
 def clean_leftovers(run_dir: Path):
-    """Hidden partial writes of a killed run (atomic writes' temp files, a directory swap's old copy):
-    unreferenced by construction, removed at the next start under the lock."""
+    """Hidden partial writes of a killed run (atomic writes' temp files, a directory swap's old
+    copy): unreferenced by construction, removed at the next start under the lock."""
     for p in list(run_dir.rglob(".*.tmp")) + list(run_dir.rglob(".*.old-*")):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -125,7 +132,8 @@ class Manifest:
         self.run_dir = Path(run_dir).resolve()
         self.path = self.run_dir / "manifest.json"
         err = None
-        if dist.get().is_main:  # rank 0 holds the lock for every rank; all ranks stop if it is taken
+        # rank 0 holds the lock for every rank; all ranks stop if it is taken
+        if dist.get().is_main:
             try:
                 lock_run_dir(self.run_dir)
             except RunLockedError as e:
@@ -140,7 +148,8 @@ class Manifest:
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
 
     def check_config(self, cfg, force: bool):
-        """A rerun must use the run's config: otherwise finished stages would mix two experiments."""
+        """A rerun must use the run's config:
+        otherwise finished stages would mix two experiments."""
         path = self.run_dir / "config.json"
         new = C.to_dict(cfg)
         if path.is_file():
@@ -149,14 +158,16 @@ class Manifest:
             changed = [c for c in C.diff(old, new) if c.split(":")[0] not in skip]
             if changed and not force:
                 raise C.ConfigError(
-                    f"{path}: this run was started with a different config:\n  " + "\n  ".join(changed)
-                    + "\nUse the original flags, a new --out, or --force_config true to continue with the "
-                    "new config (finished stages whose inputs are unchanged are kept).")
+                    f"{path}: this run was started with a different config:\n  "
+                    + "\n  ".join(changed)
+                    + "\nUse the original flags, a new --out, or --force_config true to continue "
+                    "with the new config (finished stages whose inputs are unchanged are kept).")
         if dist.get().is_main:
             write_json(path, new)
 
     def _key(self, p: Path) -> str:
-        """Paths inside the run are recorded relative to it, so a moved run directory stays valid."""
+        """Paths inside the run are recorded relative to it,
+        so a moved run directory stays valid."""
         p = p.resolve()
         return p.relative_to(self.run_dir).as_posix() if p.is_relative_to(self.run_dir) else str(p)
 
@@ -171,10 +182,12 @@ class Manifest:
                 and st["outputs"] == self._hashes(outputs))
 
     def _forget(self, name: str, outputs):
-        """A finished stage whose inputs or params changed: drop its record, then its stale outputs.
+        """A finished stage whose inputs or params changed: drop its record,
+        then its stale outputs.
 
-        In that order, so a crash in between leaves an unrecorded stage, which is redone; a stage that
-        was never recorded keeps its partial outputs (a DPO stage resumes from its last checkpoint).
+        In that order, so a crash in between leaves an unrecorded stage, which is redone; a stage
+        that was never recorded keeps its partial outputs (a DPO stage resumes from its last
+        checkpoint).
         """
         del self.data["stages"][name]
         write_json(self.path, self.data)
@@ -185,27 +198,33 @@ class Manifest:
                 p.unlink()
 
     def record(self, name: str, inputs, outputs, params, seconds: float, info: dict | None):
-        self.data["stages"][name] = {"status": "done", "params": params, "inputs": self._hashes(inputs),
-                                     "outputs": self._hashes(outputs), "seconds": round(seconds, 2),
-                                     "info": info or {}}
+        self.data["stages"][name] = {"status": "done", "params": params,
+                                     "inputs": self._hashes(inputs),
+                                     "outputs": self._hashes(outputs),
+                                     "seconds": round(seconds, 2), "info": info or {}}
         write_json(self.path, self.data)
 
     def stage(self, name: str, fn, outputs: list[Path], **args):
-        """Run fn(**args) on every rank unless this stage is recorded done with these inputs and params.
+        """Run fn(**args) on every rank unless this stage is recorded done with these inputs and
+        params.
 
         Returns fn's result, or the recorded info of a finished stage.
         """
         outputs = [Path(p) for p in outputs]
-        # a path that is an output, lies inside one or holds one is where the stage writes, not an input
+        # a path that is an output, lies inside one or holds one is where the stage writes,
+        # not an input
         inputs = [p for v in args.values() for p in _paths(v)
                   if not any(p == o or o in p.parents or p in o.parents for o in outputs)]
-        params = json.loads(json.dumps({k: params_of(v) for k, v in args.items() if not _paths(v)}))
-        done = dist.broadcast_object(self._done(name, inputs, outputs, params) if dist.get().is_main else None)
+        params = json.loads(json.dumps({k: params_of(v) for k, v in args.items()
+                                        if not _paths(v)}))
+        done = dist.broadcast_object(self._done(name, inputs, outputs, params)
+                                     if dist.get().is_main else None)
         if done:
             dist.print0(f"[done] {name}")
             return self.data["stages"][name].get("info", {}) if dist.get().is_main else {}
         stale = name in self.data["stages"]
-        dist.print0(f"[run]  {name}" + ("  (inputs or config changed since it last ran)" if stale else ""))
+        dist.print0(f"[run]  {name}"
+                    + ("  (inputs or config changed since it last ran)" if stale else ""))
         if stale and dist.get().is_main:
             self._forget(name, outputs)
         dist.barrier()
@@ -213,6 +232,7 @@ class Manifest:
         info = fn(**args)
         dist.barrier()
         if dist.get().is_main:
-            self.record(name, inputs, outputs, params, time.time() - t0, info if isinstance(info, dict) else None)
+            self.record(name, inputs, outputs, params, time.time() - t0,
+                        info if isinstance(info, dict) else None)
         dist.barrier()
         return info

@@ -34,7 +34,8 @@ class ModelConfig:
     num_key_value_heads: int
     head_dim: int
     max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-6  # transformers' default for all three families, when config.json omits it
+    # transformers' default for all three families, when config.json omits it
+    rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", ...} or None
     qkv_bias: bool = False  # Qwen2: bias on q/k/v only
@@ -47,24 +48,29 @@ class ModelConfig:
     hf: dict = field(default_factory=dict, repr=False)  # the source config.json, kept for saving
 
     @classmethod
-    def from_hf(cls, d: dict, head: str | None = None, source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, d: dict, head: str | None = None,
+                source: str = "config.json") -> "ModelConfig":
         """Read a Hugging Face config dict (transformers 4.x or 5.x spelling)."""
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"{source}: model_type={mt!r} is not supported; supported: "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads"):
             if not isinstance(d.get(k), int):
                 raise ConfigError(f"{source}: field {k!r} is missing or not an integer")
         if d.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{source}: hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
-        # Sliding-window attention changes which keys a query sees; we only implement full attention.
+            raise ConfigError(f"{source}: hidden_act={d['hidden_act']!r} is not supported (only "
+                              "'silu')")
+        # Sliding-window attention changes which keys a query sees;
+        # we only implement full attention.
         sliding = d.get("use_sliding_window", True) and d.get("sliding_window") is not None
         if sliding:
             raise ConfigError(
-                f"{source}: sliding_window={d['sliding_window']} asks for sliding-window attention, which this "
-                "model does not implement. If every sequence you use is shorter than the window, attention is "
-                "identical: set \"sliding_window\": null in config.json.")
+                f"{source}: sliding_window={d['sliding_window']} asks for sliding-window "
+                "attention, which this model does not implement. If every sequence you use is "
+                "shorter than the window, attention is identical: set \"sliding_window\": null in "
+                "config.json.")
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})  # 5.x | 4.x
         theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -74,8 +80,9 @@ class ModelConfig:
         n_heads = d["num_attention_heads"]
         arch = (d.get("architectures") or [""])[0]
         if arch and not arch.endswith(("ForCausalLM", "ForSequenceClassification")):
-            raise ConfigError(f"{source}: architectures={d['architectures']} is not supported; expected a "
-                              "*ForCausalLM (policy) or *ForSequenceClassification (reward model)")
+            raise ConfigError(f"{source}: architectures={d['architectures']} is not supported; "
+                              "expected a *ForCausalLM (policy) or *ForSequenceClassification "
+                              "(reward model)")
         is_rm = arch.endswith("ForSequenceClassification")
         if head is None:
             head = "score" if is_rm else "lm"
@@ -84,9 +91,11 @@ class ModelConfig:
         # a causal LM's id2label (if any) says nothing about the fresh score head we would give it
         num_labels = d.get("num_labels", len(d.get("id2label") or {}) or 1)
         if head == "score" and is_rm and num_labels != 1:
-            raise ConfigError(f"{source}: a reward model needs num_labels=1 (one scalar), got {num_labels}")
+            raise ConfigError(f"{source}: a reward model needs num_labels=1 (one scalar), got "
+                              f"{num_labels}")
         return cls(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=n_heads,
             num_key_value_heads=d.get("num_key_value_heads") or n_heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
@@ -142,7 +151,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """A preallocated cache of `n_slots` rows of `max_len` positions; row s holds one sequence from 0.
+    """A preallocated cache of `n_slots` rows of `max_len` positions;
+    row s holds one sequence from 0.
 
     k and v are (layers, n_slots, kv heads, max_len, head_dim), every layer in one tensor, so a
     copy or a reorder of rows is one indexed assignment (`k[:, dst, :, :n] = k[:, src, :, :n]`).
@@ -176,7 +186,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.hd = (cfg.num_attention_heads, cfg.num_key_value_heads,
+                                            cfg.head_dim)
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
@@ -188,9 +199,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # write this step's keys at each row's own positions, attend over the slot
+        # write this step's keys at each row's own positions, attend over the slot
+        if cache is not None:
             k_cache, v_cache = cache
-            rows = slots[:, None] if slots is not None else torch.arange(B, device=x.device)[:, None]
+            rows = (slots[:, None] if slots is not None
+                    else torch.arange(B, device=x.device)[:, None])
             k_cache[rows, :, positions] = k.transpose(1, 2)
             v_cache[rows, :, positions] = v.transpose(1, 2)
             k, v = (k_cache, v_cache) if slots is None else (k_cache[slots], v_cache[slots])
@@ -249,19 +262,22 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # .to(bf16) / .half() / to_empty() would also cast or blank the rope frequencies; rebuild them in fp32
-        # (as transformers keeps them) so angles at long positions stay exact in any parameter dtype.
+        # .to(bf16) / .half() / to_empty() would also cast or blank the rope frequencies; rebuild
+        # them in fp32 (as transformers keeps them) so angles at long positions stay exact in any
+        # parameter dtype.
         super()._apply(fn, recurse)
         self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
         return self
 
     def tie_weights(self):
-        """Re-share lm_head with the embeddings (after moving off the meta device, which unties them)."""
+        """Re-share lm_head with the embeddings
+        (after moving off the meta device, which unties them)."""
         if self.cfg.head == "lm" and self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self, std: float = 0.02):
-        """Random init (tests, fresh score heads); pretrained weights come from mt/checkpoint.py."""
+        """Random init (tests, fresh score heads);
+        pretrained weights come from mt/checkpoint.py."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=std)
@@ -277,11 +293,11 @@ class Transformer(nn.Module):
                 slots=None, return_hidden: bool = False):
         """Logits (B, T, V) for the LM head, per-token scores (B, T) for the score head.
 
-        attention_mask (B, T), 1 for real tokens, handles left and right padding (positions count real
-        tokens only). With `cache`, `positions` (B, T) say where each row's tokens go in its slot
-        (`slots` (B,) picks cache rows; None = all rows in order) and each query sees its slot's keys up
-        to its own position. Without either, the batch is causal from position 0 (right padding needs
-        no mask: real tokens never attend to the pads after them).
+        attention_mask (B, T), 1 for real tokens, handles left and right padding (positions count
+        real tokens only). With `cache`, `positions` (B, T) say where each row's tokens go in its
+        slot (`slots` (B,) picks cache rows; None = all rows in order) and each query sees its
+        slot's keys up to its own position. Without either, the batch is causal from position 0
+        (right padding needs no mask: real tokens never attend to the pads after them).
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -297,7 +313,8 @@ class Transformer(nn.Module):
                 positions = (am.long().cumsum(-1) - 1).clamp(min=0)
             causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
             # a pad query sees itself only, so no row is fully masked (which would give NaN)
-            mask = (causal[None] & am[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)[None]
+            mask = ((causal[None] & am[:, None, :])
+                    | torch.eye(T, dtype=torch.bool, device=dev)[None])
             mask = mask[:, None]  # (B, 1, T, T)
         if positions is None:
             positions = torch.arange(T, device=dev)[None].expand(B, T)
@@ -319,8 +336,9 @@ class Transformer(nn.Module):
     def rewards(self, input_ids, attention_mask=None, lengths=None):
         """Reward-model score per sequence (B,), read at each row's last real token.
 
-        The last real token comes from explicit lengths (right padding) or the attention mask (either
-        side), never from searching for a pad id: pad == eos would otherwise pick the wrong position.
+        The last real token comes from explicit lengths (right padding) or the attention mask
+        (either side), never from searching for a pad id: pad == eos would otherwise pick the wrong
+        position.
         """
         assert self.cfg.head == "score", "rewards() needs a model with a score head"
         B, T = input_ids.shape
@@ -331,7 +349,8 @@ class Transformer(nn.Module):
             right_padded = True
         else:
             right_padded = bool(attention_mask[:, 0].all())  # host sync, once per batch
-        per_token = self(input_ids, attention_mask=None if right_padded else attention_mask)  # (B, T)
+        per_token = self(input_ids,
+                         attention_mask=None if right_padded else attention_mask)  # (B, T)
         last = (torch.arange(T, device=input_ids.device)[None] * attention_mask.long()).argmax(-1)
         return per_token.gather(1, last[:, None]).squeeze(1)
 

@@ -39,6 +39,10 @@ from mt.model import KVCache, Transformer
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward; bounds the prefill's activation memory
 WINDOW = 64  # decode attends over the cache's first positions, rounded up to this many (fewer shapes)
+# refill when this share of the slots is free (prefilled in one forward), or a slot idled this many steps
+REFILL_GROUP = 0.25
+REFILL_WAIT = 8
+SHARE_PREFIX = True  # prefill the prefix all prompts share once (off: eval/bench_sampler.py's ablation)
 
 
 @dataclass
@@ -73,44 +77,144 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def gumbel(keys: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Gumbel noise (S, V) for token `step` (S,) of each row's stream, keys (S, 2) = its uint32 halves.
+def _token_hash(vocab: int, device) -> torch.Tensor:
+    """_mix32 of every token id (V,): the same for every row and step, so kept once per vocab."""
+    key = (vocab, str(device))
+    if key not in _TOKEN_HASH:
+        _TOKEN_HASH[key] = _mix32(torch.arange(vocab, device=device))
+    return _TOKEN_HASH[key]
 
-    Noise is indexed by token id, so a row's draw depends only on its own logits, key and step.
-    """
-    dev = keys.device
-    row = _mix32(keys[:, 0] ^ _mix32(keys[:, 1] ^ _mix32(step)))  # (S,) this step's seed
-    h = _mix32(row[:, None] ^ _mix32(torch.arange(vocab, device=dev)))  # (S, V) 32 random bits per token
+
+_TOKEN_HASH: dict = {}
+
+
+def _row_seed(keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return _mix32(keys[:, 0] ^ _mix32(keys[:, 1] ^ _mix32(step)))  # (S,) this step's seed
+
+
+def _to_gumbel(h: torch.Tensor) -> torch.Tensor:
     # 1 - U with 32-bit resolution near 0, where the largest noise values (the ones that win) come from
     v = ((h.float() + 0.5) * 2.0 ** -32).clamp(max=1.0 - 2.0 ** -24)
     return -torch.log(-torch.log1p(-v))  # -log(E), E = -log(1 - v) ~ Exp(1)
 
 
+def gumbel_at(keys: torch.Tensor, step: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise (S, C) of tokens `ids` (S, C) at token `step` (S,) of each row's stream, keys (S, 2)
+    = its uint32 halves. A value depends only on (key, step, token id): the same whichever tokens
+    are asked for alongside it, so drawing over candidates draws what the whole vocabulary would."""
+    return _to_gumbel(_mix32(_row_seed(keys, step)[:, None] ^ _mix32(ids)))
+
+
+def gumbel(keys: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """gumbel_at over the whole vocabulary: (S, V)."""
+    return _to_gumbel(_mix32(_row_seed(keys, step)[:, None] ^ _token_hash(vocab, keys.device)))
+
+
 # ---- one token from the logits
 
+CANDIDATES = (64, 1024)  # top-p looks for its set among a row's 64, then 1,024 most likely tokens
+TAIL = 1024  # then among its 1,024 least likely: a flat row's top-p set leaves out only a light tail
 
-def next_token(logits: torch.Tensor, noise: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+
+def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
+               cfg: SamplingConfig) -> torch.Tensor:
     """Tokens (S,) from fp32 logits (S, V): greedy, or Gumbel-max over the tempered, filtered logits.
 
     top-k keeps the k most likely tokens (and ties with the k-th); top-p then keeps, of what is left
-    (renormalised), the smallest most-likely set whose mass reaches p. argmax(logits / T + Gumbel noise)
-    over the kept set draws from softmax(logits / T) renormalised on it (the Gumbel-max trick); unlike
-    an inverse CDF over the vocabulary, a tiny change in one logit can flip the draw only when two
-    noisy scores nearly tie, so fp rounding that differs with the batch shape almost never matters.
+    (renormalised), the smallest most-likely set whose mass reaches p (and ties with its least likely
+    token). argmax(logits / T + Gumbel noise) over the kept set draws from softmax(logits / T)
+    renormalised on it (the Gumbel-max trick); as the noise is keyed by (row key, step, token id), a
+    tiny change in one logit can flip the draw only when two noisy scores nearly tie, so fp rounding
+    that differs with the batch shape almost never matters.
+
+    The kept set is found without sorting the vocabulary, and the noise is drawn for it only. top-k
+    is one `topk`; top-p alone looks in each row's CANDIDATES most likely tokens (once their mass
+    reaches p the set is among them), then for the complement of a light tail among the row's TAIL
+    least likely tokens (a flat row), and only then sorts. Each way finds the threshold score the
+    sort finds, and a token's noise does not depend on which tokens are looked at, so the token
+    drawn is the same whichever way a row goes (tests/test_sampler.py checks each against the sort).
+    A tier a row cannot pass (by a bound on the mass it could reach) is skipped for that row.
     """
     if cfg.greedy or cfg.temperature <= 0:
         return logits.argmax(-1)
-    scores = logits / cfg.temperature  # (S, V)
-    if cfg.top_k > 0 and cfg.top_k < scores.size(-1):
-        kth = scores.topk(cfg.top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        probs = torch.softmax(scores, dim=-1)
-        sorted_p = probs.sort(dim=-1, descending=True).values
-        n_keep = ((sorted_p.cumsum(-1) - sorted_p) < cfg.top_p).sum(-1, keepdim=True)  # mass before < p
-        p_min = sorted_p.gather(1, n_keep - 1)  # the least likely token kept
-        scores = scores.masked_fill(probs < p_min, float("-inf"))
-    return (scores + noise).argmax(-1)
+    s = logits / cfg.temperature  # (S, V)
+    S, V = s.shape
+    k = cfg.top_k if 0 < cfg.top_k < V else 0
+    p = cfg.top_p if cfg.top_p < 1.0 else None
+    if not k and p is None:  # nothing filtered: every token is a candidate
+        return (s + gumbel(keys, step, V)).argmax(-1)
+    dev = s.device
+    tok = torch.empty(S, dtype=torch.long, device=dev)
+    full = []  # (rows, threshold scores (r, 1)): drawn over the whole vocabulary
+    tail = []  # (rows, mass of their `count` most likely tokens, count): for the tail, top-p alone
+    todo = torch.arange(S, device=dev)
+    lse = None if k else torch.logsumexp(s, -1)  # top-p alone: the candidates' mass in the full softmax
+    tiers = [k] if k else [c for c in CANDIDATES if c < V]
+    for j, c in enumerate(tiers):
+        if not todo.numel():
+            break
+        vals, idx = s[todo].topk(c + 1)  # c candidates and the best token left out
+        probs = torch.softmax(vals[:, :c], -1) if k else (vals - lse[todo, None]).exp()
+        if p is None:
+            n = torch.full_like(todo, c)
+        else:
+            before = probs.cumsum(-1) - probs  # the mass more likely than each candidate
+            n = (before[:, :c] < p).sum(-1)
+        tau = vals.gather(1, n[:, None] - 1)  # the least likely kept score
+        if k:  # the candidates are the top-k set unless the one left out ties with the k-th
+            found, spill = vals[:, c] < vals[:, c - 1], torch.zeros_like(todo, dtype=torch.bool)
+        else:  # the set ends among the candidates when the one left out is not kept ...
+            found = before[:, c] >= p
+            spill = found & (vals[:, c] >= tau[:, 0])  # ... except ties with the last kept
+            found &= ~spill
+        full.append((todo[spill], tau[spill]))
+        r, v, i = todo[found], vals[found, :c], idx[found, :c]
+        z = torch.where(v >= tau[found], v + gumbel_at(keys[r], step[r], i), float("-inf"))
+        tok[r] = i.gather(1, z.argmax(-1, keepdim=True))[:, 0]
+        left = ~found & ~spill
+        todo = todo[left]
+        if not k:  # the next tier's mass is at most that of these c + 1 plus its others at the last
+            mass, last = (before[:, c] + probs[:, c])[left], probs[left, c]
+            go = (mass + (tiers[j + 1] - c - 1) * last >= p if j + 1 < len(tiers)
+                  else torch.zeros_like(todo, dtype=torch.bool))
+            tail.append((todo[~go], mass[~go], c + 1))
+            todo = todo[go]
+    if tail:
+        rows = torch.cat([r for r, _, _ in tail])
+        mass = torch.cat([m for _, m, _ in tail])
+        count = torch.cat([torch.full_like(r, c) for r, _, c in tail])
+        # the TAIL least likely weigh at most TAIL / (V - count) of the mass left: enough for 1 - p?
+        go = TAIL * (1 - mass) / (V - count) > 1 - p
+        if V <= TAIL + 1:  # no tail short of the whole vocabulary: sort
+            go = torch.zeros_like(go)
+        todo = torch.cat([todo, rows[~go]])
+        rows = rows[go]
+        if rows.numel():
+            vals = s[rows].topk(TAIL + 1, largest=False).values  # ascending
+            cum = (vals - lse[rows, None]).exp().cumsum(-1)  # the mass at or below each
+            out = (cum[:, :TAIL] <= 1 - p).sum(-1)  # how many the set leaves out
+            found = out < TAIL
+            full.append((rows[found], vals[found].gather(1, out[found, None])))
+            todo = torch.cat([todo, rows[~found]])
+    if todo.numel():  # the sort, as if none of the above existed
+        full.append((todo, _sorted_threshold(s[todo], k, p)))
+    rows = torch.cat([r for r, _ in full])
+    if rows.numel():
+        sr, tau = s[rows], torch.cat([t for _, t in full])
+        z = torch.where(sr >= tau, sr + gumbel(keys[rows], step[rows], V), float("-inf"))
+        tok[rows] = z.argmax(-1)
+    return tok
+
+
+def _sorted_threshold(s: torch.Tensor, k: int, p: float | None) -> torch.Tensor:
+    """The least likely kept score (S, 1), by a full sort: the reference the shortcuts agree with."""
+    vals = s.sort(-1, descending=True).values
+    tau = vals[:, k - 1: k] if k else vals[:, -1:]
+    if p is not None:  # top-p over the top-k set (and its ties), renormalised
+        probs = torch.softmax(vals.masked_fill(vals < tau, float("-inf")), -1)
+        n = ((probs.cumsum(-1) - probs) < p).sum(-1, keepdim=True)  # the mass before < p
+        tau = vals.gather(1, n - 1)
+    return tau
 
 
 # ---- the engine
@@ -185,11 +289,23 @@ class _Rows:
                 t[:k] = [t[s] for s in rows]
 
 
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """The length of the longest prefix every sequence starts with."""
+    first, n = seqs[0], min(map(len, seqs))
+    for other in seqs[1:]:
+        n = next((t for t in range(n) if other[t] != first[t]), n)
+    return n
+
+
 class _Engine:
     """One sampling pass: jobs (prompt i, sample j) flow through a fixed set of cache slots.
 
     Device state is one row per slot; the host keeps which job each slot runs and looks at the device
-    only in `harvest` (every `check_every` steps).
+    only in `harvest` (every `check_every` steps). With `static` (--sampling.compile) every shape a
+    decode step sees is one of a few buckets: the row count is the slot count, or a quarter, a
+    sixteenth, ... of it once the tail is compacted; the attention window is 64 positions times a
+    power of two, or the whole cache, whose length is fixed by the config (max_prompt_tokens +
+    max_new_tokens), not by this pass's prompts. Without it the rows and window fit more tightly.
     """
 
     def __init__(self, model: Transformer, prompts: list[list[int]], n: int, cfg: SamplingConfig,
@@ -201,18 +317,41 @@ class _Engine:
         param = next(model.parameters())
         dev, dtype = param.device, param.dtype
         self.dev = dev
-        S = self.S = min(cfg.slots, len(self.jobs))
+        self.static = cfg.compile
+        S = self.S = cfg.slots if self.static else min(cfg.slots, len(self.jobs))
         prefix_max = max(len(p) for p in prompts) - 1  # the last prompt token is fed by the first decode step
         self.max_len = prefix_max + 1 + cfg.max_new_tokens
+        if self.static:  # one cache shape for every pass of this config
+            self.max_len = max(self.max_len, cfg.max_prompt_tokens + cfg.max_new_tokens)
         self.cache = KVCache(model.cfg, S, self.max_len, dtype, dev)
         self.stage = KVCache(model.cfg, 1, max(prefix_max, 1), dtype, dev)  # a prompt whose samples span refills
         self.staged = None  # which prompt's prefix `stage` holds
+        # the prefix every prompt starts with (a chat template's system turn): prefilled once, copied
+        self.shared = _common_prefix([p[:-1] for p in prompts]) if SHARE_PREFIX and len(prompts) > 1 else 0
+        self.common = KVCache(model.cfg, 1, max(self.shared, 1), dtype, dev)
+        if self.shared:
+            ids = torch.tensor([prompts[0][: self.shared]], device=dev)
+            self.model(ids, positions=torch.arange(self.shared, device=dev)[None], cache=self.common,
+                       return_hidden=True)
         self.stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
         self.return_logps = return_logps
-        self.decode = compiled(model) if cfg.compile else model  # prefill stays eager: one pass per prompt
+        self.decode = compiled(model, dev) if cfg.compile else model  # prefill stays eager
+        if cfg.compile and dev.type == "cuda":  # CUDA graphs replay into the cache in place
+            torch._dynamo.mark_static_address(self.cache.k)
+            torch._dynamo.mark_static_address(self.cache.v)
         # per-row state, one row per slot; rows [0, m) are in use (m shrinks in the tail: compact)
         self.m = S
         self.rows = _Rows.new(S, cfg.max_new_tokens, return_logps, dev)
+        self.idle = 0  # decode steps since a slot became free while jobs were pending
+        self.prefills = 0  # prefill forwards run (for the benchmark)
+
+    def window(self, need: int) -> int:
+        """The attention window for positions [0, need): a multiple of WINDOW, a power-of-two multiple
+        when static, at most the whole cache."""
+        w = -(-need // WINDOW)
+        if self.static:
+            w = 1 << (w - 1).bit_length()
+        return min(self.max_len, w * WINDOW)
 
     def _copy(self, dst: KVCache, dst_rows: list[int], src: KVCache, src_rows: list[int], length: int):
         if length == 0 or not dst_rows:
@@ -222,23 +361,25 @@ class _Engine:
         dst.v[:, d, :, :length] = src.v[:, s, :, :length]
 
     def _prefill(self, items: list[tuple[int, int]]):
-        """Write the prefixes of prompts into slots, items = [(prompt i, slot)], in forwards of at most
-        PREFILL_TOKENS padded tokens."""
-        P = self.prompts
-        items = [(i, s) for i, s in items if len(P[i]) > 1]
+        """Write the prefixes of prompts into slots, items = [(prompt i, slot)]: the shared prefix by a
+        copy, the rest in forwards of at most PREFILL_TOKENS padded tokens."""
+        P, c = self.prompts, self.shared
+        self._copy(self.cache, [s for _, s in items], self.common, [0] * len(items), c)
+        items = [(i, s) for i, s in items if len(P[i]) - 1 > c]
         while items:
-            k, L = 1, len(P[items[0][0]]) - 1  # grow the chunk while its padded size fits the budget
-            while k < len(items) and (k + 1) * max(L, len(P[items[k][0]]) - 1) <= PREFILL_TOKENS:
-                L = max(L, len(P[items[k][0]]) - 1)
+            k, L = 1, len(P[items[0][0]]) - 1 - c  # grow the chunk while its padded size fits the budget
+            while k < len(items) and (k + 1) * max(L, len(P[items[k][0]]) - 1 - c) <= PREFILL_TOKENS:
+                L = max(L, len(P[items[k][0]]) - 1 - c)
                 k += 1
             chunk, items = items[:k], items[k:]
             ids = torch.zeros(len(chunk), L, dtype=torch.long)  # right-padded: pad keys are never attended
             for r, (i, _) in enumerate(chunk):
-                ids[r, : len(P[i]) - 1] = torch.tensor(P[i][:-1])
-            positions = torch.arange(L, device=self.dev)[None].expand(len(chunk), L)
+                ids[r, : len(P[i]) - 1 - c] = torch.tensor(P[i][c:-1])
+            positions = torch.arange(c, c + L, device=self.dev)[None].expand(len(chunk), L)
             slots = torch.tensor([s for _, s in chunk], device=self.dev)
-            self.model(ids.to(self.dev), positions=positions, cache=_Window(self.cache, self.S, L),
+            self.model(ids.to(self.dev), positions=positions, cache=_Window(self.cache, self.S, c + L),
                        slots=slots, return_hidden=True)
+            self.prefills += 1
 
     def refill(self, free: list[int]):
         """Start the next pending jobs in the free slots; each prompt's prefix is computed once and copied."""
@@ -269,20 +410,22 @@ class _Engine:
                       pos=[len(P[i]) - 1 for i, _ in take], n_gen=0, done=False,
                       key=[[k & M32, (k >> 32) & M32] for k in keys],
                       slot_job=list(take), pos_host=[len(P[i]) - 1 for i, _ in take])
+        self.idle = 0
 
     def step(self, window: int):
-        """One token for every row in use; no host sync."""
+        """One token for every row in use; no host sync (but next_token's check for a row whose
+        top-p set is not among its candidates)."""
         m, R = self.m, self.rows
         last, pos, n_gen, done = R.last[:m], R.pos[:m], R.n_gen[:m], R.done[:m]
+        if self.static and self.dev.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         logits = self.decode(last[:, None], positions=pos[:, None],
                              cache=_Window(self.cache, m, window))[:, -1].float()  # (m, V)
-        greedy = self.cfg.greedy or self.cfg.temperature <= 0
-        noise = None if greedy else gumbel(R.key[:m], n_gen, logits.size(-1))
-        tok = next_token(logits, noise, self.cfg)
+        tok = next_token(logits, R.key[:m], n_gen, self.cfg)
         rows = torch.arange(m, device=self.dev)
         R.out[rows, n_gen] = tok
         if self.return_logps:  # under the untempered policy, whatever temperature / top-p / top-k did
-            R.out_logp[rows, n_gen] = F.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
+            R.out_logp[rows, n_gen] = logits.gather(1, tok[:, None])[:, 0] - logits.logsumexp(-1)
         live = (~done).long()
         n_gen.add_(live)
         pos.add_(live)
@@ -308,19 +451,39 @@ class _Engine:
         R.pos_host[:m] = [pos_h[s] if R.slot_job[s] is not None else 0 for s in range(m)]
         return len(fin)
 
+    def due(self, free: list[int]) -> bool:
+        """Refill now? New prompts are prefilled together: wait until a REFILL_GROUP share of the slots
+        (or every pending job) is free, or a slot has idled REFILL_WAIT steps, or nothing is live."""
+        pending = len(self.jobs) - self.next_job
+        if not free or not pending:
+            return False
+        group = min(pending, max(1, round(REFILL_GROUP * self.S)))
+        live = any(j is not None for j in self.rows.slot_job[: self.m])
+        return len(free) >= group or self.idle >= REFILL_WAIT or not live
+
     def compact(self):
         """When no job is pending and at most half the rows are live, move the live rows to the front and
-        decode only those: the tail of a pass (a few long responses) then costs what its live rows cost."""
+        decode only those: the tail of a pass (a few long responses) then costs what its live rows cost.
+        Static: to the smallest of m / 4, m / 16, ... that holds them, the rows past the live ones empty."""
         R = self.rows
         live = [s for s in range(self.m) if R.slot_job[s] is not None]
         if not live or len(live) > self.m // 2 or self.next_job < len(self.jobs):
             return
+        m = len(live)
+        if self.static:
+            m = self.m
+            while m > 1 and -(-m // 4) >= len(live):
+                m = -(-m // 4)
+            if m == self.m:
+                return
         idx, k = torch.tensor(live, device=self.dev), len(live)
         L = min(self.max_len, max(R.pos_host[: self.m]) + 1)
         self.cache.k[:, :k, :, :L] = self.cache.k[:, idx, :, :L]  # every layer at once
         self.cache.v[:, :k, :, :L] = self.cache.v[:, idx, :, :L]
         R.pack(live)
-        self.m = k
+        if m > k:
+            R.set(list(range(k, m)), slot_job=None, pos_host=0, pos=0, done=True)
+        self.m = m
 
     def run(self, progress: bool) -> list[list[Completion]]:
         every = _check_every(self.cfg, self.dev)
@@ -330,23 +493,32 @@ class _Engine:
             # no row is past hi, and none moves more than one per step
             hi = max(self.rows.pos_host[: self.m])
             for _ in range(every):
-                self.step(min(self.max_len, -(-(hi + 1) // WINDOW) * WINDOW))  # the window covers every row
+                self.step(self.window(hi + 1))  # the window covers every row
                 hi += 1
             bar.update(self.harvest())
             free = [s for s in range(self.m) if self.rows.slot_job[s] is None]
-            if free and self.next_job < len(self.jobs):
+            if self.due(free):
                 self.refill(free)
+            elif free and self.next_job < len(self.jobs):
+                self.idle += every
             self.compact()
         bar.close()
         return self.results
 
 
-def compiled(model: Transformer):
-    """The model under torch.compile. dynamic=True: the decode batch (rows in use) and the attention window
-    (a multiple of WINDOW) change during a pass, and graphs with symbolic sizes serve them all instead of a
-    compile per shape. Dynamo caches by code and guards, not by wrapper or model object, so the next pass, or
-    the next checkpoint of the same shape, reuses the graphs; the wrapper holds no model beyond its pass."""
-    return torch.compile(model, dynamic=True)
+def compiled(model: Transformer, device: torch.device):
+    """The model under torch.compile with static shapes (dynamic=False): one graph per (rows, window)
+    bucket of the decode step, at most log4(slots) + 1 row buckets times log2(cache / WINDOW) + 2
+    windows, compiled as a pass first meets each. On CUDA mode="reduce-overhead" records each graph as
+    a CUDA graph (the cache's address is marked static, so replays write it in place). Dynamo caches
+    by code and guards, not by wrapper or model object, so the next pass, or the next checkpoint of
+    the same shape, reuses the graphs; the wrapper holds no model beyond its pass."""
+    import torch._dynamo.config as dynamo_config
+    # every bucket is a recompile of the same forward: allow them all (the default stops at 8)
+    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 256)
+    dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 1024)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(model, dynamic=False, mode=mode)
 
 
 def _check_every(cfg: SamplingConfig, device: torch.device) -> int:

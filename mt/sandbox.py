@@ -1,14 +1,16 @@
-"""The gold-reward sandbox: a small world with a known judge, where the paper's problem really happens.
+"""The gold-reward sandbox: a small world with a known judge,
+where the paper's problem really happens.
 
-    world = build_world(seed=0)    # π0, r0, prompts; built once (~30 s on 2 CPU cores), then cached
-    python run_em.py               # Mutual-Taught on this world (mt/config.py PRESETS["sandbox"])
+    world = build_world(seed=0)  # π0, r0, prompts; built once (~30 s on 2 CPU cores), then cached
+    python run_em.py             # Mutual-Taught on this world (mt/config.py PRESETS["sandbox"])
 
-Task: sort a short list of numbers ("sort: 7 3 9 1" -> "1 3 7 9"). The gold reward grades a response
-(order, missing and extra items). π0 is a tiny Llama SFT'd on imperfect demonstrations (swaps, drops);
-r0 is trained with Bradley-Terry on a limited, noisy set of gold-labelled pairs of π0's own samples, so
-it is right on π0's distribution and blind beyond it: DPO against a fixed r0 first improves the policy,
-then finds r0's blind spot (padding with repeats) -- the distribution shift of Sec. 1. The gold metrics
-below measure what the paper can only estimate: policy quality and the RM's agreement with the truth.
+Task: sort a short list of numbers ("sort: 7 3 9 1" -> "1 3 7 9"). The gold reward grades a
+response (order, missing and extra items). π0 is a tiny Llama SFT'd on imperfect demonstrations
+(swaps, drops); r0 is trained with Bradley-Terry on a limited, noisy set of gold-labelled pairs of
+π0's own samples, so it is right on π0's distribution and blind beyond it: DPO against a fixed r0
+first improves the policy, then finds r0's blind spot (padding with repeats) -- the distribution
+shift of Sec. 1. The gold metrics below measure what the paper can only estimate: policy quality
+and the RM's agreement with the truth.
 """
 from __future__ import annotations
 
@@ -75,9 +77,10 @@ _NUMBER = re.compile(r"0|[1-9][0-9]*")
 def gold_parts(prompt, response: str) -> dict[str, float]:
     """The three factors of the gold reward, each in [0, 1].
 
-    recall: share of the prompt's numbers present (multiset); precision: share of the response's tokens
-    that are wanted numbers (repeats, foreign numbers and junk words all count against it); order:
-    1 - 0.5 * inversions / pairs, so a fully reversed list keeps half the credit and one swap costs little.
+    recall: share of the prompt's numbers present (multiset); precision: share of the response's
+    tokens that are wanted numbers (repeats, foreign numbers and junk words all count against it);
+    order: 1 - 0.5 * inversions / pairs, so a fully reversed list keeps half the credit and one
+    swap costs little.
     """
     want = Counter(parse_numbers(prompt))
     toks = response.split()
@@ -94,8 +97,8 @@ def gold_parts(prompt, response: str) -> dict[str, float]:
 def gold_reward(prompt, response: str) -> float:
     """Gold reward in [0, 1]: recall * precision * order; 1 exactly for the sorted permutation.
 
-    A missing item (recall (n-1)/n) costs more than one adjacent swap (order 1 - 0.5/C(n,2)) for every
-    n >= 3; empty or junk-only responses score 0.
+    A missing item (recall (n-1)/n) costs more than one adjacent swap (order 1 - 0.5/C(n,2)) for
+    every n >= 3; empty or junk-only responses score 0.
     """
     p = gold_parts(prompt, response)
     return p["recall"] * p["precision"] * p["order"]
@@ -103,7 +106,8 @@ def gold_reward(prompt, response: str) -> float:
 
 def corrupt(target: list[int], rng: random.Random, p_clean: float = 0.3,
             ops: tuple[str, ...] = ("swap", "drop", "repeat")) -> list[int]:
-    """An imperfect demonstration: the sorted list hit by 1-3 swaps, drops and repeats (or left clean).
+    """An imperfect demonstration: the sorted list hit by 1-3 swaps, drops
+    and repeats (or left clean).
 
     The SFT policy imitates these mistakes, so π0 starts clearly below the best (Sec. 5: the base
     policy is an SFT model, not an optimal one).
@@ -124,9 +128,11 @@ def corrupt(target: list[int], rng: random.Random, p_clean: float = 0.3,
 
 
 def make_prompts(n: int, seed: int) -> list[dict]:
-    """`n` prompt rows in the project's prompt-file format, {"id", "prompt"}, deterministic from the seed."""
+    """`n` prompt rows in the project's prompt-file format, {"id", "prompt"},
+    deterministic from the seed."""
     rng = random.Random(f"sandbox-prompts:{seed}")
-    return [{"id": f"sort-{seed}-{i:05d}", "prompt": prompt_text(make_numbers(rng))} for i in range(n)]
+    return [{"id": f"sort-{seed}-{i:05d}", "prompt": prompt_text(make_numbers(rng))}
+            for i in range(n)]
 
 
 def write_prompts(path, n: int, seed: int):
@@ -138,26 +144,29 @@ def write_prompts(path, n: int, seed: int):
 
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>")
 WORDS = ("sort", ":")
-# The template writes BOS itself (DESIGN.md §4: tokenize its output without adding specials again) and
-# ends every turn with <|end|>, which is what the policy emits to stop (mt/chat.end_of_turn_id).
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# The template writes BOS itself (DESIGN.md §4: tokenize its output without adding specials again)
+# and ends every turn with <|end|>, which is what the policy emits to stop
+# (mt/chat.end_of_turn_id).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                 "<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def build_tokenizer(out_dir):
-    """A word-level PreTrainedTokenizerFast with the chat template, saved as a Hugging Face directory."""
+    """A word-level PreTrainedTokenizerFast with the chat template,
+    saved as a Hugging Face directory."""
     vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + tuple(map(str, range(NUM_MAX))))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()  # "sort: 7 3" -> sort, :, 7, 3
     core.add_special_tokens(list(SPECIALS))
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>", chat_template=CHAT_TEMPLATE,
-                                  clean_up_tokenization_spaces=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", unk_token="<unk>",
+                                  chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
     tok.save_pretrained(str(out_dir))
     return tok
 
 
-# ---- the world: tokenizer, base policy π0 (SFT), base RM r0 (Bradley-Terry), prompt set, all from a seed
+# ---- the world: tokenizer, base policy π0 (SFT), base RM r0 (Bradley-Terry),
+# prompt set, all from a seed
 
 
 @dataclass(frozen=True)
@@ -171,9 +180,10 @@ class WorldConfig:
     num_heads: int = 4
     # π0: SFT on imperfect demonstrations
     demo_clean: float = 0.3  # share of demonstrations left uncorrupted
-    # The corruptions of the others. No repeats on purpose: π0 then never pads, so on π0's samples a
-    # longer response is a more complete one and r0 learns "longer is better" -- right on π0's
-    # distribution, wrong beyond it (padding with repeats): the verbosity blind spot DPO then finds.
+    # The corruptions of the others. No repeats on purpose: π0 then never pads, so on π0's samples
+    # a longer response is a more complete one and r0 learns "longer is better" -- right on π0's
+    # distribution, wrong beyond it (padding with repeats): the verbosity blind spot DPO then
+    # finds.
     demo_ops: str = "swap,drop"
     sft_examples: int = 12800
     sft_epochs: int = 4
@@ -202,31 +212,36 @@ class World:
 
 
 def _policy_hf_config(c: WorldConfig, tok) -> dict:
-    """config.json of π0: a Llama with vocabulary = the sandbox tokenizer, positions for the longest chat."""
+    """config.json of π0: a Llama with vocabulary = the sandbox tokenizer,
+    positions for the longest chat."""
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": len(tok),
             "hidden_size": c.hidden_size, "intermediate_size": 3 * c.hidden_size,
             "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
             "num_key_value_heads": c.num_heads, "head_dim": c.hidden_size // c.num_heads,
-            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-            "tie_word_embeddings": False, "initializer_range": 0.02, "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "hidden_act": "silu", "tie_word_embeddings": False, "initializer_range": 0.02,
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id}
 
 
 def _sampling() -> C.SamplingConfig:
-    """run_em's sandbox sampling (PRESETS["sandbox"]), so r0 is trained on π0's run-time distribution."""
+    """run_em's sandbox sampling (PRESETS["sandbox"]),
+    so r0 is trained on π0's run-time distribution."""
     return C.parse(["--preset", "sandbox"], C.Config()).sampling
 
 
 def _prompts(n: int, seed: int, stream: str):
-    """Prompt rows (for the sampler) of a named stream, disjoint in id from the run's prompt file."""
+    """Prompt rows (for the sampler) of a named stream,
+    disjoint in id from the run's prompt file."""
     rng = random.Random(f"sandbox-{stream}:{seed}")
-    return [{"prompt_id": f"{stream}-{i:05d}", "prompt": [{"role": "user", "content": prompt_text(make_numbers(rng))}]}
+    return [{"prompt_id": f"{stream}-{i:05d}",
+             "prompt": [{"role": "user", "content": prompt_text(make_numbers(rng))}]}
             for i in range(n)]
 
 
 def gold_pairs(samples: list[dict], label_noise: float = 0.0, seed: int = 0) -> list[dict]:
-    """Every within-prompt pair of responses with different gold, chosen = higher gold (flipped with
-    probability label_noise): the annotated preference data a base RM is trained on."""
+    """Every within-prompt pair of responses with different gold, chosen = higher gold (flipped
+    with probability label_noise): the annotated preference data a base RM is trained on."""
     rng = random.Random(f"sandbox-label-noise:{seed}")
     out = []
     for row in samples:
@@ -240,21 +255,24 @@ def gold_pairs(samples: list[dict], label_noise: float = 0.0, seed: int = 0) -> 
                 flipped = rng.random() < label_noise
                 if flipped:
                     c, r = r, c
-                out.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"], "chosen": ys[c],
-                            "rejected": ys[r], "chosen_gold": g[c], "rejected_gold": g[r], "flipped": flipped})
+                out.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"],
+                            "chosen": ys[c], "rejected": ys[r], "chosen_gold": g[c],
+                            "rejected_gold": g[r], "flipped": flipped})
     return out
 
 
 def _build(c: WorldConfig, root: Path) -> dict:
-    """Write tokenizer/, policy/ (π0), rm/ (r0), prompts.jsonl, rm_pairs.jsonl and world.json under root."""
+    """Write tokenizer/, policy/ (π0), rm/ (r0), prompts.jsonl, rm_pairs.jsonl
+    and world.json under root."""
     t0 = time.perf_counter()
     times = {}
     tok_dir = root / "tokenizer"
     build_tokenizer(tok_dir)
     tok = chat.load_tokenizer(tok_dir)
     sampling = _sampling()
-    gen_cfg = {"bos_token_id": tok.bos_token_id, "eos_token_id": chat.stop_ids(tok), "pad_token_id": tok.pad_token_id,
-               "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+    gen_cfg = {"bos_token_id": tok.bos_token_id, "eos_token_id": chat.stop_ids(tok),
+               "pad_token_id": tok.pad_token_id, "do_sample": True,
+               "temperature": sampling.temperature, "top_p": sampling.top_p}
     (tok_dir / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     write_prompts(root / "prompts.jsonl", c.n_prompts, c.seed)
 
@@ -264,13 +282,15 @@ def _build(c: WorldConfig, root: Path) -> dict:
     for i in range(c.sft_examples):
         nums = make_numbers(rng)
         demos.append((f"demo-{i}", [{"role": "user", "content": prompt_text(nums)}],
-                      " ".join(map(str, corrupt(sorted(nums), rng, c.demo_clean, tuple(c.demo_ops.split(",")))))))
+                      " ".join(map(str, corrupt(sorted(nums), rng, c.demo_clean,
+                                                tuple(c.demo_ops.split(",")))))))
     examples, _ = chat.sft_examples(tok, demos, max_length=64)
     torch.manual_seed(c.seed)
     policy = Transformer(ModelConfig.from_hf(_policy_hf_config(c, tok)))
     policy.init_weights()
-    sft = C.TrainConfig(lr=c.sft_lr, batch_size=c.sft_batch_size, micro_batch_size=c.sft_batch_size,
-                      epochs=c.sft_epochs, warmup_ratio=0.05, max_length=64, save_every=0, seed=c.seed)
+    sft = C.TrainConfig(lr=c.sft_lr, batch_size=c.sft_batch_size,
+                        micro_batch_size=c.sft_batch_size, epochs=c.sft_epochs, warmup_ratio=0.05,
+                        max_length=64, save_every=0, seed=c.seed)
     train(policy, examples, SFT, sft, root / "sft", pad_id=tok.pad_token_id, tokenizer_dir=tok_dir,
           generation_config=gen_cfg, progress=False, desc="sandbox π0 (SFT)")
     os.replace(root / "sft" / "final", root / "policy")
@@ -286,10 +306,12 @@ def _build(c: WorldConfig, root: Path) -> dict:
     torch.manual_seed(c.seed)  # the fresh score head
     rm = load_model(root / "policy", head="score")
     rm.cfg.hf["pad_token_id"] = tok.pad_token_id
-    rmc = C.RMConfig(lr=c.rm_lr, batch_size=c.rm_batch_size, micro_batch_size=c.rm_batch_size, epochs=c.rm_epochs,
-                   warmup_ratio=0.05, max_length=64, save_every=0, seed=c.seed)
-    train(rm, examples, BRADLEY_TERRY, rmc, root / "rm_train", pad_id=tok.pad_token_id, tokenizer_dir=tok_dir,
-          generation_config=gen_cfg, progress=False, desc="sandbox r0 (Bradley-Terry)")
+    rmc = C.RMConfig(lr=c.rm_lr, batch_size=c.rm_batch_size, micro_batch_size=c.rm_batch_size,
+                     epochs=c.rm_epochs, warmup_ratio=0.05, max_length=64, save_every=0,
+                     seed=c.seed)
+    train(rm, examples, BRADLEY_TERRY, rmc, root / "rm_train", pad_id=tok.pad_token_id,
+          tokenizer_dir=tok_dir, generation_config=gen_cfg, progress=False,
+          desc="sandbox r0 (Bradley-Terry)")
     os.replace(root / "rm_train" / "final", root / "rm")
     times["rm_s"] = time.perf_counter() - t0 - times["sft_s"]
 
@@ -297,8 +319,10 @@ def _build(c: WorldConfig, root: Path) -> dict:
     held = sample(policy, tok, _prompts(c.eval_prompts, c.seed, "eval"), sampling,
                   seed=c.seed, stream="sandbox/eval", n=c.rm_samples)
     info = {"base_gold": policy_gold(held), "base_perfect": policy_gold(held, perfect=True),
-            "rm_pairs": len(pairs), "rm_agreement_base": rm_gold_agreement(root / "rm", sample_pairs(held)),
-            **{k: round(v, 1) for k, v in times.items()}, "build_s": round(time.perf_counter() - t0, 1)}
+            "rm_pairs": len(pairs),
+            "rm_agreement_base": rm_gold_agreement(root / "rm", sample_pairs(held)),
+            **{k: round(v, 1) for k, v in times.items()},
+            "build_s": round(time.perf_counter() - t0, 1)}
     return info
 
 
@@ -323,14 +347,17 @@ def default_cache_dir() -> Path:
 
 
 def _world(c: WorldConfig, root: Path, info: dict) -> World:
-    return World(root, root / "policy", root / "rm", root / "prompts.jsonl", root / "rm_pairs.jsonl", c, info)
+    return World(root, root / "policy", root / "rm", root / "prompts.jsonl",
+                 root / "rm_pairs.jsonl", c, info)
 
 
 def build_world(seed: int = 0, cache_dir=None, **overrides) -> World:
-    """The sandbox world for `seed`, built once (≈30-40 s on 2 CPU cores) and then read from the cache.
+    """The sandbox world for `seed`, built once (≈30-40 s on 2 CPU cores)
+    and then read from the cache.
 
     `overrides` change WorldConfig fields (tests build smaller worlds). The cache directory is
-    `cache_dir` or $MT_SANDBOX_CACHE or ~/.cache/mutual_taught; a lock file serialises concurrent builds.
+    `cache_dir` or $MT_SANDBOX_CACHE or ~/.cache/mutual_taught; a lock file serialises concurrent
+    builds.
     """
     c = WorldConfig(seed=seed, **overrides)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -341,7 +368,8 @@ def build_world(seed: int = 0, cache_dir=None, **overrides) -> World:
         if not (root / "world.json").is_file():
             tmp = cache / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
             threads = torch.get_num_threads()
-            # one thread: as fast for models this small, and no spinning OpenMP workers on a shared machine
+            # one thread: as fast for models this small,
+            # and no spinning OpenMP workers on a shared machine
             torch.set_num_threads(1)
             try:
                 print(f"building the sandbox world (seed {seed}) in {root} ...", flush=True)
@@ -356,8 +384,9 @@ def build_world(seed: int = 0, cache_dir=None, **overrides) -> World:
                 raise
             finally:
                 torch.set_num_threads(threads)
-            print(f"sandbox world built in {info['build_s']}s: π0 gold {info['base_gold']:.3f}, r0 agrees with "
-                  f"gold on {100 * info['rm_agreement_base']['agreement']:.1f}% of π0's pairs", flush=True)
+            print(f"sandbox world built in {info['build_s']}s: π0 gold {info['base_gold']:.3f}, "
+                  f"r0 agrees with gold on {100 * info['rm_agreement_base']['agreement']:.1f}% of "
+                  "π0's pairs", flush=True)
     return _world(c, root, read_json(root / "world.json"))
 
 
@@ -365,21 +394,26 @@ def build_world(seed: int = 0, cache_dir=None, **overrides) -> World:
 
 
 def gold_scores(samples) -> list[dict]:
-    """scores.jsonl rows with the GOLD reward: the oracle judge, aligned with each row's responses."""
-    return [{"prompt_id": r["prompt_id"], "scores": [gold_reward(r["prompt"], y) for y in r["responses"]]}
+    """scores.jsonl rows with the GOLD reward: the oracle judge,
+    aligned with each row's responses."""
+    return [{"prompt_id": r["prompt_id"],
+             "scores": [gold_reward(r["prompt"], y) for y in r["responses"]]}
             for r in samples]
 
 
 def policy_gold(samples, perfect: bool = False) -> float:
-    """Mean gold reward over every response of samples rows (or, with perfect, the share scoring 1)."""
+    """Mean gold reward over every response of samples rows (or, with perfect,
+    the share scoring 1)."""
     g = [s == 1.0 if perfect else s for row in gold_scores(samples) for s in row["scores"]]
     return sum(g) / max(1, len(g))
 
 
 def gold_win_rate(new_samples, old_samples) -> dict:
-    """Gold win rate of a policy against another (e.g. π0) on the same prompts, response j against j.
+    """Gold win rate of a policy against another (e.g. π0) on the same prompts,
+    response j against j.
 
-    win_rate = (wins + ties / 2) / n; ties are frequent here (both responses perfect), so they are reported.
+    win_rate = (wins + ties / 2) / n; ties are frequent here (both responses perfect),
+    so they are reported.
     """
     old = {r["prompt_id"]: r for r in old_samples}
     w = t = n = 0
@@ -392,36 +426,42 @@ def gold_win_rate(new_samples, old_samples) -> dict:
             w, t, n = w + (ga > gb), t + (ga == gb), n + 1
     if n == 0:
         raise ValueError("gold_win_rate: the two sample sets share no prompt id")
-    return {"win_rate": (w + t / 2) / n, "win": w / n, "tie": t / n, "loss": (n - w - t) / n, "n": n}
+    return {"win_rate": (w + t / 2) / n, "win": w / n, "tie": t / n, "loss": (n - w - t) / n,
+            "n": n}
 
 
 def sample_pairs(samples) -> list[dict]:
-    """Every within-prompt pair of a policy's responses with different gold (chosen = higher gold)."""
+    """Every within-prompt pair of a policy's responses with different gold
+    (chosen = higher gold)."""
     return gold_pairs(samples, label_noise=0.0)
 
 
 def pair_gold_accuracy(pairs) -> dict:
-    """Share of pairs whose chosen response has strictly higher gold than the rejected one (gold ties
-    are counted apart: `accuracy` is over the pairs gold decides; `ties` over all pairs)."""
+    """Share of pairs whose chosen response has strictly higher gold than the rejected one (gold
+    ties are counted apart: `accuracy` is over the pairs gold decides; `ties` over all pairs)."""
     right = ties = n = 0
     for p in pairs:
         gc, gr = gold_reward(p["prompt"], p["chosen"]), gold_reward(p["prompt"], p["rejected"])
         right, ties, n = right + (gc > gr), ties + (gc == gr), n + 1
-    return {"accuracy": right / (n - ties) if n > ties else float("nan"), "ties": ties / max(1, n), "n": n}
+    return {"accuracy": right / (n - ties) if n > ties else float("nan"), "ties": ties / max(1, n),
+            "n": n}
 
 
 def rm_gold_agreement(rm, pairs, tok=None) -> dict:
-    """Share of pairs the RM orders as gold does (RM ties count as disagreement); pairs gold ties are
-    skipped. `rm` is a directory or a loaded model with its tokenizer."""
-    rows = [p for p in pairs if gold_reward(p["prompt"], p["chosen"]) != gold_reward(p["prompt"], p["rejected"])]
+    """Share of pairs the RM orders as gold does (RM ties count as disagreement); pairs gold ties
+    are skipped. `rm` is a directory or a loaded model with its tokenizer."""
+    rows = [p for p in pairs
+            if gold_reward(p["prompt"], p["chosen"]) != gold_reward(p["prompt"], p["rejected"])]
     if not rows:
         return {"agreement": float("nan"), "n": 0}
-    items = [(p["prompt"], p["chosen"]) for p in rows] + [(p["prompt"], p["rejected"]) for p in rows]
+    items = ([(p["prompt"], p["chosen"]) for p in rows]
+             + [(p["prompt"], p["rejected"]) for p in rows])
     s = score_conversations(rm, items, tok, progress=False)
     n = len(rows)
     agree = 0
     for p, sc, sr in zip(rows, s[:n], s[n:]):
-        gold_c_better = gold_reward(p["prompt"], p["chosen"]) > gold_reward(p["prompt"], p["rejected"])
+        gold_c_better = (gold_reward(p["prompt"], p["chosen"])
+                         > gold_reward(p["prompt"], p["rejected"]))
         agree += (sc > sr) if gold_c_better else (sr > sc)
     return {"agreement": agree / n, "n": n}
 
@@ -441,9 +481,12 @@ def gold_view(run: Path) -> list[dict]:
         if not (it / "selection.json").is_file():
             break
         chosen = read_json(it / "selection.json").get("chosen")
-        row = {"iter": it.relative_to(run).as_posix(), "chosen": chosen or "stop", "pi0_gold": policy_gold(pi0),
-               # r_{t-1}'s pairs on π_{t-1}'s samples: how often the RM that drove this E-step agreed with gold
-               "estep_pairs_gold_acc": pair_gold_accuracy(read_pairs(it / "pairs.jsonl"))["accuracy"]}
+        row = {"iter": it.relative_to(run).as_posix(), "chosen": chosen or "stop",
+               "pi0_gold": policy_gold(pi0),
+               # r_{t-1}'s pairs on π_{t-1}'s samples:
+               # how often the RM that drove this E-step agreed with gold
+               "estep_pairs_gold_acc": pair_gold_accuracy(
+                   read_pairs(it / "pairs.jsonl"))["accuracy"]}
         if chosen:
             new = read_samples(it / "selection" / f"{chosen}.samples.jsonl")
             row["policy_gold"] = policy_gold(new)
@@ -453,8 +496,10 @@ def gold_view(run: Path) -> list[dict]:
             pp = read_pseudo_pairs(it / "pseudo_pairs.jsonl")
             valid = [{**r, "chosen": r["y_t"], "rejected": r["y_prev"]} for r in pp if r["valid"]]
             kept = [r for r in pp if r["kept"]]
-            row["pseudo_gold_acc_before"] = pair_gold_accuracy(valid)["accuracy"] if valid else math.nan
-            row["pseudo_gold_acc_after"] = pair_gold_accuracy(kept)["accuracy"] if kept else math.nan
+            row["pseudo_gold_acc_before"] = (pair_gold_accuracy(valid)["accuracy"] if valid
+                                             else math.nan)
+            row["pseudo_gold_acc_after"] = (pair_gold_accuracy(kept)["accuracy"] if kept
+                                            else math.nan)
             row["pseudo_kept"], row["pseudo_total"] = len(kept), len(pp)
         rows.append(row)
     return rows
@@ -465,12 +510,14 @@ def _f(x, fmt=".3f"):
 
 
 def gold_table(rows: list[dict]) -> str:
-    lines = ["| iter | chosen | policy gold (π0) | perfect share | gold win vs π0 | E-step pairs gold acc "
-             "| pseudo gold acc before → after filter | pseudo kept/total |", "|" + "---|" * 8]
+    lines = ["| iter | chosen | policy gold (π0) | perfect share | gold win vs π0 | E-step pairs "
+             "gold acc | pseudo gold acc before → after filter | pseudo kept/total |",
+             "|" + "---|" * 8]
     for r in rows:
         lines.append(
-            f"| {r['iter'].removeprefix('iter')} | {r['chosen']} | {_f(r.get('policy_gold'))} ({_f(r['pi0_gold'])}) | "
-            f"{_f(r.get('policy_perfect'), '.2f')} | {_f(r.get('gold_win_vs_pi0'))} | {_f(r['estep_pairs_gold_acc'])} | "
+            f"| {r['iter'].removeprefix('iter')} | {r['chosen']} | {_f(r.get('policy_gold'))} "
+            f"({_f(r['pi0_gold'])}) | {_f(r.get('policy_perfect'), '.2f')} | "
+            f"{_f(r.get('gold_win_vs_pi0'))} | {_f(r['estep_pairs_gold_acc'])} | "
             f"{_f(r.get('pseudo_gold_acc_before'))} → {_f(r.get('pseudo_gold_acc_after'))} | "
             f"{r.get('pseudo_kept', '-')}/{r.get('pseudo_total', '-')} |")
     return "\n".join(lines)

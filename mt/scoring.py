@@ -1,7 +1,9 @@
-"""Scoring responses with a reward model: length-sorted batches, data-parallel, results in input order.
+"""Scoring responses with a reward model: length-sorted batches, data-parallel,
+results in input order.
 
-Used by the E-step (r_{t-1} scores the M samples), model selection, pseudo-pair filtering and eval/.
-Each whole chat is rendered with the RM's OWN tokenizer and template (the policy's may differ).
+Used by the E-step (r_{t-1} scores the M samples), model selection, pseudo-pair filtering and
+eval/. Each whole chat is rendered with the RM's OWN tokenizer and template (the policy's may
+differ).
 """
 from __future__ import annotations
 
@@ -19,12 +21,15 @@ from mt.data import pad_sequences, read_samples, write_jsonl
 
 
 def load_rm(path, device=None, dtype="auto"):
-    """A reward model directory (score head) and its tokenizer; dtype auto = bf16 on GPU, fp32 on CPU."""
+    """A reward model directory (score head) and its tokenizer;
+    dtype auto = bf16 on GPU, fp32 on CPU."""
     device = torch.device(device or dist.get().device)
     if read_config(path).head != "score":
-        raise CheckpointError(f"{path}: is a causal LM, not a reward model (config.json architectures must end in "
-                              "ForSequenceClassification); train one with train_rm.py first")
-    return load_model(path, dtype, device).eval(), load_tokenizer(path)  # load_model resolves "auto"
+        raise CheckpointError(f"{path}: is a causal LM, not a reward model (config.json "
+                              "architectures must end in ForSequenceClassification); train one "
+                              "with train_rm.py first")
+    # load_model resolves "auto"
+    return load_model(path, dtype, device).eval(), load_tokenizer(path)
 
 
 @torch.no_grad()
@@ -37,14 +42,15 @@ def score_conversations(rm, items: list[tuple[list[dict], str]], tok=None, batch
     gets the same score within a call (batch shapes round differently; identical responses are
     common, and Eq. 6 must see them as ties). Callers that compare scores score all the compared
     texts in one call (score_files). `rm` is a reward-model directory, or a loaded model with its
-    `tok`. Rank r scores the distinct items [r::world]; within a rank, longest first into batches of
-    <= max_tokens padded tokens and <= batch_size rows, right-padded, each score read at the row's
-    last real token (by length, never by pad id).
+    `tok`. Rank r scores the distinct items [r::world]; within a rank, longest first into batches
+    of <= max_tokens padded tokens and <= batch_size rows, right-padded, each score read at the
+    row's last real token (by length, never by pad id).
     """
     if isinstance(rm, (str, Path)):
         rm, tok = load_rm(rm, device, dtype)
     elif tok is None:
-        raise ValueError("score_conversations(model, items) needs the reward model's own tokenizer: tok=...")
+        raise ValueError("score_conversations(model, items) needs the reward model's own "
+                         "tokenizer: tok=...")
     keys = [json.dumps(item, ensure_ascii=False, sort_keys=True) for item in items]
     first: dict[str, int] = {}
     for k in keys:
@@ -63,7 +69,8 @@ def _score_distinct(rm, tok, items, batch_size, max_tokens, progress, desc) -> l
     mine = list(range(len(items)))[d.rank::d.world_size]
     seqs = {i: encode_conversation(tok, *items[i]) for i in mine}
     order = sorted(mine, key=lambda i: -len(seqs[i]))
-    bar = tqdm(total=len(items), desc=desc, unit="resp", disable=not (progress and d.is_main), dynamic_ncols=True)
+    bar = tqdm(total=len(items), desc=desc, unit="resp", disable=not (progress and d.is_main),
+               dynamic_ncols=True)
     local, pending = [], []
     j = 0
     while j < len(order):
@@ -98,13 +105,15 @@ def score_samples(rm, samples, tok=None, **kw) -> list[dict]:
 
 
 def score_file(rm_dir, samples_path, out_path, device=None, dtype="auto", **kw) -> list[dict]:
-    """Read samples.jsonl, score every response with the RM in rm_dir, write scores.jsonl (rank 0, atomic)."""
+    """Read samples.jsonl, score every response with the RM in rm_dir,
+    write scores.jsonl (rank 0, atomic)."""
     return score_files(rm_dir, [(samples_path, out_path)], device, dtype, **kw)[0]
 
 
 def score_files(rm_dir, files: list[tuple], device=None, dtype="auto", **kw) -> list[list[dict]]:
-    """score_file for several (samples.jsonl, scores.jsonl) at once, in ONE scoring call, so a response
-    that appears in two files (y_t^k and y_{t-1} in Eq. 6, y_t and y_{t-1} in Eq. 8) gets one score."""
+    """score_file for several (samples.jsonl, scores.jsonl) at once, in ONE scoring call, so a
+    response that appears in two files (y_t^k and y_{t-1} in Eq. 6, y_t
+    and y_{t-1} in Eq. 8) gets one score."""
     t0 = time.perf_counter()
     rm, tok = load_rm(rm_dir, device, dtype)
     samples = [read_samples(s) for s, _ in files]
@@ -118,6 +127,6 @@ def score_files(rm_dir, files: list[tuple], device=None, dtype="auto", **kw) -> 
     dist.barrier()
     n = sum(len(r["scores"]) for r in flat)
     where = ", ".join(str(Path(o)) for _, o in files)
-    dist.print0(f"scored {n} responses of {len(flat)} prompts with {rm_dir} in {time.perf_counter() - t0:.1f}s "
-                f"-> {where}")
+    dist.print0(f"scored {n} responses of {len(flat)} prompts with {rm_dir} in "
+                f"{time.perf_counter() - t0:.1f}s -> {where}")
     return out

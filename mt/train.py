@@ -1,21 +1,23 @@
 """The one training loop: the policy (DPO family, E-step Eq. 4), the reward model (Bradley-Terry,
 M-step Eq. 5) and plain SFT (building the sandbox's base policy).
 
-    train(model, examples, preference_objective("dpo") | BRADLEY_TERRY | SFT, cfg, out_dir, ref_logps=...)
+    train(model, examples, preference_objective("dpo") | BRADLEY_TERRY | SFT, cfg, out_dir,
+          ref_logps=...)
 
-- What differs between the three is a small value, `mt.losses.Objective` (its step function, whether
-  rows come in chosen/rejected pairs, whether the loss is per token); the loop never tests a name.
+- What differs between the three is a small value, `mt.losses.Objective` (its step function,
+  whether rows come in chosen/rejected pairs, whether the loss is per token);
+  the loop never tests a name.
 - FSDP2 and mixed precision are mt/dist.py's `prepare_model`; loading on rank 0 and saving Hugging
   Face directories are mt/checkpoint.py's; tokenising examples is mt/chat.py's.
 - Global batch = micro × accumulation × world. Every loss is summed per example and divided by the
-  GLOBAL count of the step (pairs, or response tokens for SFT), known on the host before the step, so
-  accumulation and world size do not change the result (DESIGN.md §4).
+  GLOBAL count of the step (pairs, or response tokens for SFT), known on the host before the step,
+  so accumulation and world size do not change the result (DESIGN.md §4).
 - Data order is a function of (seed, epoch) only, never of the world size.
 - A non-finite loss or gradient norm on any rank stops every rank before the optimizer step.
-- Checkpoints `ckpt-{step}` (model selection's candidates) and `final` are Hugging Face directories;
-  `trainer_state/` (each rank's shards of the model and of AdamW's state as safetensors, the rest
-  JSON: nothing is ever unpickled) lets an interrupted stage resume at its last checkpoint and finish
-  with the same weights as an uninterrupted run.
+- Checkpoints `ckpt-{step}` (model selection's candidates) and `final` are Hugging Face
+  directories; `trainer_state/` (each rank's shards of the model and of AdamW's state as
+  safetensors, the rest JSON: nothing is ever unpickled) lets an interrupted stage resume at its
+  last checkpoint and finish with the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -67,13 +69,15 @@ class TrainResult:
 
 
 def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig, out_dir, *,
-          ref_logps: dict[str, tuple[float, float]] | None = None, pad_id: int = 0, tokenizer_dir=None,
-          generation_config: dict | None = None, save_dtype: torch.dtype | None = None,
-          fsdp: bool | None = None, progress: bool = True, desc: str | None = None) -> TrainResult:
-    """Train `model` in place on `examples`; write ckpt-{step}/, final/, metrics.jsonl under out_dir.
+          ref_logps: dict[str, tuple[float, float]] | None = None, pad_id: int = 0,
+          tokenizer_dir=None, generation_config: dict | None = None,
+          save_dtype: torch.dtype | None = None, fsdp: bool | None = None, progress: bool = True,
+          desc: str | None = None) -> TrainResult:
+    """Train `model` in place on `examples`; write ckpt-{step}/, final/,
+    metrics.jsonl under out_dir.
 
-    Reruns resume from out_dir/trainer_state (same data and hyperparameters required) and end with the
-    same weights as an uninterrupted run; a finished run returns at once.
+    Reruns resume from out_dir/trainer_state (same data and hyperparameters required) and end with
+    the same weights as an uninterrupted run; a finished run returns at once.
     """
     # ---- setup
     check_inputs(examples, objective, cfg, ref_logps)
@@ -88,7 +92,8 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
     units = [loss_units(objective, e) for e in examples]
     refs = ref_logps if objective.uses_reference else None
     optimizer = make_optimizer(model, cfg)
-    torch.manual_seed(cfg.seed)  # nothing in the loop draws random numbers today; a fork adding dropout would
+    # nothing in the loop draws random numbers today; a fork adding dropout would
+    torch.manual_seed(cfg.seed)
     state = TrainerState(out_dir, fingerprint(objective, cfg, examples), total, objective.name)
 
     # ---- resume
@@ -105,16 +110,19 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
     row = {}
     for step in range(start, total):
         batch_idx = batches[step]
-        denom = sum(units[i] for i in batch_idx)  # global count, known on the host: no communication
+        # global count, known on the host: no communication
+        denom = sum(units[i] for i in batch_idx)
         micro = rank_micro_batches(batch_idx, num_tokens, d.rank, world, cfg.micro_batch_size)
         sums: dict[str, torch.Tensor] = {}
         local_losses = []
         for idx in micro:
-            batch = collate([examples[i] for i in (idx or batch_idx[:1])], objective.pairwise, pad_id, dev,
-                            refs=refs)
+            batch = collate([examples[i] for i in (idx or batch_idx[:1])], objective.pairwise,
+                            pad_id, dev, refs=refs)
             loss_vec, metrics = objective.step(model, batch, cfg)  # (b,), {name: (b,)}
-            # FSDP averages gradients over ranks; × world turns that back into the global sum / denom
-            real = 1.0 if idx else 0.0  # an empty share runs a zero-weight forward (FSDP collectives)
+            # FSDP averages gradients over ranks;
+            # × world turns that back into the global sum / denom
+            # an empty share runs a zero-weight forward (FSDP collectives)
+            real = 1.0 if idx else 0.0
             (loss_vec.sum() * (real * world / denom)).backward()
             if idx:
                 local_losses.append(loss_vec.detach().sum())
@@ -124,14 +132,16 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        names = sorted(sums)  # the same on every rank: empty micro-batches report zero-weighted metrics
+        # the same on every rank: empty micro-batches report zero-weighted metrics
+        names = sorted(sums)
         local = torch.stack([sums[k] for k in names])
         bad = (~torch.isfinite(local).all() | ~torch.isfinite(grad_norm)).float()
         stats = dist.all_reduce_sum(torch.cat([local, bad[None], grad_norm[None].float()]))
         # the one host sync per optimizer step: the non-finite check must happen before the update
         vals = stats.tolist()
         if vals[len(names)] > 0:
-            _fail(step, total, batch_idx, micro, local_losses, examples, grad_norm, out_dir, state.checkpoints)
+            _fail(step, total, batch_idx, micro, local_losses, examples, grad_norm, out_dir,
+                  state.checkpoints)
         lr = lr_at(step, total, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -139,9 +149,10 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
         optimizer.zero_grad(set_to_none=True)
 
         # ---- log (rank 0)
-        row = log_row(step, total // cfg.epochs, names, vals, denom, lr, world, batch_idx, num_tokens,
-                      state.elapsed())
-        if metrics_file:  # the one file appended in place: flushed and fsynced like every other write
+        row = log_row(step, total // cfg.epochs, names, vals, denom, lr, world, batch_idx,
+                      num_tokens, state.elapsed())
+        # the one file appended in place: flushed and fsynced like every other write
+        if metrics_file:
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
             os.fsync(metrics_file.fileno())
@@ -161,9 +172,10 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
         metrics_file.close()
     save_hf(model, final, save_dtype, tokenizer_dir, generation_config)
     state.mark_done(row)
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k in ("loss", "accuracy", "margin"))
-    dist.print0(f"{objective.name}: {total} steps on {len(examples)} examples in {state.elapsed(run=True):.1f}s; "
-                f"last step {summary}; saved {final}")
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                        if k in ("loss", "accuracy", "margin"))
+    dist.print0(f"{objective.name}: {total} steps on {len(examples)} examples in "
+                f"{state.elapsed(run=True):.1f}s; last step {summary}; saved {final}")
     return TrainResult(out_dir, final, state.checkpoints, total, row, start)
 
 
@@ -178,15 +190,16 @@ def check_inputs(examples, objective, cfg, ref_logps):
     world = dist.get().world_size
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise TrainError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size "
-                         f"({cfg.micro_batch_size}) × world size ({world}): global batch = micro × "
-                         "accumulation × world")
+                         f"({cfg.micro_batch_size}) × world size ({world}): global batch = micro "
+                         "× accumulation × world")
     if objective.uses_reference:
         if ref_logps is None:
             raise TrainError(f"loss={cfg.loss!r} needs reference log-probs: pass ref_logps "
                              "(train_policy.reference_logps)")
         missing = [e.key for e in examples if e.key not in ref_logps]
         if missing:
-            raise TrainError(f"{len(missing)} pairs have no reference log-prob (e.g. {missing[0]})")
+            raise TrainError(f"{len(missing)} pairs have no reference log-prob "
+                             f"(e.g. {missing[0]})")
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -197,8 +210,10 @@ def make_optimizer(model, cfg: TrainConfig):
                              lr=cfg.lr, betas=tuple(cfg.adam_betas), foreach=True)
 
 
-def log_row(step, steps_per_epoch, names, vals, denom, lr, world, batch_idx, num_tokens, elapsed) -> dict:
-    """One metrics.jsonl row: the step's loss (over `denom`) and per-example means of the metrics."""
+def log_row(step, steps_per_epoch, names, vals, denom, lr, world, batch_idx, num_tokens,
+            elapsed) -> dict:
+    """One metrics.jsonl row: the step's loss (over `denom`)
+    and per-example means of the metrics."""
     n_pairs = len(batch_idx)
     means = {k: v / (denom if k == "loss" else n_pairs) for k, v in zip(names, vals)}
     row = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": means.pop("loss"),
@@ -206,13 +221,16 @@ def log_row(step, steps_per_epoch, names, vals, denom, lr, world, batch_idx, num
     if "correct" in means:
         row["accuracy"] = means.pop("correct")
     row.update(means)
-    row.update(examples=n_pairs, tokens=sum(num_tokens[i] for i in batch_idx), elapsed=round(elapsed, 3))
+    row.update(examples=n_pairs, tokens=sum(num_tokens[i] for i in batch_idx),
+               elapsed=round(elapsed, 3))
     return row
 
 
 def loss_units(objective: Objective, e: Example) -> int:
-    """What the loss is averaged over: pairs, or response tokens for SFT (whose targets are tokens)."""
-    return len(e.chosen) - max(e.chosen_start, 1) if objective.per_token else 1  # token 0 is never a target
+    """What the loss is averaged over: pairs, or response tokens for SFT
+    (whose targets are tokens)."""
+    # token 0 is never a target
+    return len(e.chosen) - max(e.chosen_start, 1) if objective.per_token else 1
 
 
 # ---- batches
@@ -228,9 +246,10 @@ class Batch:
     ref_rejected: torch.Tensor | None = None
 
 
-def collate(examples: list[Example], pairwise: bool, pad_id: int = 0, device="cpu", side: str = "right",
-            refs: dict[str, tuple[float, float]] | None = None) -> Batch:
-    """Pad chosen rows then rejected rows into one batch: one forward for both (concatenated forward)."""
+def collate(examples: list[Example], pairwise: bool, pad_id: int = 0, device="cpu",
+            side: str = "right", refs: dict[str, tuple[float, float]] | None = None) -> Batch:
+    """Pad chosen rows then rejected rows into one batch: one forward for both
+    (concatenated forward)."""
     seqs = [(e.chosen, e.chosen_start) for e in examples]
     if pairwise:
         seqs += [(e.rejected, e.rejected_start) for e in examples]
@@ -251,24 +270,27 @@ def collate(examples: list[Example], pairwise: bool, pad_id: int = 0, device="cp
 
 
 def global_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
-    """Example indices of every optimizer step: a fresh permutation per epoch, seeded by (seed, epoch).
+    """Example indices of every optimizer step: a fresh permutation per epoch,
+    seeded by (seed, epoch).
 
     Independent of world size and micro-batching; an epoch's last batch may be smaller (kept).
     """
     out = []
     for epoch in range(epochs):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        perm = torch.randperm(
+            n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
         out += [perm[i:i + batch_size] for i in range(0, n, batch_size)]
     return out
 
 
 def rank_micro_batches(batch: list[int], num_tokens: list[int], rank: int, world: int,
                        micro: int) -> list[list[int]]:
-    """This rank's share of a global batch, split into the SAME number of micro-batches on every rank.
+    """This rank's share of a global batch,
+    split into the SAME number of micro-batches on every rank.
 
-    FSDP runs collectives in every forward, so ranks must agree on the count; a rank may get an empty
-    micro-batch in a short last batch (the loop then runs a zero-weight forward). Lengths are sorted
-    within the share so a micro-batch pads little.
+    FSDP runs collectives in every forward, so ranks must agree on the count; a rank may get an
+    empty micro-batch in a short last batch (the loop then runs a zero-weight forward). Lengths are
+    sorted within the share so a micro-batch pads little.
     """
     share = sorted(batch[rank::world], key=lambda i: -num_tokens[i])
     k = math.ceil(math.ceil(len(batch) / world) / micro)
@@ -278,8 +300,10 @@ def rank_micro_batches(batch: list[int], num_tokens: list[int], rank: int, world
     return [share[s:s + n] for s, n in zip(starts, sizes)]
 
 
-def lr_at(step: int, total: int, lr: float, warmup_ratio: float, min_lr_ratio: float = 0.0) -> float:
-    """Linear warmup over ceil(warmup_ratio · total) steps, then cosine decay to min_lr_ratio · lr."""
+def lr_at(step: int, total: int, lr: float, warmup_ratio: float,
+          min_lr_ratio: float = 0.0) -> float:
+    """Linear warmup over ceil(warmup_ratio · total) steps,
+    then cosine decay to min_lr_ratio · lr."""
     warmup = math.ceil(warmup_ratio * total)
     if step < warmup:
         return lr * (step + 1) / (warmup + 1)
@@ -291,7 +315,8 @@ def lr_at(step: int, total: int, lr: float, warmup_ratio: float, min_lr_ratio: f
 
 
 class TrainerState:
-    """out_dir/trainer_state: what an interrupted stage resumes from, and the record of a finished one."""
+    """out_dir/trainer_state: what an interrupted stage resumes from,
+    and the record of a finished one."""
 
     def __init__(self, out_dir: Path, fp: str, total: int, objective: str):
         self.out_dir, self.fp, self.total, self.objective = out_dir, fp, total, objective
@@ -301,13 +326,15 @@ class TrainerState:
         self.elapsed0, self.t0 = 0.0, time.perf_counter()
         if (self.dir / "meta.json").is_file():
             self.meta = read_json(self.dir / "meta.json")
-            if not isinstance(self.meta, dict) or not {"fingerprint", "step", "done"} <= set(self.meta):
-                raise TrainError(f"{self.dir / 'meta.json'}: not a trainer state (no fingerprint/step/done). "
-                                 f"Fix: delete {self.dir} to start this stage over")
+            if (not isinstance(self.meta, dict)
+                    or not {"fingerprint", "step", "done"} <= set(self.meta)):
+                raise TrainError(f"{self.dir / 'meta.json'}: not a trainer state (no "
+                                 f"fingerprint/step/done). Fix: delete {self.dir} to start this "
+                                 "stage over")
             if self.meta["fingerprint"] != fp:
-                raise TrainError(f"{out_dir}/trainer_state belongs to another run (different data or "
-                                 f"hyperparameters). Fix: use a new output directory, or delete "
-                                 f"{out_dir}/trainer_state to start over")
+                raise TrainError(f"{out_dir}/trainer_state belongs to another run (different data "
+                                 "or hyperparameters). Fix: use a new output directory, or "
+                                 f"delete {out_dir}/trainer_state to start over")
             self.checkpoints = [out_dir / c for c in self.meta.get("checkpoints", [])]
 
     @property
@@ -322,11 +349,13 @@ class TrainerState:
         return (0.0 if run else self.elapsed0) + time.perf_counter() - self.t0
 
     def resume(self, model, optimizer) -> int:
-        """Load the saved state if any and clean a killed run's partial writes; returns the first step."""
+        """Load the saved state if any and clean a killed run's partial writes;
+        returns the first step."""
         start = 0
         if self.meta and not self.done():
             self._load(model, optimizer)
-            rng = torch.frombuffer(bytearray(base64.b64decode(self.meta["rng"])), dtype=torch.uint8)
+            rng = torch.frombuffer(bytearray(base64.b64decode(self.meta["rng"])),
+                                   dtype=torch.uint8)
             torch.set_rng_state(rng)
             start, self.elapsed0 = self.meta["step"], self.meta["elapsed"]
             dist.print0(f"{self.out_dir}: resuming at step {start}/{self.total}")
@@ -343,8 +372,8 @@ class TrainerState:
 
     def _meta(self, step: int, done: bool, last: dict) -> dict:
         rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
-        return {"step": step, "total": self.total, "fingerprint": self.fp, "rng": rng, "done": done,
-                "elapsed": self.elapsed(), "objective": self.objective,
+        return {"step": step, "total": self.total, "fingerprint": self.fp, "rng": rng,
+                "done": done, "elapsed": self.elapsed(), "objective": self.objective,
                 "checkpoints": [c.name for c in self.checkpoints], "last": last or {}}
 
     def save(self, model, optimizer, step: int, last: dict):
@@ -354,8 +383,9 @@ class TrainerState:
         if dist.get().is_main and tmp.exists():
             shutil.rmtree(tmp)
         dist.barrier()
-        # this rank's shards of the weights and of AdamW's state, as safetensors (no pickle anywhere:
-        # a run directory is shared between people, and unpickling runs code); the rest is JSON
+        # this rank's shards of the weights and of AdamW's state, as safetensors (no pickle
+        # anywhere: a run directory is shared between people, and unpickling runs code); the rest
+        # is JSON
         tmp.mkdir(parents=True, exist_ok=True)
         tensors = {f"model/{k}": _local(v) for k, v in model.state_dict().items()}
         osd = optimizer.state_dict()
@@ -377,15 +407,16 @@ class TrainerState:
     def _load(self, model, optimizer):
         """Copy this rank's saved shards into the model's and build AdamW's state from them."""
         path = self.dir / self._shard()
-        if self.meta.get("world_size", dist.get().world_size) != dist.get().world_size or not path.is_file():
-            raise TrainError(f"{self.dir}: saved by {self.meta.get('world_size')} processes, resumed with "
-                             f"{dist.get().world_size}. Fix: resume with the same process count, or delete "
-                             f"{self.dir} to start this stage over")
+        if (self.meta.get("world_size", dist.get().world_size) != dist.get().world_size
+                or not path.is_file()):
+            raise TrainError(f"{self.dir}: saved by {self.meta.get('world_size')} processes, "
+                             f"resumed with {dist.get().world_size}. Fix: resume with the same "
+                             f"process count, or delete {self.dir} to start this stage over")
         try:
             saved = load_file(str(path))
         except Exception as e:  # a truncated or foreign file
-            raise TrainError(f"{path}: unreadable ({type(e).__name__}: {e}). Fix: delete {self.dir} to start "
-                             "this stage over") from None
+            raise TrainError(f"{path}: unreadable ({type(e).__name__}: {e}). Fix: delete "
+                             f"{self.dir} to start this stage over") from None
         with torch.no_grad():
             for k, v in model.state_dict().items():
                 _local(v, copy=False).copy_(saved[f"model/{k}"])
@@ -414,14 +445,15 @@ class TrainerState:
 
 
 def _local(t: torch.Tensor, copy: bool = True) -> torch.Tensor:
-    """This rank's part of a (possibly sharded) tensor; with copy, a CPU copy of its own (safetensors
-    refuses storage shared between names, as tied embeddings share it)."""
+    """This rank's part of a (possibly sharded) tensor; with copy, a CPU copy of its own
+    (safetensors refuses storage shared between names, as tied embeddings share it)."""
     local = t.to_local() if isinstance(t, DTensor) else t
     return local.detach().to("cpu", copy=True).contiguous() if copy else local
 
 
 def _complete_rows(path: Path) -> list[dict]:
-    """metrics.jsonl's rows up to the first incomplete one (a kill can cut the appended last line)."""
+    """metrics.jsonl's rows up to the first incomplete one
+    (a kill can cut the appended last line)."""
     rows = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
@@ -435,10 +467,12 @@ def _complete_rows(path: Path) -> list[dict]:
 
 
 def fingerprint(objective: Objective, cfg: TrainConfig, examples: list[Example]) -> str:
-    """What the weights depend on: objective, hyperparameters, the tokenized data (not micro-batching)."""
+    """What the weights depend on: objective, hyperparameters, the tokenized data
+    (not micro-batching)."""
     h = hashlib.sha256()
     skip = {"micro_batch_size", "activation_checkpointing", "save_every"}
-    h.update(json.dumps([objective.name, {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}],
+    h.update(json.dumps([objective.name,
+                         {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}],
                         default=str).encode())
     for e in examples:
         h.update(json.dumps([e.key, e.chosen_start, e.rejected_start]).encode())
@@ -447,8 +481,9 @@ def fingerprint(objective: Objective, cfg: TrainConfig, examples: list[Example])
 
 
 def metrics_summary(out_dir) -> dict:
-    """From a stage's metrics.jsonl: steps, last and first loss, and the mean accuracy over the last
-    epoch's steps (each measured on its batch before that batch's update: online, not memorised)."""
+    """From a stage's metrics.jsonl: steps, last and first loss, and the mean accuracy over the
+    last epoch's steps (each measured on its batch before that batch's update:
+    online, not memorised)."""
     path = Path(out_dir) / "metrics.jsonl"
     rows = read_jsonl_rows(path) if path.is_file() else []
     if not rows:
@@ -462,7 +497,8 @@ def metrics_summary(out_dir) -> dict:
 
 
 def _fail(step, total, batch_idx, micro, local_losses, examples, grad_norm, out_dir, checkpoints):
-    """Every rank arrives here together (the flag was all-reduced); say where the non-finite value came from."""
+    """Every rank arrives here together (the flag was all-reduced);
+    say where the non-finite value came from."""
     d = dist.get()
     bad = []
     for j, (idx, loss) in enumerate(zip([m for m in micro if m], local_losses)):

@@ -1,7 +1,7 @@
-"""Checkpoints other tools read (issue 17, parts 1-2): an RM we write is pooled by transformers at the
-token we trained on (its pad id never occurs in text, and config.json, tokenizer_config.json and
-special_tokens_map.json agree on it), and a policy we write stops in transformers' generate() at the
-end-of-turn token even when its source's generation_config.json does not list it."""
+"""Checkpoints other tools read (issue 17, parts 1-2): an RM we write is pooled by transformers at
+the token we trained on (its pad id never occurs in text, and config.json, tokenizer_config.json
+and special_tokens_map.json agree on it), and a policy we write stops in transformers' generate()
+at the end-of-turn token even when its source's generation_config.json does not list it."""
 
 import json
 
@@ -16,7 +16,13 @@ from mt.data import write_jsonl
 
 QUESTIONS = ["What is two plus two?", "Write a short poem about the sea.", "Why is the sky blue?",
              "Hello world, how are you today?"]
-ANSWERS = ["Two plus two is four.", "The sea is blue and wide.", "Blue light scatters most.", "Fine."]
+ANSWERS = ["Two plus two is four.", "The sea is blue and wide.", "Blue light scatters most.",
+           "Fine."]
+
+
+def make_pairs():
+    return [{"prompt_id": f"q{i}", "prompt": [{"role": "user", "content": q}], "chosen": a,
+             "rejected": "no"} for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))]
 
 
 def pad_entries(d):
@@ -38,7 +44,8 @@ def check_pad_consistent(d, token, vocab_size):
     hf_tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     assert hf_tok.pad_token == token and hf_tok.pad_token_id == pad_id
     cfg = json.loads((d / "config.json").read_text())
-    assert pad_id < cfg["vocab_size"] == vocab_size and pad_id not in chat.stop_ids(chat.load_tokenizer(d), d)
+    assert pad_id < cfg["vocab_size"] == vocab_size
+    assert pad_id not in chat.stop_ids(chat.load_tokenizer(d), d)
     assert pad_id not in chat.chat_ids(chat.load_tokenizer(d))
     return pad_id
 
@@ -46,15 +53,16 @@ def check_pad_consistent(d, token, vocab_size):
 def test_trained_rm_scores_alike_in_transformers(tmp_path):
     """pad == eos in the base (a Llama-3-style tokenizer without a pad token): the RM train_rm.py
     writes gets an added <pad> (the vocabulary is full, so the embedding grows by a row), and a
-    right-padded batch through AutoModelForSequenceClassification equals mt.scoring (fp32, 1e-5)."""
+    right-padded batch through AutoModelForSequenceClassification equals mt.scoring (fp32,
+    1e-5)."""
     import train_rm
     from mt.scoring import score_conversations
-    base = make_tiny_checkpoint(tmp_path / "base", "llama")  # llama3 style: no pad; config pad = eos
+    base = make_tiny_checkpoint(tmp_path / "base", "llama")  # llama3 style: no pad, config's = eos
     tok = chat.load_tokenizer(base)
-    assert tok.pad_token_id == tok.eos_token_id == json.loads((base / "config.json").read_text())["pad_token_id"]
+    config = json.loads((base / "config.json").read_text())
+    assert tok.pad_token_id == tok.eos_token_id == config["pad_token_id"]
     assert len(tok) == VOCAB_SIZE  # no free id: a new token needs a new embedding row
-    pairs = [{"prompt_id": f"q{i}", "prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": "no"}
-             for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))]
+    pairs = make_pairs()
     write_jsonl(tmp_path / "pairs.jsonl", pairs)
     cfg = RMConfig(lr=1e-3, batch_size=2, micro_batch_size=2, max_length=128)
     train_rm.train(base, [tmp_path / "pairs.jsonl"], tmp_path / "rm", cfg)
@@ -63,9 +71,11 @@ def test_trained_rm_scores_alike_in_transformers(tmp_path):
     assert pad_id == VOCAB_SIZE
 
     items = [(p["prompt"], y) for p in pairs for y in (p["chosen"], p["rejected"])]
-    ours = torch.tensor(score_conversations(final, items, device="cpu", dtype="fp32", progress=False))
+    ours = score_conversations(final, items, device="cpu", dtype="fp32", progress=False)
+    ours = torch.tensor(ours)
     # what RewardBench's run_rm.py / TRL do: the saved tokenizer pads the batch, the model pools
-    hf_tok_texts = [chat.render(chat.load_tokenizer(final), m + [{"role": "assistant", "content": y}], False)
+    ours_tok = chat.load_tokenizer(final)
+    hf_tok_texts = [chat.render(ours_tok, m + [{"role": "assistant", "content": y}], False)
                     for m, y in items]
     from transformers import AutoTokenizer
     hf_tok = AutoTokenizer.from_pretrained(str(final), local_files_only=True)
@@ -87,20 +97,23 @@ def test_trained_rm_scores_alike_in_transformers(tmp_path):
 
 
 def _with_specials(d, tokens, legacy=False):
-    """Add special tokens to the tokenizer in d (as a vocabulary's reserved tokens); legacy=True also
-    writes the transformers-4 layout (added_tokens_decoder, a special_tokens_map.json of dicts)."""
+    """Add special tokens to the tokenizer in d (as a vocabulary's reserved tokens); legacy=True
+    also writes the transformers-4 layout (added_tokens_decoder, a special_tokens_map.json of
+    dicts)."""
     from transformers import AddedToken, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True)
+    added = [AddedToken(t, special=True, normalized=False) for t in tokens]
+    tok.add_tokens(added, special_tokens=True)
     tok.save_pretrained(str(d))
     if legacy:
         tj = json.loads((d / "tokenizer.json").read_text())
         tc = json.loads((d / "tokenizer_config.json").read_text())
         keys = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
-        tc["added_tokens_decoder"] = {str(t["id"]): {k: t[k] for k in keys} for t in tj["added_tokens"]}
+        tc["added_tokens_decoder"] = {str(t["id"]): {k: t[k] for k in keys}
+                                      for t in tj["added_tokens"]}
         (d / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
         entry = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-        sm = {"bos_token": {"content": tc["bos_token"], **entry}, "eos_token": {"content": tc["eos_token"], **entry}}
+        sm = {k: {"content": tc[k], **entry} for k in ("bos_token", "eos_token")}
         (d / "special_tokens_map.json").write_text(json.dumps(sm, indent=2))
     return d
 
@@ -108,8 +121,8 @@ def _with_specials(d, tokens, legacy=False):
 @pytest.mark.parametrize("legacy", [False, True])
 @torch.no_grad()
 def test_rm_pad_is_a_reserved_token_where_the_vocabulary_has_one(tmp_path, legacy):
-    """Reserved special tokens with room in the embedding: the highest-numbered one becomes the pad (no
-    new row); a vocabulary pad token (Llama-3.1's <|finetune_right_pad_id|>) is preferred to it."""
+    """Reserved special tokens with room in the embedding: the highest-numbered one becomes the pad
+    (no new row); a vocabulary pad token (Llama-3.1's <|finetune_right_pad_id|>) is preferred."""
     src = make_tiny_checkpoint(tmp_path / "rm", "llama", "score")
     make_tiny_tokenizer(src, "llama3", vocab_size=VOCAB_SIZE - 10)  # room for tokens of our own
     reserved = [f"<|reserved_special_token_{i}|>" for i in (0, 1, 2)]
@@ -122,23 +135,27 @@ def test_rm_pad_is_a_reserved_token_where_the_vocabulary_has_one(tmp_path, legac
     if legacy:  # both layouts of transformers 4 say the same
         tc = json.loads((out / "tokenizer_config.json").read_text())
         assert tc["added_tokens_decoder"][str(pad_id)]["content"] == reserved[2]
-        assert json.loads((out / "special_tokens_map.json").read_text())["pad_token"]["content"] == reserved[2]
+        sm = json.loads((out / "special_tokens_map.json").read_text())
+        assert sm["pad_token"]["content"] == reserved[2]
     # our saved RM loads without the warning, and saving it again changes nothing
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = save_model(load_model(out), tmp_path / "again", tokenizer_dir=out)
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    names = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    for name in names:
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
     # a vocabulary pad token wins over reserved ones
     _with_specials(src, ["<|finetune_right_pad_id|>"])
     tok = chat.load_tokenizer(src)
+    ft = "<|finetune_right_pad_id|>"
     assert chat.rm_pad_token(tok, VOCAB_SIZE) == chat.PadChoice(
-        "<|finetune_right_pad_id|>", tok.convert_tokens_to_ids("<|finetune_right_pad_id|>"), "reserved")
+        ft, tok.convert_tokens_to_ids(ft), "reserved")
     # ... but only with a row in the embedding; and a tokenizer's own safe pad is kept (ChatML)
     assert chat.rm_pad_token(tok, VOCAB_SIZE - 10).how == "added"
     chatml = chat.load_tokenizer(make_tiny_tokenizer(tmp_path / "chatml", "chatml"))
-    assert chat.rm_pad_token(chatml, VOCAB_SIZE) == chat.PadChoice("<|endoftext|>", chatml.pad_token_id, "kept")
+    kept = chat.PadChoice("<|endoftext|>", chatml.pad_token_id, "kept")
+    assert chat.rm_pad_token(chatml, VOCAB_SIZE) == kept
     # ... unless config.json says it is eos (Qwen2 base: pad == eos == <|endoftext|>)
     assert chat.rm_pad_token(chatml, VOCAB_SIZE, avoid=[chatml.pad_token_id]).how == "added"
 
@@ -147,14 +164,16 @@ def test_rm_pad_is_a_reserved_token_where_the_vocabulary_has_one(tmp_path, legac
 
 
 def _llama3_base_style(tmp_path):
-    """A policy whose tokenizer eos and generation_config.json name <|end_of_text|> only, while its chat
-    template ends a turn with <|eot_id|> (Llama-3-8B-Instruct as first released: vllm#4180)."""
+    """A policy whose tokenizer eos and generation_config.json name <|end_of_text|> only, while
+    its chat template ends a turn with <|eot_id|> (Llama-3-8B-Instruct as first released:
+    vllm#4180)."""
     src = make_tiny_checkpoint(tmp_path / "src", "llama")
     make_tiny_tokenizer(src, "llama3", eos_token="<|end_of_text|>")
     tok = chat.load_tokenizer(src)
-    eot, eos = tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>")
-    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": tok.bos_token_id,
-                                                            "eos_token_id": eos, "do_sample": False}))
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    eos = tok.convert_tokens_to_ids("<|end_of_text|>")
+    gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": eos, "do_sample": False}
+    (src / "generation_config.json").write_text(json.dumps(gen))
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "eos_token_id": eos}))
     return src, eot, eos
@@ -168,7 +187,7 @@ def test_policy_checkpoint_stops_at_end_of_turn_in_generate(tmp_path):
     gen = json.loads((out / "generation_config.json").read_text())
     tok = chat.load_tokenizer(out)
     assert gen["eos_token_id"] == chat.stop_ids(tok, out) == sorted({eot, eos})
-    assert gen["do_sample"] is False and gen["bos_token_id"] == tok.bos_token_id  # the rest is kept
+    assert gen["do_sample"] is False and gen["bos_token_id"] == tok.bos_token_id  # the rest: kept
     prompt = torch.tensor([chat.encode_prompt(tok, [{"role": "user", "content": "Hello world"}])])
     n = prompt.shape[1]
 
@@ -188,7 +207,8 @@ def test_policy_checkpoint_stops_at_end_of_turn_in_generate(tmp_path):
     assert generate(src) == ours[:2] + [eot] * 8  # the source's own file never stops there
     # saving our checkpoint again leaves the file as it is (nothing missing from the stop list)
     again = save_model(load_model(out), tmp_path / "again", tokenizer_dir=out)
-    assert (again / "generation_config.json").read_bytes() == (out / "generation_config.json").read_bytes()
+    name = "generation_config.json"
+    assert (again / name).read_bytes() == (out / name).read_bytes()
 
 
 def test_policy_checkpoint_without_generation_config_gets_one(tmp_path, tiny_llama_dir):
@@ -199,15 +219,14 @@ def test_policy_checkpoint_without_generation_config_gets_one(tmp_path, tiny_lla
     tok = chat.load_tokenizer(src)
     out = save_model(load_model(src), tmp_path / "policy", tokenizer_dir=src)
     gen = json.loads((out / "generation_config.json").read_text())
-    assert gen == {"bos_token_id": tok.bos_token_id, "eos_token_id": [tok.convert_tokens_to_ids("<|eot_id|>")]}
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert gen == {"bos_token_id": tok.bos_token_id, "eos_token_id": [eot]}
     # and through the training loop: every ckpt-* and final carry it
     from mt import train as T
     from mt.config import DPOConfig
     from mt.losses import preference_objective
     import train_policy
-    pairs = [{"prompt_id": f"q{i}", "prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": "no"}
-             for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))]
-    ex, _ = chat.policy_examples(tok, pairs, 128)
+    ex, _ = chat.policy_examples(tok, make_pairs(), 128)
     model = load_model(src)
     refs = train_policy.reference_logps(model, ex, 4, progress=False)
     cfg = DPOConfig(lr=1e-3, batch_size=2, micro_batch_size=2, save_every=1)

@@ -112,10 +112,12 @@ def test_rewardbench_main_with_controlled_scores(tmp_path, monkeypatch):
         {"chosen": chat + [{"role": "assistant", "content": c}],
          "rejected": chat + [{"role": "assistant", "content": r}], "subset": s} for s, c, r in prior])
 
-    def stub(rm_dir, rows, batch_size=64, dtype="auto"):
+    def stub(rm_dir, rows, batch_size=64, dtype="auto", max_length=0):
         return [float(len(r.chosen)) for r in rows], [float(len(r.rejected)) for r in rows]
 
     monkeypatch.setattr(rewardbench, "score_rows", stub)
+    monkeypatch.setattr(rewardbench, "chat_texts",
+                        lambda rm, rows: [(f"<{r.chosen}>", f"<{r.rejected}>") for r in rows])
     res = rewardbench.main(["--rm", "unused", "--data", str(data), "--prior", str(prior_file),
                             "--out", str(tmp_path / "rb.json"), "--scores-out", str(tmp_path / "scores.jsonl")])
     assert res["per_subset"]["alpacaeval-easy"] == {"correct": 1, "total": 2, "accuracy": 50.0}
@@ -127,6 +129,54 @@ def test_rewardbench_main_with_controlled_scores(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "rb.json").read_text())["score"] == pytest.approx(res["score"])
     recs = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert [r["correct"] for r in recs] == [True, False, False, True, True, False, True, False, True]
+    # the official run_rm.py files beside --out: core rows in eval-set*, prior sets in pref-sets*
+    res_core, sc_core = check_official(tmp_path / "results", "eval-set", "local/unused")
+    assert res_core == {"alpacaeval-easy": 0.5, "mt-bench-hard": 0.0, "donotanswer": 1.0,
+                        "math-prm": 1.0, "hep-go": 0.0}
+    assert sc_core["id"] == list(range(6)) and sc_core["text_chosen"][0] == "<long answer>"
+    assert sc_core["results"] == [1, 0, 0, 1, 1, 0]
+    res_prior, sc_prior = check_official(tmp_path / "results", "pref-sets", "local/unused")
+    assert res_prior == {"shp": 1.0, "anthropic_hhh": 0.5} and sc_prior["id"] == [None] * 3
+    # --name and --official_dir place them; a name that is not ORG/MODEL is refused before scoring
+    rewardbench.main(["--rm", "unused", "--data", str(data), "--official_dir", str(tmp_path / "o"),
+                      "--name", "mt/iter2-rm"])
+    check_official(tmp_path / "o", "eval-set", "mt/iter2-rm")
+    assert not (tmp_path / "o" / "pref-sets").exists()
+    for bad in ("iter2-rm", "a/b/c", "../x"):
+        with pytest.raises(ConfigError, match="must be ORG/MODEL"):
+            rewardbench.main(["--rm", "unused", "--data", str(data), "--out", "x.json",
+                              "--name", bad])
+
+
+def check_official(root, kind, name):
+    """The official files as RewardBench's code reads them: results/<kind>/ORG/MODEL.json, one
+    file per model in its organisation's folder (analysis/utils.py load_results globs
+    results/<kind>/*/); a flat object of model, model_type, chat_template and subset -> accuracy
+    as a fraction; and <kind>-scores/ORG/MODEL.json with one list per column (pd.read_json) and
+    scalar model fields. Returns ({subset: fraction}, scores columns)."""
+    org, model = name.split("/")
+    files = [p for p in (Path(root) / kind).glob("*/*.json")]
+    assert files == [Path(root) / kind / org / f"{model}.json"]
+    res = json.loads(files[0].read_text())
+    model_fields = (name, "Seq. Classifier", "tokenizer")
+    assert (res.pop("model"), res.pop("model_type"), res.pop("chat_template")) == model_fields
+    assert all(isinstance(v, float) and 0 <= v <= 1 for v in res.values())
+    files = [p for p in (Path(root) / f"{kind}-scores").glob("*/*.json")]
+    assert files == [Path(root) / f"{kind}-scores" / org / f"{model}.json"]
+    sc = json.loads(files[0].read_text())
+    columns = {"text_chosen": str, "text_rejected": str, "results": int, "subset": str,
+               "id": object, "scores_chosen": float, "scores_rejected": float}
+    assert set(sc) == set(columns) | {"model", "model_type", "chat_template"}
+    assert (sc["model"], sc["model_type"], sc["chat_template"]) == model_fields
+    n = len(sc["results"])
+    for col, t in columns.items():
+        assert len(sc[col]) == n and all(isinstance(v, t) for v in sc[col]), col
+    pairs = zip(sc["scores_chosen"], sc["scores_rejected"])
+    assert sc["results"] == [int(c > r) for c, r in pairs]
+    for subset, frac in res.items():  # the two files agree
+        rows = [x for x, s in zip(sc["results"], sc["subset"]) if s == subset]
+        assert frac == sum(rows) / len(rows)
+    return res, sc
 
 
 # ---- win rate (Eq. 6) and accuracy
@@ -237,8 +287,25 @@ def test_real_rm_matches_transformers(tmp_path, tiny_rm_dir):
     bench = write_jsonl(tmp_path / "rb.jsonl", [{"prompt": p[0]["content"], "chosen": c, "rejected": r,
                                                  "subset": "alpacaeval-easy", "id": i}
                                                 for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected))])
-    res = rewardbench.main(["--rm", str(tiny_rm_dir), "--data", str(bench), "--device", "cpu", "--dtype", "fp32"])
+    cpu = ["--device", "cpu", "--dtype", "fp32"]
+    res = rewardbench.main(["--rm", str(tiny_rm_dir), "--data", str(bench), *cpu,
+                            "--out", str(tmp_path / "rb.json")])
     assert res["per_subset"]["alpacaeval-easy"]["correct"] == sum(c > r for c, r in zip(ref_c, ref_r))
+    _, sc = check_official(tmp_path / "results", "eval-set", f"local/{Path(tiny_rm_dir).name}")
+    assert sc["scores_chosen"] == pytest.approx(ref_c, abs=1e-4) and sc["id"] == [0, 1, 2]
+    assert sc["text_chosen"][0] == tok.apply_chat_template(
+        prompts[0] + [{"role": "assistant", "content": chosen[0]}], tokenize=False)
+    # --max_length: the official script's left truncation, its last N tokens scored
+    n = 9
+    rewardbench.main(["--rm", str(tiny_rm_dir), "--data", str(bench), *cpu, "--max_length", str(n),
+                      "--scores_out", str(tmp_path / "cut.jsonl")])
+    cut = [json.loads(x) for x in (tmp_path / "cut.jsonl").read_text().splitlines()]
+    for (p, c, r), rec in zip(zip(prompts, chosen, rejected), cut):
+        for y, got in ((c, rec["chosen_score"]), (r, rec["rejected_score"])):
+            ids = encode_conversation(tok, p, y)
+            assert len(ids) > n  # every chat is longer: the cut matters
+            want = ref(input_ids=torch.tensor([ids[-n:]])).logits[0, 0].item()
+            assert got == pytest.approx(want, abs=1e-4)
     new, old = _samples(tmp_path / "new.jsonl", chosen, prompt="P"), _samples(tmp_path / "old.jsonl", rejected, "P")
     for path, ys in ((new, chosen), (old, rejected)):  # the same prompts as the reference
         rows = [json.loads(x) for x in path.read_text().splitlines()]
@@ -251,8 +318,13 @@ def test_real_rm_matches_transformers(tmp_path, tiny_rm_dir):
 # ---- generate.py: the judges' file formats
 
 ALPACAEVAL_ROW = {"instruction": str, "output": str, "generator": str}  # + "dataset" when the input had it
-ARENAHARD_ROW = {"question_id": (str, int), "answer_id": str, "model_id": str, "choices": list, "tstamp": float,
-                 "conv_metadata": dict}
+# arena-hard-auto's answer rows: today's (since 2025-04-18) and v0.1's
+ARENAHARD_ROW = {"uid": (str, int), "ans_id": str, "model": str, "messages": list, "tstamp": float,
+                 "metadata": dict}
+ARENAHARD_V01_ROW = {"question_id": (str, int), "answer_id": str, "model_id": str, "choices": list,
+                     "tstamp": float, "conv_metadata": dict}
+STYLE = {"header_count": {f"h{i}" for i in range(1, 7)}, "list_count": {"ordered", "unordered"},
+         "bold_count": {"**", "__"}}
 
 
 def check_alpacaeval(path, instructions, generator):
@@ -267,21 +339,56 @@ def check_alpacaeval(path, instructions, generator):
     return data
 
 
+def check_style_metadata(meta):
+    """What show_result.py's style control reads: token_len first, then the three markdown counts,
+    each a dict of ints (it takes `v if isinstance(v, int) else sum(v.values())`, in order)."""
+    assert list(meta) == ["token_len", *STYLE]
+    assert isinstance(meta["token_len"], int) and meta["token_len"] >= 0
+    for k, names in STYLE.items():
+        assert set(meta[k]) == names
+        assert all(isinstance(v, int) and v >= 0 for v in meta[k].values())
+
+
 def check_arenahard(path, question_ids, model_id):
-    """What Arena-Hard v0.1 reads: one JSON object per line; the answer is choices[0].turns[0].content and its
-    length turns[0].token_len or conv_metadata.token_len; the model name is the file name."""
+    """What arena-hard-auto reads today: one JSON object per line in model_answer/{model}.jsonl
+    (load_model_answers takes the model from the file name and keys rows by uid); gen_judgment
+    reads messages[-1].content.answer and "model"; show_result keys style metadata by the first
+    row's "model" and each row's uid."""
+    assert Path(path).name == f"{model_id}.jsonl"
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    assert [r["uid"] for r in rows] == question_ids
+    for r in rows:
+        assert set(r) == set(ARENAHARD_ROW)
+        for k, t in ARENAHARD_ROW.items():
+            assert isinstance(r[k], t), k
+        assert r["model"] == model_id
+        user, assistant = r["messages"]
+        assert user["role"] == "user" and isinstance(user["content"], str)
+        assert assistant["role"] == "assistant" and set(assistant["content"]) == {"answer"}
+        assert isinstance(assistant["content"]["answer"], str)
+        check_style_metadata(r["metadata"])
+    assert len({r["ans_id"] for r in rows}) == len(rows)
+    return rows
+
+
+def check_arenahard_v01(path, question_ids, model_id):
+    """What Arena-Hard v0.1 reads: one JSON object per line; the answer is
+    choices[0].turns[0].content and its length turns[0].token_len or conv_metadata.token_len; the
+    model name is the file name; style control reads conv_metadata's token_len and markdown
+    counts."""
     assert Path(path).name == f"{model_id}.jsonl"
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     assert [r["question_id"] for r in rows] == question_ids
     for r in rows:
-        assert set(r) == set(ARENAHARD_ROW)
-        for k, t in ARENAHARD_ROW.items():
+        assert set(r) == set(ARENAHARD_V01_ROW)
+        for k, t in ARENAHARD_V01_ROW.items():
             assert isinstance(r[k], t), k
         assert r["model_id"] == model_id
         assert len(r["choices"]) == 1 and r["choices"][0]["index"] == 0 and len(r["choices"][0]["turns"]) == 1
         turn = r["choices"][0]["turns"][0]
         assert isinstance(turn["content"], str)
         assert isinstance(turn["token_len"], int) and turn["token_len"] == r["conv_metadata"]["token_len"] >= 0
+        check_style_metadata(r["conv_metadata"])
     assert len({r["answer_id"] for r in rows}) == len(rows)
     return rows
 
@@ -302,36 +409,130 @@ def test_generate_alpacaeval_file(tmp_path, tiny_llama_dir):
     assert all(n <= 5 for s in samples for n in s["num_tokens"])
 
 
+QIDS = ["328c149ed45a41c0b9d6f14659e63599", "b43c07656ead4150b360294ee932b410"]
+QUESTIONS = ["Write a short poem about the sea.", "Explain why the sky is blue."]
+
+
 def test_generate_arenahard_file(tmp_path, tiny_llama_dir):
-    qs = write_jsonl(tmp_path / "question.jsonl", [
-        {"question_id": "328c149ed45a41c0b9d6f14659e63599", "category": "arena-hard-v0.1", "cluster": "c",
-         "turns": [{"content": "Write a short poem about the sea."}]},
-        {"question_id": "b43c07656ead4150b360294ee932b410", "category": "arena-hard-v0.1", "cluster": "c",
-         "turns": [{"content": "Explain why the sky is blue."}]}])
+    """Today's question.jsonl gives today's answers; v0.1's questions with --answer_format v0.1
+    give v0.1's answers; either question layout can be answered in either answer layout."""
+    cat = {"category": "arena-hard-v0.1", "cluster": "c"}
+    new_qs = write_jsonl(tmp_path / "question.jsonl", [
+        {"uid": u, **cat, "prompt": q} for u, q in zip(QIDS, QUESTIONS)])
+    old_qs = write_jsonl(tmp_path / "question-v0.1.jsonl", [
+        {"question_id": u, **cat, "turns": [{"content": q}]} for u, q in zip(QIDS, QUESTIONS)])
+    gen = ["--policy", str(tiny_llama_dir), "--format", "arenahard", "--name", "tiny-mt"]
+    flags = ["--sampling.greedy", "--sampling.max_new_tokens", "4", "--device", "cpu"]
     out = tmp_path / "model_answer" / "tiny-mt.jsonl"
-    res = generate.main(["--policy", str(tiny_llama_dir), "--format", "arenahard", "--prompts", str(qs),
-                         "--out", str(out), "--name", "tiny-mt", "--sampling.greedy", "--sampling.max_new_tokens", "4",
-                         "--device", "cpu"])
-    rows = check_arenahard(out, ["328c149ed45a41c0b9d6f14659e63599", "b43c07656ead4150b360294ee932b410"], "tiny-mt")
+    res = generate.main([*gen, "--prompts", str(new_qs), "--out", str(out), *flags])
+    rows = check_arenahard(out, QIDS, "tiny-mt")
+    assert [r["messages"][0]["content"] for r in rows] == QUESTIONS
     # the raw samples are not in model_answer/*.jsonl, where Arena-Hard would take them for a model
     assert sorted(p.name for p in out.parent.glob("*.jsonl")) == ["tiny-mt.jsonl"]
     from mt.data import read_samples
     samples = read_samples(res["samples"])
     for r, s in zip(rows, samples):
-        turn = r["choices"][0]["turns"][0]
-        assert turn["token_len"] == s["num_tokens"][0] - (s["finish_reasons"][0] == "stop")
-        assert turn["content"] == s["responses"][0].strip()
+        stop = s["finish_reasons"][0] == "stop"
+        assert r["metadata"]["token_len"] == s["num_tokens"][0] - stop
+        assert r["messages"][1]["content"]["answer"] == s["responses"][0].strip()
     assert all(n <= 4 for s in samples for n in s["num_tokens"])
+    # v0.1 questions, v0.1 answers: the same answers (same seed and prompts), in the old layout
+    old = tmp_path / "v01" / "model_answer" / "tiny-mt.jsonl"
+    generate.main([*gen, "--prompts", str(old_qs), "--out", str(old), "--answer_format", "v0.1",
+                   *flags])
+    rows_v01 = check_arenahard_v01(old, QIDS, "tiny-mt")
+    assert [r["choices"][0]["turns"][0]["content"] for r in rows_v01] == [
+        r["messages"][1]["content"]["answer"] for r in rows]
+    # v0.1 questions, today's answers (the default)
+    both = tmp_path / "mixed" / "tiny-mt.jsonl"
+    generate.main([*gen, "--prompts", str(old_qs), "--out", str(both), *flags])
+    got = check_arenahard(both, QIDS, "tiny-mt")
+    assert [r["metadata"] for r in got] == [r["metadata"] for r in rows]
     with pytest.raises(ConfigError, match="must be 'other.jsonl'"):  # the file name is the model name
-        generate.main(["--policy", str(tiny_llama_dir), "--format", "arenahard", "--prompts", str(qs),
-                       "--out", str(out), "--name", "other"])
+        generate.main(["--policy", str(tiny_llama_dir), "--format", "arenahard",
+                       "--prompts", str(new_qs), "--out", str(out), "--name", "other"])
 
 
 def test_arenahard_writer_keeps_question_id_types():
-    rows = generate.arenahard_answers([{"question_id": 3, "content": "q"}, {"question_id": "x", "content": "r"}],
-                                      ["a", "b"], [1, 2], "m", tstamp=1.5)
+    qs = [{"uid": 3, "content": "q"}, {"uid": "x", "content": "r"}]
+    rows = generate.arenahard_answers(qs, ["a", "**b**"], [1, 2], "m", tstamp=1.5,
+                                      answer_format="v0.1")
     assert [r["question_id"] for r in rows] == [3, "x"] and rows[0]["tstamp"] == 1.5
-    assert rows[1]["choices"] == [{"index": 0, "turns": [{"content": "b", "token_len": 2}]}]
+    assert rows[1]["choices"] == [{"index": 0, "turns": [{"content": "**b**", "token_len": 2}]}]
+    assert rows[1]["conv_metadata"]["bold_count"] == {"**": 1, "__": 0}
+    rows = generate.arenahard_answers(qs, ["a", "**b**"], [1, 2], "m", tstamp=1.5)
+    assert [r["uid"] for r in rows] == [3, "x"] and rows[1]["metadata"]["token_len"] == 2
+    assert rows[1]["messages"] == [{"role": "user", "content": "r"},
+                                   {"role": "assistant", "content": {"answer": "**b**"}}]
+
+
+def test_markdown_counts_by_hand():
+    """header_count / list_count / bold_count as arena-hard-auto's add_markdown_info.py counts
+    them."""
+    answer = "\n".join([
+        "# Title", "## Part", "### Sub", "#### Four", "##### Five", "###### Six",
+        "####### seven is no header", "#hashtag is no header", "  # indented is no header",
+        "#",  # '#' then the newline: a header
+        "1. one", "  2. two", "10.no space: not an item",
+        "- dash", "* star", "+ plus", "   - nested", "-no space", "---", "**bold** then **more**",
+        "__under__ and **open", "bold** across", "*italic*",
+        "```python", "# a comment, not a header", "- not an item", "**not bold**", "```",
+        "``` inline ``` text",
+    ])
+    assert generate.markdown_counts(answer) == {
+        "header_count": {"h1": 2, "h2": 1, "h3": 1, "h4": 1, "h5": 1, "h6": 1},
+        "list_count": {"ordered": 2, "unordered": 4},
+        "bold_count": {"**": 2, "__": 1},
+    }
+    # the text between fences is deleted wherever it occurs, outside the fences too
+    assert generate.markdown_counts("```\n- x\n```\n\n- x\n- y")["list_count"]["unordered"] == 1
+    assert generate.markdown_counts("")["header_count"] == {f"h{i}": 0 for i in range(1, 7)}
+
+
+def test_read_arenahard_both_layouts(tmp_path):
+    new = write_jsonl(tmp_path / "q.jsonl", [{"uid": "a1", "category": "hard_prompt",
+                                              "subcategory": "coding", "prompt": "Write zig."}])
+    old = write_jsonl(tmp_path / "q01.jsonl", [{"question_id": 7, "turns": [{"content": "Hi"}]}])
+    want = [{"uid": "a1", "content": "Write zig.", "layout": "current"}]
+    assert generate.read_arenahard(new) == want
+    assert generate.read_arenahard(old) == [{"uid": 7, "content": "Hi", "layout": "v0.1"}]
+    for rows, msg in (
+            ([{"uid": "a", "prompt": "q"}, {"question_id": "b", "turns": [{"content": "r"}]}],
+             r"q\.jsonl:2: row is in the v0\.1 layout, .*q\.jsonl:1 in the current one"),
+            ([{"prompt": "q"}], r"q\.jsonl:1: field 'uid' missing"),
+            ([{"uid": "a", "category": "x"}], r"q\.jsonl:1: field 'prompt' missing"),
+            ([{"uid": "a", "prompt": " "}], r"q\.jsonl:1: field 'prompt' is empty"),
+            ([{"uid": "", "prompt": "q"}], r"q\.jsonl:1: field 'uid' must be a non-empty string"),
+            ([{"uid": "a", "prompt": "q"}, {"uid": "a", "prompt": "r"}],
+             r"q\.jsonl:2: field 'uid' 'a' repeats"),
+            ([{"category": "x"}], r"q\.jsonl:1: field 'uid' missing")):
+        with pytest.raises(generate.PromptFileError, match=msg):
+            generate.read_arenahard(write_jsonl(tmp_path / "q.jsonl", rows))
+
+
+def test_token_len_tiktoken(tmp_path, monkeypatch):
+    """--token_len tiktoken counts with gpt-4o's encoding (v0.1: gpt-3.5-turbo's), as the official
+    gen_answer.py does; without the package it is a usage error naming the install."""
+    import sys
+    import types
+    args = ["--policy", "p", "--format", "arenahard", "--prompts", "q.jsonl", "--out", "m.jsonl",
+            "--name", "m", "--token_len", "tiktoken"]
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # not installed
+    with pytest.raises(ConfigError, match="pip install tiktoken"):
+        generate.parse_args(args)
+    asked = []
+
+    class Enc:
+        def encode(self, text, disallowed_special=None):
+            assert disallowed_special == ()
+            return text.split()
+
+    fake = types.SimpleNamespace(encoding_for_model=lambda m: asked.append(m) or Enc())
+    monkeypatch.setitem(sys.modules, "tiktoken", fake)
+    assert generate.parse_args(args).token_len == "tiktoken"
+    assert generate.tiktoken_counter("current")("a b c") == 3
+    assert generate.tiktoken_counter("v0.1")("a") == 1
+    assert asked[-2:] == ["gpt-4o", "gpt-3.5-turbo"]
 
 
 @pytest.mark.parametrize("fmt,rows,where,field", [

@@ -7,7 +7,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # optional packages imported only when asked for (each lazy import carries a comment saying so)
 LAZY_OK = {"pyarrow", "pyarrow.parquet", "matplotlib", "matplotlib.pyplot", "gguf", "gguf.quants", "tensorboard",
-           "wandb", "torch.utils.tensorboard"}
+           "wandb", "torch.utils.tensorboard", "tiktoken"}
 
 
 def modules() -> dict[str, Path]:

@@ -146,3 +146,32 @@ def test_an_rm_given_as_the_policy_and_foreign_scores_are_named(inputs, tmp_path
                 "--out", str(tmp_path / "p.jsonl")], check=False)
     line = _one_paragraph(p)
     assert "prompt ids the samples do not" in line and "'z'" in line
+
+
+def test_the_kill_soak_finds_every_resumed_trial_identical(inputs, tmp_path):
+    """eval/soak.py itself, on the tiny run: random SIGKILLs, each trial resumed and compared."""
+    from eval import soak
+    flags = " ".join(args(inputs, tmp_path / "unused")[:-4] + ["--em.keep_truncated", "true"])
+    summary = soak.main(["--trials", "2", "--kills", "2", "--seed", "3", "--args", flags, "--out", str(tmp_path / "s")])
+    assert summary["identical"] == summary["trials"] == 2
+    assert summary["sigkills"] >= 1  # at least one kill landed inside a run
+
+
+def test_a_directory_with_its_own_tokenizer_code_never_runs_it(tiny_llama_dir, tmp_path, monkeypatch):
+    import io
+    import shutil
+    from mt.chat import ChatTemplateError, load_tokenizer
+    d = tmp_path / "evil"
+    shutil.copytree(tiny_llama_dir, d)
+    marker = tmp_path / "ran"
+    (d / "evil_tok.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                   "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": [None, "evil_tok.EvilTokenizer"]}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # a user who would answer "yes" to the prompt
+    try:
+        load_tokenizer(d)
+    except ChatTemplateError:
+        pass  # refusing the directory is fine; running its code is not
+    assert not marker.exists()

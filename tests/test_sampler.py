@@ -201,8 +201,7 @@ def _keys(n: int, stream: str = "dist") -> torch.Tensor:
 
 def _empirical(logits: torch.Tensor, cfg: SamplingConfig, n: int = 40000) -> torch.Tensor:
     """Token frequencies of n independent streams drawing from the same logits (1, V)."""
-    noise = gumbel(_keys(n), torch.zeros(n, dtype=torch.long), logits.size(-1))
-    tok = next_token(logits.expand(n, -1), noise, cfg)
+    tok = next_token(logits.expand(n, -1), _keys(n), torch.zeros(n, dtype=torch.long), cfg)
     return torch.bincount(tok, minlength=logits.size(-1)).double() / n
 
 

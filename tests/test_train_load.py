@@ -136,7 +136,7 @@ def _train_job(rank, out):
     model = load_model(policy, torch.float32, "cpu", head="score")
     if model.cfg.hf.get("pad_token_id") is None:
         model.cfg.hf["pad_token_id"] = tok.pad_token_id
-    T.train(model, ex, OBJ["rm"], rm_cfg, out / "old_rm", pad_id=pad, progress=False)
+    T.train(model, ex, OBJ["rm"], rm_cfg, out / "old_rm", pad_id=pad, tokenizer_dir=policy, progress=False)
     # the scripts, which now load with load_for_training; rank 1 must not read the safetensors
     counter = {"reads": 0}
     restore = _count_safetensors_reads(counter)
