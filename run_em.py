@@ -30,7 +30,7 @@ from mt.scoring import score_files
 
 
 def run(cfg: C.Config) -> dict:
-    d = dist.init_distributed(None if cfg.device == "auto" else cfg.device)
+    d = dist.init_from(cfg)
     run_dir, E = Path(cfg.out), cfg.em
     preflight(cfg)  # every check that can fail runs before config.json is written
     m = Manifest(run_dir, cfg, cfg.force_config)
@@ -359,7 +359,7 @@ def stage_main(name: str, argv: list[str]):
     missing = [k for k in files if not getattr(cfg, k)]
     if missing:
         raise C.ConfigError(f"python run_em.py {name}: missing --{', --'.join(missing)} ({what})")
-    dist.init_distributed(None if cfg.device == "auto" else cfg.device)
+    dist.init_from(cfg)
     a = {k: Path(getattr(cfg, k)) for k in files}
     stream, E = cfg.stream or name, cfg.em
     if name == "sample":

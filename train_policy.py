@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from mt import chat
 from mt import config as C
@@ -34,6 +33,7 @@ from mt.data import (DataError, read_pairs, read_prompts, read_samples, read_sco
 from mt.em import make_pairs
 from mt.losses import LOSSES, preference_objective, sequence_logps
 from mt.manifest import Manifest
+from mt.progress import progress as progress_bar
 from mt.sampler import sample_to_file, summary_line
 from mt.scoring import score_file
 from mt.train import TrainError, collate, metrics_summary, train
@@ -117,14 +117,16 @@ def reference_logps(model, examples: list[Example], micro_batch_size: int, pad_i
     # equal forwards on every rank
     k = math.ceil(math.ceil(len(order) / d.world_size) / micro_batch_size)
     local = []
-    for j in tqdm(range(k), desc="reference log-probs", disable=not (progress and d.is_main),
-                  dynamic_ncols=True):
+    bar = progress_bar(k, "reference log-probs", progress and d.is_main, unit="batch")
+    for j in range(k):
         idx = share[j * micro_batch_size:(j + 1) * micro_batch_size]
         batch = collate([examples[i] for i in (idx or order[:1])], True, pad_id, dev)
         logits = model(batch.ids)  # (2b, T, V)
         lp = sequence_logps(logits, batch.ids, batch.loss_mask)  # (2b,)
         if idx:
             local.append((idx, lp.view(2, -1).T))
+        bar.update(1)
+    bar.close()
     # host sync once, at the end
     rows = [(i, *v) for idx, lp in local for i, v in zip(idx, lp.tolist())]
     out = {}
@@ -231,7 +233,7 @@ def summary(train_dir) -> dict:
 
 def main(cfg: C.StageConfig) -> dict:
     """The whole E-step (or, with --pairs, offline DPO / IPO / SimPO on ready pairs)."""
-    dist.init_distributed(None if cfg.device == "auto" else cfg.device)
+    dist.init_from(cfg)
     need = ["policy", "out"] + ([] if cfg.pairs else ["rm", "prompts"])
     missing = [k for k in need if not getattr(cfg, k)]
     if missing:

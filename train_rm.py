@@ -86,7 +86,7 @@ def summary(rm_dir) -> dict:
 
 
 def main(cfg: C.StageConfig) -> dict:
-    dist.init_distributed(None if cfg.device == "auto" else cfg.device)
+    dist.init_from(cfg)
     pair_files = [Path(f) for f in cfg.pairs.split(",") if f]
     if not cfg.rm or not pair_files or not cfg.out:
         raise C.ConfigError("train_rm.py needs --rm DIR (an RM or a causal LM), --pairs "

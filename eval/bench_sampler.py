@@ -19,9 +19,15 @@ tokenizer's chat template and its stop ids from generation_config.json): the fir
 the 32 built-in CHAT_PROMPTS as user turns, --n responses each, the same stop ids for both sides
 (--fixed_length: none, every response runs to the cap). --variants also times our sampler with a
 feature switched off (refill at once instead of in groups, no shared-prefix prefill), same run.
+
+--before DIR also times the sampler of another checkout of this repository (its mt/, e.g. the code
+before a change) on the same model and prompts, in this process. --sweep times our sampler (and
+--before's) at fixed response lengths, --sweep_slots x --sweep_lengths, each point `slots`
+responses of exactly that many tokens (no stop ids), instead of the comparison with generate().
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import sys
@@ -99,6 +105,10 @@ class BenchSamplerArgs:
     model: str = ""  # a Hugging Face chat model directory instead of the random model (see above)
     fixed_length: bool = False  # --model: no stop ids, every response runs to max_new_tokens
     variants: bool = False  # also time our sampler with grouped refill / shared prefix switched off
+    before: str = ""  # another checkout of this repository whose sampler (mt/) is timed alongside ours
+    sweep: bool = False  # tokens/s at fixed lengths over slots x lengths (see above)
+    sweep_slots: str = "1,8,64"
+    sweep_lengths: str = "32,128,512"
     # slots: concurrent sequences (generate(): rows per call); compile: our decode step only
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=256, slots=32))
 
@@ -132,6 +142,70 @@ def load_chat(a: BenchSamplerArgs, device: torch.device, dtype: torch.dtype):
     stops = [] if a.fixed_length else chat.stop_ids(tok, a.model)
     hf.generation_config.eos_token_id = stops or None  # generate() would add the file's otherwise
     return hf, ours, prompts, stops
+
+
+def load_before(root: str, ours: Transformer):
+    """`root`'s mt package imported beside ours (its modules under their own names, ours restored),
+    and its Transformer with our weights: (its generate, its SamplingConfig, its model)."""
+    mine = {k: m for k, m in sys.modules.items() if k == "mt" or k.startswith("mt.")}
+    for k in mine:
+        del sys.modules[k]
+    sys.path.insert(0, os.path.abspath(root))
+    try:
+        import mt.config
+        import mt.model
+        import mt.sampler
+        theirs = mt.sampler, mt.config, mt.model
+    finally:
+        sys.path.pop(0)
+        for k in [k for k in sys.modules if k == "mt" or k.startswith("mt.")]:
+            del sys.modules[k]
+        sys.modules.update(mine)
+    smp, cfg_mod, model_mod = theirs
+    p = next(ours.parameters())
+    with torch.device("meta"):
+        model = model_mod.Transformer(model_mod.ModelConfig.from_hf(ours.cfg.hf))
+    model.to(p.dtype).to_empty(device=p.device)
+    model.load_state_dict(ours.state_dict(), strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return smp.generate, cfg_mod.SamplingConfig, model.eval()
+
+
+def run_before(before, prompts, stops, cfg: SamplingConfig, n: int, device):
+    their_generate, their_config, model = before
+    names = {f.name for f in dataclasses.fields(their_config)}
+    theirs = their_config(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        done = their_generate(model, prompts, theirs, stop_ids=stops, n=n)
+    dt = time.perf_counter() - t0
+    return dt, [c.num_tokens for cs in done for c in cs]
+
+
+def sweep(a: BenchSamplerArgs, ours, prompts, before, device):
+    """Tokens/s at fixed response lengths: slots responses of exactly `length` tokens per point."""
+    slots = [int(x) for x in a.sweep_slots.split(",")]
+    lengths = [int(x) for x in a.sweep_lengths.split(",")]
+    rows = []
+    for S in slots:
+        for L in lengths:
+            cfg = replace(a.sampling, slots=S, max_new_tokens=L)
+            jobs = [prompts[i % len(prompts)] for i in range(S)]
+            best = {}
+            for _ in range(a.repeats):
+                for name, fn, model in (("ours", run_ours, ours), ("before", run_before, before)):
+                    if model is None:
+                        continue
+                    dt, got = fn(model, jobs, [], cfg, 1, device)
+                    best[name] = max(best.get(name, 0.0), sum(got) / dt)
+            rows.append((S, L, best))
+            line = f"  slots {S:>3}, {L:>4} tokens: ours {best['ours']:7.1f} tokens/s"
+            if "before" in best:
+                line += f", before {best['before']:7.1f}, {best['ours'] / best['before']:.2f}x"
+            print(line, flush=True)
+    return rows
 
 
 def stop_set(a: BenchSamplerArgs, ours, prompts, device) -> list[int]:
@@ -242,13 +316,21 @@ def main(argv=None):
           f"{cfg.max_new_tokens} new tokens, {decoding}, {stopping}, decode step "
           f"{'compiled' if cfg.compile else 'eager'}")
 
+    before = load_before(a.before, ours) if a.before else None
     # warm up both paths (allocator, kernels) on a small job
     warm = replace(cfg, max_new_tokens=8)
     run_ours(ours, prompts[:4], stops, warm, a.n, device)
+    if before:
+        run_before(before, prompts[:4], stops, warm, a.n, device)
+    if a.sweep:
+        print(f"sweep: fixed lengths, no stop ids{'; before: ' + a.before if before else ''}")
+        return sweep(a, ours, prompts, before, device)
     if cfg.compile:  # the one-row graph too (a size of 1 is specialised), as the tail of a pass can reach it
         run_ours(ours, prompts[:1], stops, warm, 1, device)
     run_hf(hf, prompts[: cfg.slots // a.n], stops, warm, a.n, device)
     runs = [("generate()", run_hf, hf, {}), ("ours", run_ours, ours, {})]
+    if before:
+        runs.append((f"before ({a.before})", run_before, before, {}))
     if a.variants:  # the same engine with one feature switched off
         runs += [("ours, refill at once", run_ours, ours, dict(REFILL_GROUP=0, REFILL_WAIT=0)),
                  ("ours, no shared prefix", run_ours, ours, dict(SHARE_PREFIX=False))]
@@ -270,7 +352,7 @@ def main(argv=None):
     ratio = best["ours"] / best["generate()"]
     print(f"best tokens/s: ours {best['ours']:.0f}, generate() {best['generate()']:.0f}, ratio {ratio:.2f}x")
     for name in best:
-        if name.startswith("ours, "):
+        if name.startswith(("ours, ", "before")):
             print(f"  {name}: {best[name]:.0f} tokens/s, ours is {best['ours'] / best[name]:.2f}x that")
     return ratio
 

@@ -6,6 +6,7 @@ the training loop as torchtitan keeps `apply_fsdp` out of its `train.py`.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from collections.abc import Callable
@@ -26,6 +27,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    shard_size: int = 0  # HSDP: shard within groups of this many ranks, replicate across; 0 = plain FSDP
 
     @property
     def is_main(self) -> bool:
@@ -35,8 +37,13 @@ class Dist:
 _STATE = Dist()
 
 
-def init_distributed(device: str | None = None) -> Dist:
-    """Initialise once from torchrun's environment; safe to call again (returns the same state)."""
+def init_distributed(device: str | None = None, timeout_min: float = 0,
+                     shard_size: int = 0) -> Dist:
+    """Initialise once from torchrun's environment; safe to call again (returns the same state).
+
+    timeout_min: the process group's collective timeout (0 = torch's default); shard_size: HSDP, a
+    2-D mesh that shards inside groups of shard_size ranks (a node) and replicates across them.
+    """
     global _STATE
     if "RANK" not in os.environ:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -44,14 +51,25 @@ def init_distributed(device: str | None = None) -> Dist:
         return _STATE
     rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                           int(os.environ["LOCAL_RANK"]))
+    if shard_size and world % shard_size:
+        raise UserError(f"--dist.shard_size={shard_size} does not divide the {world} processes. Fix: "
+                        "use the processes per node, or 0 for plain FSDP")
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        kw = {"timeout": datetime.timedelta(minutes=timeout_min)} if timeout_min else {}
+        dist.init_process_group("nccl" if use_cuda else "gloo", **kw)
     _STATE = Dist(rank, world, local,
-                  torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu"))
+                  torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu"),
+                  shard_size if shard_size and shard_size < world else 0)
     return _STATE
+
+
+def init_from(cfg) -> Dist:
+    """init_distributed from a command's Config: --device, --dist.timeout_min, --dist.shard_size."""
+    return init_distributed(None if cfg.device == "auto" else cfg.device, cfg.dist.timeout_min,
+                            cfg.dist.shard_size)
 
 
 def ensure_process_group(device: torch.device):
@@ -219,7 +237,11 @@ def prepare_model(model, cfg, device=None, fsdp: bool | None = None):
     if not fsdp:
         return model.to(device)
     ensure_process_group(device)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    world, shard = dist.get_world_size(), get().shard_size
+    if shard:  # HSDP (DESIGN.md §5): replicate across groups (nodes), shard inside each
+        mesh = init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)

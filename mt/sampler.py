@@ -113,7 +113,6 @@ def gumbel(keys: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
 # ---- one token from the logits
 
 CANDIDATES = (64, 1024)  # top-p looks for its set among a row's 64, then 1,024 most likely tokens
-TAIL = 1024  # then among its 1,024 least likely: a flat row's top-p set leaves out only a light tail
 
 
 def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
@@ -128,12 +127,12 @@ def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
     that differs with the batch shape almost never matters.
 
     The kept set is found without sorting the vocabulary, and the noise is drawn for it only. top-k
-    is one `topk`; top-p alone looks in each row's CANDIDATES most likely tokens (once their mass
-    reaches p the set is among them), then for the complement of a light tail among the row's TAIL
-    least likely tokens (a flat row), and only then sorts. Each way finds the threshold score the
-    sort finds, and a token's noise does not depend on which tokens are looked at, so the token
-    drawn is the same whichever way a row goes (tests/test_sampler.py checks each against the sort).
-    A tier a row cannot pass (by a bound on the mass it could reach) is skipped for that row.
+    is one `topk`; top-p alone looks among each row's CANDIDATES most likely tokens (once their mass
+    reaches p, the set is among them; a bound on the mass a larger tier could reach skips it). A row
+    whose set is not there (a flat distribution) gets its threshold score from a radix select over
+    the whole vocabulary, and noise for every token. Every way finds the threshold a full sort finds,
+    and a token's noise does not depend on which tokens are looked at, so the token drawn is the same
+    whichever way a row goes (tests/test_sampler.py checks each way against the sort).
     """
     if cfg.greedy or cfg.temperature <= 0:
         return logits.argmax(-1)
@@ -143,11 +142,9 @@ def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
     p = cfg.top_p if cfg.top_p < 1.0 else None
     if not k and p is None:  # nothing filtered: every token is a candidate
         return (s + gumbel(keys, step, V)).argmax(-1)
-    dev = s.device
-    tok = torch.empty(S, dtype=torch.long, device=dev)
-    full = []  # (rows, threshold scores (r, 1)): drawn over the whole vocabulary
-    tail = []  # (rows, mass of their `count` most likely tokens, count): for the tail, top-p alone
-    todo = torch.arange(S, device=dev)
+    tok = torch.empty(S, dtype=torch.long, device=s.device)
+    todo = torch.arange(S, device=s.device)
+    later = []  # rows for the radix select: no tier can hold their set
     lse = None if k else torch.logsumexp(s, -1)  # top-p alone: the candidates' mass in the full softmax
     tiers = [k] if k else [c for c in CANDIDATES if c < V]
     for j, c in enumerate(tiers):
@@ -161,53 +158,62 @@ def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
             before = probs.cumsum(-1) - probs  # the mass more likely than each candidate
             n = (before[:, :c] < p).sum(-1)
         tau = vals.gather(1, n[:, None] - 1)  # the least likely kept score
-        if k:  # the candidates are the top-k set unless the one left out ties with the k-th
-            found, spill = vals[:, c] < vals[:, c - 1], torch.zeros_like(todo, dtype=torch.bool)
-        else:  # the set ends among the candidates when the one left out is not kept ...
-            found = before[:, c] >= p
-            spill = found & (vals[:, c] >= tau[:, 0])  # ... except ties with the last kept
-            found &= ~spill
-        full.append((todo[spill], tau[spill]))
+        # the set is among the candidates if the one left out is neither kept nor tied with the
+        # least likely kept one (top-k: with the k-th)
+        found = vals[:, c] < (vals[:, c - 1: c] if k else tau)[:, 0]
+        if not k:
+            found &= before[:, c] >= p
         r, v, i = todo[found], vals[found, :c], idx[found, :c]
         z = torch.where(v >= tau[found], v + gumbel_at(keys[r], step[r], i), float("-inf"))
         tok[r] = i.gather(1, z.argmax(-1, keepdim=True))[:, 0]
-        left = ~found & ~spill
-        todo = todo[left]
-        if not k:  # the next tier's mass is at most that of these c + 1 plus its others at the last
-            mass, last = (before[:, c] + probs[:, c])[left], probs[left, c]
-            go = (mass + (tiers[j + 1] - c - 1) * last >= p if j + 1 < len(tiers)
-                  else torch.zeros_like(todo, dtype=torch.bool))
-            tail.append((todo[~go], mass[~go], c + 1))
+        todo = todo[~found]
+        if not k and j + 1 < len(tiers):  # the next tier's mass is at most these c + 1, and each of
+            # its others weighs at most the one left out here
+            mass, last = (before[:, c] + probs[:, c])[~found], probs[~found, c]
+            go = mass + (tiers[j + 1] - c - 1) * last >= p
+            later.append(todo[~go])
             todo = todo[go]
-    if tail:
-        rows = torch.cat([r for r, _, _ in tail])
-        mass = torch.cat([m for _, m, _ in tail])
-        count = torch.cat([torch.full_like(r, c) for r, _, c in tail])
-        # the TAIL least likely weigh at most TAIL / (V - count) of the mass left: enough for 1 - p?
-        go = TAIL * (1 - mass) / (V - count) > 1 - p
-        if V <= TAIL + 1:  # no tail short of the whole vocabulary: sort
-            go = torch.zeros_like(go)
-        todo = torch.cat([todo, rows[~go]])
-        rows = rows[go]
-        if rows.numel():
-            vals = s[rows].topk(TAIL + 1, largest=False).values  # ascending
-            cum = (vals - lse[rows, None]).exp().cumsum(-1)  # the mass at or below each
-            out = (cum[:, :TAIL] <= 1 - p).sum(-1)  # how many the set leaves out
-            found = out < TAIL
-            full.append((rows[found], vals[found].gather(1, out[found, None])))
-            todo = torch.cat([todo, rows[~found]])
-    if todo.numel():  # the sort, as if none of the above existed
-        full.append((todo, _sorted_threshold(s[todo], k, p)))
-    rows = torch.cat([r for r, _ in full])
-    if rows.numel():
-        sr, tau = s[rows], torch.cat([t for _, t in full])
-        z = torch.where(sr >= tau, sr + gumbel(keys[rows], step[rows], V), float("-inf"))
-        tok[rows] = z.argmax(-1)
+    todo = torch.cat([todo, *later])
+    if todo.numel():
+        sr = s[todo]
+        if k:  # the top-k set with its ties, renormalised
+            kth = sr.topk(k).values[:, -1:]
+            sr = sr.masked_fill(sr < kth, float("-inf"))
+            tau = kth if p is None else _radix_threshold(sr, sr.logsumexp(-1), p)
+        else:
+            tau = _radix_threshold(sr, lse[todo], p)
+        z = torch.where(s[todo] >= tau, s[todo] + gumbel(keys[todo], step[todo], V), float("-inf"))
+        tok[todo] = z.argmax(-1)
     return tok
 
 
+def _radix_threshold(s: torch.Tensor, lse: torch.Tensor, p: float) -> torch.Tensor:
+    """The top-p threshold of each row of scores s (r, V): the largest score t with mass(s >= t) >= p
+    (r, 1), by a radix select on the float bits, 11 + 11 + 10 of them, masses summed in fp64."""
+    r, V = s.shape
+    b = (s + 0.0).view(torch.int32)  # + 0.0: no -0.0
+    key = b ^ ((b >> 31) & 0x7FFFFFFF)  # as signed int32, in the order of the scores
+    mass = (s - lse[:, None]).exp()
+    rows = torch.arange(r, device=s.device)[:, None].expand(r, V)
+    key, mass, rows = key.flatten(), mass.flatten(), rows.flatten()
+    prefix = torch.zeros(r, dtype=torch.long, device=s.device)
+    above = torch.zeros(r, 1, dtype=torch.float64, device=s.device)  # the mass above the prefix
+    for shift, bits in ((21, 11), (10, 11), (0, 10)):
+        B = 1 << bits
+        digit = (key >> shift) + 1024 if shift == 21 else (key >> shift) & (B - 1)
+        m = torch.bincount(rows * B + digit, weights=mass, minlength=r * B).view(r, B)
+        up = above + m.flip(-1).cumsum(-1).flip(-1)  # the mass at or above each digit
+        d = ((up >= p).sum(-1, keepdim=True) - 1).clamp(min=0)  # the highest digit reaching p
+        above = up.gather(1, d) - m.gather(1, d)
+        prefix = (prefix << bits) | (d[:, 0] - (1024 if shift == 21 else 0))
+        keep = digit == d[rows, 0]
+        key, mass, rows = key[keep], mass[keep], rows[keep]
+    b = prefix.to(torch.int32)
+    return (b ^ ((b >> 31) & 0x7FFFFFFF)).view(torch.float32)[:, None]
+
+
 def _sorted_threshold(s: torch.Tensor, k: int, p: float | None) -> torch.Tensor:
-    """The least likely kept score (S, 1), by a full sort: the reference the shortcuts agree with."""
+    """The least likely kept score (S, 1) by a full sort, as the rule defines it (the reference)."""
     vals = s.sort(-1, descending=True).values
     tau = vals[:, k - 1: k] if k else vals[:, -1:]
     if p is not None:  # top-p over the top-k set (and its ties), renormalised

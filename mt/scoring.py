@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from mt import dist
 from mt.chat import encode_conversation, load_tokenizer
 from mt.checkpoint import CheckpointError, load_model, read_config
 from mt.data import pad_sequences, read_samples, write_jsonl
+from mt.progress import progress as progress_bar
 
 
 def load_rm(path, device=None, dtype="auto"):
@@ -69,8 +69,7 @@ def _score_distinct(rm, tok, items, batch_size, max_tokens, progress, desc) -> l
     mine = list(range(len(items)))[d.rank::d.world_size]
     seqs = {i: encode_conversation(tok, *items[i]) for i in mine}
     order = sorted(mine, key=lambda i: -len(seqs[i]))
-    bar = tqdm(total=len(items), desc=desc, unit="resp", disable=not (progress and d.is_main),
-               dynamic_ncols=True)
+    bar = progress_bar(len(items), desc, progress and d.is_main, unit="resp")
     local, pending = [], []
     j = 0
     while j < len(order):

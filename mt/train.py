@@ -36,15 +36,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
-from tqdm import tqdm
 
-from mt import dist
+from mt import dist, track
 from mt.chat import Example
 from mt.checkpoint import replace_dir, save_hf
 from mt.config import TrainConfig
 from mt.data import pad_sequences, read_json, read_jsonl_rows, write_json, write_jsonl
 from mt.errors import UserError
 from mt.losses import Objective
+from mt.progress import progress as progress_bar
 
 
 class NonFiniteError(RuntimeError):
@@ -103,12 +103,13 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
     start = state.resume(model, optimizer)
 
     # ---- steps
-    bar = tqdm(total=total, initial=start, desc=desc or f"train {objective.name}",
-               disable=not (progress and d.is_main), dynamic_ncols=True)
+    bar = progress_bar(total, desc or f"train {objective.name}", progress and d.is_main,
+                       initial=start, unit="step")
     metrics_file = open(out_dir / "metrics.jsonl", "a") if d.is_main else None
     model.train()
     row = {}
     for step in range(start, total):
+        t_step = time.perf_counter()
         batch_idx = batches[step]
         # global count, known on the host: no communication
         denom = sum(units[i] for i in batch_idx)
@@ -150,12 +151,13 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
 
         # ---- log (rank 0)
         row = log_row(step, total // cfg.epochs, names, vals, denom, lr, world, batch_idx,
-                      num_tokens, state.elapsed())
+                      num_tokens, state.elapsed(), time.perf_counter() - t_step, dev)
         # the one file appended in place: flushed and fsynced like every other write
         if metrics_file:
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
             os.fsync(metrics_file.fileno())
+            track.log_step(out_dir, row)  # --log.tensorboard / --log.wandb: the same row
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}",
                         **({"acc": f"{row['accuracy']:.2f}"} if "accuracy" in row else {}))
@@ -170,6 +172,7 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
     bar.close()
     if metrics_file:
         metrics_file.close()
+        track.flush()
     save_hf(model, final, save_dtype, tokenizer_dir, generation_config)
     state.mark_done(row)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items()
@@ -211,7 +214,7 @@ def make_optimizer(model, cfg: TrainConfig):
 
 
 def log_row(step, steps_per_epoch, names, vals, denom, lr, world, batch_idx, num_tokens,
-            elapsed) -> dict:
+            elapsed, step_s, device) -> dict:
     """One metrics.jsonl row: the step's loss (over `denom`)
     and per-example means of the metrics."""
     n_pairs = len(batch_idx)
@@ -221,8 +224,12 @@ def log_row(step, steps_per_epoch, names, vals, denom, lr, world, batch_idx, num
     if "correct" in means:
         row["accuracy"] = means.pop("correct")
     row.update(means)
-    row.update(examples=n_pairs, tokens=sum(num_tokens[i] for i in batch_idx),
-               elapsed=round(elapsed, 3))
+    tokens = sum(num_tokens[i] for i in batch_idx)
+    row.update(examples=n_pairs, tokens=tokens, elapsed=round(elapsed, 3),
+               tokens_per_s=round(tokens / max(step_s, 1e-9), 1))  # global tokens over this step's time
+    if device.type == "cuda":  # this rank's peak since the last row (the figure an 8B run is sized by)
+        row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        torch.cuda.reset_peak_memory_stats(device)
     return row
 
 

@@ -55,8 +55,9 @@ def test_paper_preset_is_the_paper():
 def test_every_variant_preset_resolves_to_its_documented_values():
     """paper-NAME = the paper's defaults + VARIANTS[NAME]; sandbox-NAME = the sandbox + the same
     differences, learning rates scaled as the sandbox scales the paper's (3e-4 / 7e-7)."""
-    from mt.config import SANDBOX, VARIANTS
-    paper = dataclasses.asdict(Config())
+    from mt.config import PAPER_GPU, SANDBOX, VARIANTS
+    paper = dataclasses.asdict(parse_args(["--preset", "paper"]))
+    assert all(_get(paper, k) == v for k, v in PAPER_GPU.items())  # activation checkpointing on
     for name, (figure, diff) in VARIANTS.items():
         p, sb = dataclasses.asdict(parse_args(["--preset", f"paper-{name}"])), dataclasses.asdict(
             parse_args(["--preset", f"sandbox-{name}"]))
@@ -65,7 +66,7 @@ def test_every_variant_preset_resolves_to_its_documented_values():
                 continue
             assert _get(p, key) == diff.get(key, _get(paper, key)), (name, key)
             want = diff[key] * (3e-4 / 7e-7) if key == "dpo.lr" and key in diff else diff.get(
-                key, SANDBOX.get(key, _get(paper, key)))
+                key, SANDBOX.get(key, _get(dataclasses.asdict(Config()), key)))
             assert _get(sb, key) == pytest.approx(want), (name, key)
     # the baselines as appendix A / B and the SimPO recipe state them
     it = parse_args(["--preset", "paper-iterative-dpo"])
