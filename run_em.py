@@ -91,6 +91,9 @@ def run(cfg: C.Config) -> dict:
                 stop = True
                 break
             pi_t = it / "policy" / selection["chosen"]
+            if E.keep_checkpoints == "selected":  # the others are never read again
+                m.prune(f"{tag}/prune", [it / "policy" / k for k in selection["candidates"]
+                                         if k != selection["chosen"]])
 
             # ---- pseudo-pairs (Alg. 1 line 6), filtering (line 7), M-step (line 8, Eq. 5)
             r_t = gen_r

@@ -139,6 +139,19 @@ class EMConfig:
     # share of D_R held out of RM training, to report RM accuracy on pseudo-pairs it never saw; the
     # paper trains on all of D_R (0), so this is an opt-in diagnostic (the sandbox keeps 0.05)
     rm_heldout: float = opt(0.0, min=0)
+    # all | selected: delete the candidates model selection did not choose once its choice is recorded
+    # (8B checkpoints are 16 GB each); resuming is unaffected
+    keep_checkpoints: str = opt("all", choices=("all", "selected"), scheduling=True)
+
+
+@dataclass
+class LogConfig:
+    """Experiment tracking, rank 0 only, off by default (mt/track.py): each metrics.jsonl row and
+    each iteration's numbers."""
+    # TensorBoard: events under DIR/<--log.name> (`pip install tensorboard`); "" = off
+    tensorboard: str = opt("", scheduling=True)
+    wandb: str = opt("", scheduling=True)  # a Weights & Biases project (`pip install wandb`)
+    name: str = opt("", scheduling=True)  # the run's name there; "" = the --out directory's name
 
 
 @dataclass
@@ -168,6 +181,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rm_train: RMConfig = field(default_factory=RMConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
 
@@ -568,6 +582,10 @@ def diff(a: dict, b: dict, prefix="") -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
+        # a section one side lacks (added since a run began) is compared key by key, so that a
+        # resume can skip its scheduling-only keys
+        va = {} if k not in a and isinstance(vb, dict) else va
+        vb = {} if k not in b and isinstance(va, dict) else vb
         if isinstance(va, dict) and isinstance(vb, dict):
             out += diff(va, vb, f"{prefix}{k}.")
         elif va != vb and not (isinstance(va, (list, tuple)) and list(va) == list(vb or [])):

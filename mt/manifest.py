@@ -145,7 +145,12 @@ class Manifest:
             clean_leftovers(self.run_dir)
         if cfg is not None:
             self.check_config(cfg, force)
-        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+        self.data = read_json(self.path) if self.path.is_file() else {"stages": {}}
+        if not isinstance(self.data, dict) or not isinstance(self.data.get("stages"), dict):
+            raise UserError(f"{self.path}: not a manifest (no \"stages\" object). Fix: move it away to "
+                            "redo every stage, or restore it from a copy of the run")
+        if dist.get().is_main and "pruning" in self.data:  # a kill interrupted a prune: finish it
+            self._finish_prune()
 
     def check_config(self, cfg, force: bool):
         """A rerun must use the run's config:
@@ -153,14 +158,14 @@ class Manifest:
         path = self.run_dir / "config.json"
         new = C.to_dict(cfg)
         if path.is_file():
-            old = json.loads(path.read_text())
+            old = read_json(path)
             skip = C.scheduling_only(cfg)
             changed = [c for c in C.diff(old, new) if c.split(":")[0] not in skip]
             if changed and not force:
                 raise C.ConfigError(
                     f"{path}: this run was started with a different config:\n  "
                     + "\n  ".join(changed)
-                    + "\nUse the original flags, a new --out, or --force_config true to continue "
+                    + "\nFix: use the original flags, a new --out, or --force_config true to continue "
                     "with the new config (finished stages whose inputs are unchanged are kept).")
         if dist.get().is_main:
             write_json(path, new)
@@ -202,6 +207,38 @@ class Manifest:
                                      "inputs": self._hashes(inputs),
                                      "outputs": self._hashes(outputs),
                                      "seconds": round(seconds, 2), "info": info or {}}
+        write_json(self.path, self.data)
+
+    def prune(self, name: str, victims: list[Path]):
+        """Delete the directories `victims` (candidates model selection did not choose) without breaking
+        resume: the intent is recorded first, then the deletion, then every stage record that hashed a
+        directory holding a victim is re-hashed, in one manifest write. A kill in between is finished
+        at the next start."""
+        if name in self.data["stages"]:
+            dist.print0(f"[done] {name}")
+            return
+        dist.print0(f"[run]  {name}: removing {', '.join(p.name for p in victims) or 'nothing'}")
+        if dist.get().is_main:
+            self.data["pruning"] = {"name": name, "victims": [self._key(p) for p in victims]}
+            write_json(self.path, self.data)
+            self._finish_prune()
+        dist.barrier()
+
+    def _finish_prune(self):
+        job = self.data["pruning"]
+        victims = [self.run_dir / v for v in job["victims"]]
+        for p in victims:
+            shutil.rmtree(p, ignore_errors=True)
+        for st in self.data["stages"].values():
+            for side in ("inputs", "outputs"):
+                for key in list(st.get(side) or {}):
+                    p = Path(key) if Path(key).is_absolute() else self.run_dir / key
+                    if any(p in v.parents for v in victims):
+                        st[side][key] = fingerprint(p)
+        self.data["stages"][job["name"]] = {"status": "done", "params": {}, "inputs": {},
+                                            "outputs": {}, "seconds": 0.0,
+                                            "info": {"removed": job["victims"]}}
+        del self.data["pruning"]
         write_json(self.path, self.data)
 
     def stage(self, name: str, fn, outputs: list[Path], **args):

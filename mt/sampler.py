@@ -70,11 +70,11 @@ def stream_key(seed: int, stream: str, prompt_id: str, sample_index: int) -> int
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     # lowbias32 (C. Wellons' hash-prospector) on uint32 values held in int64; both multipliers are
     # below 2^31, so no product overflows int64 and the result is the same on every backend
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & M32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & M32
-    return x ^ (x >> 15)
+    x = x ^ (x >> 16)  # a new tensor: the rest works in place
+    x.mul_(0x21F0AAAD).bitwise_and_(M32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(0x735A2D97).bitwise_and_(M32)
+    return x.bitwise_xor_(x >> 15)
 
 
 def _token_hash(vocab: int, device) -> torch.Tensor:
@@ -94,8 +94,8 @@ def _row_seed(keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 def _to_gumbel(h: torch.Tensor) -> torch.Tensor:
     # 1 - U with 32-bit resolution near 0, where the largest noise values (the ones that win) come from
-    v = ((h.float() + 0.5) * 2.0 ** -32).clamp(max=1.0 - 2.0 ** -24)
-    return -torch.log(-torch.log1p(-v))  # -log(E), E = -log(1 - v) ~ Exp(1)
+    v = h.float().add_(0.5).mul_(2.0 ** -32).clamp_(max=1.0 - 2.0 ** -24)
+    return v.neg_().log1p_().neg_().log_().neg_()  # -log(E), E = -log(1 - v) ~ Exp(1)
 
 
 def gumbel_at(keys: torch.Tensor, step: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -174,16 +174,20 @@ def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
             later.append(todo[~go])
             todo = todo[go]
     todo = torch.cat([todo, *later])
-    if todo.numel():
-        sr = s[todo]
-        if k:  # the top-k set with its ties, renormalised
-            kth = sr.topk(k).values[:, -1:]
-            sr = sr.masked_fill(sr < kth, float("-inf"))
-            tau = kth if p is None else _radix_threshold(sr, sr.logsumexp(-1), p)
-        else:
-            tau = _radix_threshold(sr, lse[todo], p)
-        z = torch.where(s[todo] >= tau, s[todo] + gumbel(keys[todo], step[todo], V), float("-inf"))
-        tok[todo] = z.argmax(-1)
+    if not todo.numel():
+        return tok
+    every = todo.numel() == S  # then as they are: no copies
+    sr, kr, st = (s, keys, step) if every else (s[todo], keys[todo], step[todo])
+    if k:  # the top-k set with its ties, renormalised
+        kth = sr.topk(k).values[:, -1:]
+        masked = sr.masked_fill(sr < kth, float("-inf"))
+        tau = kth if p is None else _radix_threshold(masked, masked.logsumexp(-1), p)
+    else:
+        tau = _radix_threshold(sr, lse if every else lse[todo], p)
+    z = gumbel(kr, st, V).add_(sr).masked_fill_(sr < tau, float("-inf")).argmax(-1)
+    if every:
+        return z
+    tok[todo] = z
     return tok
 
 
@@ -191,23 +195,32 @@ def _radix_threshold(s: torch.Tensor, lse: torch.Tensor, p: float) -> torch.Tens
     """The top-p threshold of each row of scores s (r, V): the largest score t with mass(s >= t) >= p
     (r, 1), by a radix select on the float bits, 11 + 11 + 10 of them, masses summed in fp64."""
     r, V = s.shape
+    dev = s.device
     b = (s + 0.0).view(torch.int32)  # + 0.0: no -0.0
-    key = b ^ ((b >> 31) & 0x7FFFFFFF)  # as signed int32, in the order of the scores
-    mass = (s - lse[:, None]).exp()
-    rows = torch.arange(r, device=s.device)[:, None].expand(r, V)
-    key, mass, rows = key.flatten(), mass.flatten(), rows.flatten()
-    prefix = torch.zeros(r, dtype=torch.long, device=s.device)
-    above = torch.zeros(r, 1, dtype=torch.float64, device=s.device)  # the mass above the prefix
+    key = b.bitwise_xor_((b >> 31).bitwise_and_(0x7FFFFFFF))  # signed int32, in the scores' order
+    mass = (s - lse[:, None]).exp_()
+    rows = None  # level 1 works on (r, V) as it is; later levels on the elements left, flat
+    prefix = torch.zeros(r, dtype=torch.long, device=dev)
+    above = torch.zeros(r, 1, dtype=torch.float64, device=dev)  # the mass above the prefix
     for shift, bits in ((21, 11), (10, 11), (0, 10)):
         B = 1 << bits
-        digit = (key >> shift) + 1024 if shift == 21 else (key >> shift) & (B - 1)
-        m = torch.bincount(rows * B + digit, weights=mass, minlength=r * B).view(r, B)
+        if rows is None:  # the top 11 bits (sign, exponent, 2 of the mantissa) as 0 .. 2047
+            digit = (key >> shift).add_(1024)
+            bins = (digit + torch.arange(0, r * B, B, device=dev)[:, None]).flatten()
+        else:
+            digit = (key >> shift).bitwise_and_(B - 1)
+            bins = rows * B + digit
+        m = torch.bincount(bins, weights=mass.flatten(), minlength=r * B).view(r, B)
         up = above + m.flip(-1).cumsum(-1).flip(-1)  # the mass at or above each digit
-        d = ((up >= p).sum(-1, keepdim=True) - 1).clamp(min=0)  # the highest digit reaching p
+        d = ((up >= p).sum(-1, keepdim=True) - 1).clamp_(min=0)  # the highest digit reaching p
         above = up.gather(1, d) - m.gather(1, d)
-        prefix = (prefix << bits) | (d[:, 0] - (1024 if shift == 21 else 0))
-        keep = digit == d[rows, 0]
-        key, mass, rows = key[keep], mass[keep], rows[keep]
+        prefix = (prefix << bits) | (d[:, 0] - (1024 if rows is None else 0))
+        if rows is None:
+            rows, cols = (digit == d).nonzero(as_tuple=True)
+            key, mass = key[rows, cols], mass[rows, cols]
+        else:
+            keep = digit == d[rows, 0]
+            key, mass, rows = key[keep], mass[keep], rows[keep]
     b = prefix.to(torch.int32)
     return (b ^ ((b >> 31) & 0x7FFFFFFF)).view(torch.float32)[:, None]
 

@@ -265,3 +265,20 @@ def test_sandbox_preset_with_two_rounds_prints_the_gold_table(tmp_path):
     chosen = json.loads((out / "round2" / "iter1" / "selection.json").read_text())["chosen"]
     new = [json.loads(x) for x in open(out / "round2" / "iter1" / "selection" / f"{chosen}.samples.jsonl")]
     assert view[1]["policy_gold"] == pytest.approx(sandbox.policy_gold(new))  # gold of the chosen π on D_MS
+
+
+def test_keep_only_the_selected_checkpoints_and_still_resume(inputs, reference, tmp_path):
+    """--em.keep_checkpoints selected deletes the candidates selection did not choose; a rerun finds every
+    stage done, and every other artifact equals the run that kept them."""
+    out = tmp_path / "run"
+    run_em(args(inputs, out) + ["--em.keep_checkpoints", "selected"])
+    for t in (1, 2):
+        chosen = json.loads((out / f"iter{t}" / "selection.json").read_text())["chosen"]
+        kept = sorted(p.name for p in (out / f"iter{t}" / "policy").iterdir() if p.name.startswith(("ckpt", "final")))
+        assert kept == [chosen]
+    p = run_em(args(inputs, out) + ["--em.keep_checkpoints", "selected"])
+    assert "[run]" not in p.stdout, p.stdout
+    ref = {k: v for k, v in artifacts(reference).items() if k != "config.json"}
+    got = {k: v for k, v in artifacts(out).items() if k != "config.json"}
+    assert {k: v for k, v in ref.items() if k in got} == got  # nothing else changed
+    assert all(("/policy/ckpt-" in k or "/policy/final/" in k) for k in set(ref) - set(got))
