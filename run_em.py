@@ -4,6 +4,7 @@
     python run_em.py --preset paper --policy DIR --rm DIR --prompts FILE --out runs/mt
     torchrun --nproc_per_node 8 run_em.py --policy DIR --rm DIR --prompts FILE --iters 2
     python run_em.py STAGE --file-args ... [--section.key value ...]  # one stage on explicit files
+    python run_em.py status --out runs/mt      # stages done, running or left; decisions so far
 
 Every stage reads and writes files (DESIGN.md §2) and is recorded in <out>/manifest.json with the
 hashes of its inputs and outputs and the arguments it ran with (mt/manifest.py). Rerunning the same
@@ -12,18 +13,23 @@ the keys) unless --force_config is given. `--help` lists every flag.
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import train_policy
 import train_rm
 from mt import chat
 from mt import config as C
-from mt import dist, em, sandbox
+from mt import dist, em, sandbox, track
 from mt.checkpoint import read_config
 from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples,
                      read_scores, write_json, write_jsonl)
-from mt.manifest import Manifest, iteration_dir
+from mt.errors import UserError
+from mt.manifest import Manifest, iteration_dir, iteration_dirs
 from mt.scoring import score_files
 
 # ---- Algorithm 1
@@ -34,6 +40,7 @@ def run(cfg: C.Config) -> dict:
     run_dir, E = Path(cfg.out), cfg.em
     preflight(cfg)  # every check that can fail runs before config.json is written
     m = Manifest(run_dir, cfg, cfg.force_config)
+    track.start(cfg.log, run_dir, C.to_dict(cfg))  # --log.tensorboard / --log.wandb (rank 0)
     pi0, r0 = Path(cfg.policy), Path(cfg.rm)
 
     # Alg. 1 line 2: partition D into D_1..D_T, D_R and the fixed D_MS
@@ -86,6 +93,7 @@ def run(cfg: C.Config) -> dict:
                        "dpo": train_policy.summary(it / "policy"), "selection": selection}
             history.append(metrics)
             if selection["stop"]:
+                track.log_iteration(len(history), iteration_scalars(metrics))
                 dist.print0(f"{tag}: best win rate {selection['win_rate']:.3f} < τ={E.tau}: stop, "
                             f"keep π_{t - 1}, r_{t - 1}")
                 stop = True
@@ -120,6 +128,7 @@ def run(cfg: C.Config) -> dict:
                 metrics["rm"] = {**train_rm.summary(it / "rm"), **read_json(it / "rm_eval.json")}
             if d.is_main:
                 write_json(it / "metrics.json", metrics)
+            track.log_iteration(len(history), iteration_scalars(metrics))
             gen_pi, gen_r, init_pi = pi_t, r_t, pi_t
         if stop:
             break  # a τ stop ends the whole run
@@ -132,6 +141,7 @@ def run(cfg: C.Config) -> dict:
         if cfg.preset.startswith("sandbox"):
             print("\nGold view (mt/sandbox.py's gold reward; policy numbers on D_MS):")
             print(sandbox.gold_table(sandbox.gold_view(run_dir)))
+    track.finish()
     return summary
 
 
@@ -139,6 +149,7 @@ def preflight(cfg: C.Config):
     """The inputs checked before anything is written: a typo'd path or an impossible size fails
     here, not after iteration 1, and never pins a bad config.json."""
     prompts = read_prompts(cfg.prompts)  # every row validated
+    track.require(cfg.log)  # a --log.* flag whose package is missing
     try:
         em.partition([p["prompt_id"] for p in prompts], cfg.iters,
                      cfg.em.rm_fraction if cfg.em.update_rm else 0.0, cfg.em.d_ms_size, cfg.seed)
@@ -327,6 +338,230 @@ def table(history: list[dict], cfg: C.Config) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_step(name: str, steps: int | None) -> int | None:
+    """ckpt-6 -> 6; final -> the stage's step count."""
+    return int(name.split("-")[1]) if name.startswith("ckpt-") else steps
+
+
+def iteration_scalars(h: dict) -> dict[str, float]:
+    """One iteration's numbers for the trackers (mt/track.py): the table's columns, each win rate,
+    ε_t and the pseudo-pairs kept and dropped."""
+    p, sel = h["pairs"], h["selection"]
+    dpo, pp, rm = h.get("dpo", {}), h.get("pseudo_pairs", {}), h.get("rm", {})
+    out = {"pairs": p.get("pairs"),
+           "pairs_dropped": sum(v for k, v in p.items() if k.startswith("dropped_")),
+           "truncated": p.get("truncated_responses", 0) / max(1, p.get("responses", 1)),
+           "dpo_loss": dpo.get("loss"), "dpo_reward_acc": dpo.get("reward_acc"),
+           "win_rate_best": sel.get("win_rate"), "stop": sel["stop"], "tau": sel.get("tau"),
+           **{f"win_rate_{k}": v["win_rate"] for k, v in sel.get("candidates", {}).items()}}
+    if sel.get("chosen"):
+        out["chosen_step"] = checkpoint_step(sel["chosen"], dpo.get("steps"))
+    if pp:
+        out.update(eps_t=pp["eps_t"], pseudo_total=pp["n"], pseudo_kept=pp["kept_total"],
+                   pseudo_dropped=pp["n"] - pp["kept_total"])
+    if rm:
+        out.update(rm_loss=rm.get("loss"), rm_train_acc=rm.get("train_acc"),
+                   rm_heldout_acc_prev=rm.get("heldout_acc_prev"),
+                   rm_heldout_acc_new=rm.get("heldout_acc_new"))
+    return {k: v for k, v in out.items() if v is not None}
+
+
+# ---- `python run_em.py status --out RUN`: where a run stands, from its files (never its lock)
+
+E_STAGES = ("sample", "score", "pairs", "ref_logps", "dpo", "select")
+M_STAGES = ("pseudo_pairs", "rm_data", "rm", "rm_eval")  # with --em.update_rm only
+
+
+def stage_plan(cfg: dict) -> list[str]:
+    """Every stage `run` records, in order, for a run with no τ stop (from its config.json)."""
+    E = cfg["em"]
+    names = ["splits"]
+    for rnd in range(1, E["rounds"] + 1):
+        for t in range(1, cfg["iters"] + 1):
+            tag = iteration_dir(Path(), rnd, t, E["rounds"]).as_posix()
+            prune = ("prune",) if E.get("keep_checkpoints") == "selected" else ()
+            names += [f"{tag}/{s}"
+                      for s in E_STAGES + prune + (M_STAGES if E["update_rm"] else ())]
+    return names
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who runs in run_dir ('pid N on HOST'), or None: a non-blocking shared flock on its .lock,
+    released at once, tells a live holder (mt/manifest.py lock_run_dir) from a stale file."""
+    path = Path(run_dir) / ".lock"
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{seconds:.1f}s")
+
+
+def _last_row(path: Path) -> dict:
+    """The last complete row of a metrics.jsonl being appended to (a cut last line is skipped)."""
+    last = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            last = row if isinstance(row, dict) else last
+    return last
+
+
+def _training(run_dir: Path, name: str) -> str:
+    """A dpo / rm stage's progress on disk: its last logged step, or where it would resume."""
+    tag, _, stage = name.rpartition("/")
+    if stage not in ("dpo", "rm"):
+        return ""
+    d = run_dir / tag / ("policy" if stage == "dpo" else "rm")
+    meta = d / "trainer_state" / "meta.json"
+    total = read_json(meta).get("total") if meta.is_file() else None
+    row = _last_row(d / "metrics.jsonl")
+    if not row:
+        return ""
+    return (f"step {row.get('step')}{f'/{total}' if total else ''}, loss "
+            f"{row.get('loss', float('nan')):.4f}")
+
+
+def decisions(run_dir: Path, recorded: dict) -> list[str]:
+    """Each iteration's decisions so far (of the stages recorded done): the checkpoint chosen or
+    the τ stop, ε_t and the pseudo-pairs kept, the RM's accuracies."""
+    out = []
+    for it in iteration_dirs(run_dir):
+        tag, parts = it.relative_to(run_dir).as_posix(), []
+
+        def done(stage):
+            return recorded.get(f"{tag}/{stage}", {}).get("status") == "done"
+        if done("dpo") and (it / "policy" / "metrics.jsonl").is_file():
+            dpo = train_policy.summary(it / "policy")
+            if dpo:
+                parts.append(f"DPO {dpo['steps']} steps, loss {dpo['first_loss']:.4f} → "
+                             f"{dpo['loss']:.4f}, reward acc {dpo.get('reward_acc', 0):.2f}")
+        if done("select") and (it / "selection.json").is_file():
+            sel = read_json(it / "selection.json")
+            rates = ", ".join(f"{k} {v['win_rate']:.3f}"
+                              for k, v in sel.get("candidates", {}).items())
+            tau = sel.get("tau")
+            if sel["stop"]:
+                parts.append(f"τ stop: best win rate {sel['win_rate']:.3f} ({sel['best']}) < τ "
+                             f"{tau}, keeps the previous models [{rates}]")
+            else:
+                vs = f" ≥ τ {tau}" if tau is not None else " (no selection: the last one)"
+                parts.append(f"chosen {sel['chosen']}: win rate {sel['win_rate']:.3f}{vs} "
+                             f"[{rates}]")
+        if done("pseudo_pairs") and (it / "pseudo_pairs.info.json").is_file():
+            pp = read_json(it / "pseudo_pairs.info.json")
+            parts.append(f"ε_t {pp['eps_t']:.4g} ({pp['eps_mult']:g}×{pp['eps_stat']}, "
+                         f"{pp['strategy']}): kept {pp['kept_total']}/{pp['n']} pseudo-pairs")
+        rm = train_rm.summary(it / "rm") if done("rm") else {}
+        ev = read_json(it / "rm_eval.json") if done("rm_eval") else {}
+        if rm.get("train_acc") is not None:
+            acc = f"RM train acc {rm['train_acc']:.3f}"
+            if ev.get("heldout_pairs"):
+                acc += (f", held-out acc {ev['heldout_acc_prev']:.3f} → "
+                        f"{ev['heldout_acc_new']:.3f} ({ev['heldout_pairs']} pairs)")
+            parts.append(acc)
+        if parts:
+            out += [f"  {tag}:", *(f"    {p}" for p in parts)]
+    return out
+
+
+def status(run_dir) -> str:
+    """Which stages are done, running or left, their times, and the decisions so far, read from
+    the run's files without taking its lock (so it works beside a running run)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir}: no config.json, so not a run directory (run_em.py writes "
+                        "config.json and manifest.json as it starts). Fix: pass a run's --out")
+    cfg = read_json(run_dir / "config.json")
+    manifest = run_dir / "manifest.json"
+    recorded = read_json(manifest)["stages"] if manifest.is_file() else {}
+    standalone = "samples" in cfg  # train_policy.py / train_rm.py: only their recorded stages
+    plan = list(recorded) if standalone else stage_plan(cfg)
+    plan += [n for n in recorded if n not in plan]
+    holder = lock_holder(run_dir)
+    stop = None
+    for it in [] if standalone else iteration_dirs(run_dir):
+        tag = it.relative_to(run_dir).as_posix()
+        if (f"{tag}/select" in recorded and (it / "selection.json").is_file()
+                and read_json(it / "selection.json").get("stop")):
+            stop = tag
+            break
+    # the running stage began when the last one was recorded (or when the run took its lock)
+    since = max((p.stat().st_mtime for p in (manifest, run_dir / ".lock") if p.is_file()),
+                default=time.time())
+    # a τ stop ends the run after its iteration's selection
+    end = plan.index(f"{stop}/select") if stop else len(plan)
+    lines, first_left = [], True
+    for i, name in enumerate(plan):
+        st = recorded.get(name)
+        if st and st.get("status") == "done":
+            state, note = "done", _hms(st.get("seconds", 0))
+        elif i > end:
+            state, note = "skipped", f"τ stop at {stop}"
+        elif first_left and holder:
+            state, note = "running", f"for {_hms(time.time() - since)}"
+            note += f"; {_training(run_dir, name)}" if _training(run_dir, name) else ""
+            first_left = False
+        else:
+            state, note = "left", ""
+            if first_left and _training(run_dir, name):
+                note = f"partial: {_training(run_dir, name)} (a rerun resumes it)"
+            first_left = False
+        lines.append(f"  {state:<8} {name:<24} {note}".rstrip())
+    done = sum(1 for n in plan if recorded.get(n, {}).get("status") == "done")
+    left = sum(line.split()[0] in ("left", "running") for line in lines)
+    skipped = sum(line.split()[0] == "skipped" for line in lines)
+    if holder:
+        head = f"running ({holder})"
+    elif not left:
+        head = "finished" + (f" (τ stop at {stop})" if stop else "")
+    else:
+        head = "stopped (rerun the same command to resume)"
+    secs = sum(st.get("seconds", 0) for st in recorded.values())
+    what = (f"preset {cfg.get('preset')}, T={cfg.get('iters')}"
+            + (f", {cfg['em']['rounds']} rounds" if cfg.get("em", {}).get("rounds", 1) > 1
+               else ""))
+    out = [f"{run_dir}: {head}; {done} of {len(plan) - skipped} stages done in {_hms(secs)}"
+           + (f", {skipped} skipped by the τ stop" if skipped else "") + f" ({what})",
+           *lines]
+    dec = decisions(run_dir, recorded) if not standalone else []
+    if dec:
+        out += ["decisions so far:", *dec]
+    if (run_dir / "summary.json").is_file() and not holder:
+        s = read_json(run_dir / "summary.json")
+        out.append(f"output: policy {s['policy']}, rm {s['rm']}")
+    return "\n".join(out)
+
+
+@dataclass
+class StatusConfig:
+    out: str = ""  # the run directory (a run_em.py --out)
+
+
+def status_main(argv: list[str]) -> str:
+    doc = ("Where a run stands: which stages are done, running or left, their times, and the "
+           "decisions so far (chosen checkpoint, τ stops, ε_t). Reads the run's files only; "
+           "never takes its lock, so it runs beside a live run.")
+    cfg = C.parse(argv, StatusConfig(), "python run_em.py status", doc)
+    if not cfg.out:
+        raise C.ConfigError("python run_em.py status: missing --out RUN (a run directory)")
+    text = status(Path(cfg.out))
+    print(text, flush=True)
+    return text
+
+
 # ---- each stage alone, on explicit files: `python run_em.py STAGE --file path ...
 # [--section.key value ...]`
 
@@ -364,6 +599,8 @@ def stage_main(name: str, argv: list[str]):
         raise C.ConfigError(f"python run_em.py {name}: missing --{', --'.join(missing)} ({what})")
     dist.init_from(cfg)
     a = {k: Path(getattr(cfg, k)) for k in files}
+    # --log.*: a file output's directory stands for the run
+    track.start(cfg.log, a["out"].parent if a["out"].suffix else a["out"], C.to_dict(cfg))
     stream, E = cfg.stream or name, cfg.em
     if name == "sample":
         return train_policy.sample(a["model"], a["prompts"], a["out"], cfg.sampling, E.n_samples,
@@ -411,12 +648,18 @@ def resolve_inputs(cfg: C.Config) -> C.Config:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "status":
+        return status_main(argv[1:])
     if argv and argv[0] in STAGES:
-        return stage_main(argv[0], argv[1:])
+        try:
+            return stage_main(argv[0], argv[1:])
+        finally:
+            track.finish()
     keys = {a.split("=")[0] for a in argv if a.startswith("--")}
     if not keys & {"--preset", "--policy", "--rm", "--prompts"}:
         argv = ["--preset", "sandbox", *argv]  # the embedded default main job
-    doc = __doc__ + "\nstages: " + ", ".join(STAGES) + " (python run_em.py STAGE --help)"
+    doc = (__doc__ + "\nstages: " + ", ".join(STAGES) + " (python run_em.py STAGE --help); "
+           "python run_em.py status --out RUN: where a run stands")
     return run(resolve_inputs(C.parse(argv, C.Config(), "python run_em.py", doc)))
 
 

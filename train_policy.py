@@ -25,13 +25,13 @@ import torch
 
 from mt import chat
 from mt import config as C
-from mt import dist
+from mt import dist, track
 from mt.chat import Example
 from mt.checkpoint import load_for_training, load_model
 from mt.data import (DataError, read_pairs, read_prompts, read_samples, read_scores, write_json,
                      write_jsonl)
 from mt.em import make_pairs
-from mt.losses import LOSSES, preference_objective, sequence_logps
+from mt.losses import LOSSES, preference_objective, response_logps
 from mt.manifest import Manifest
 from mt.progress import progress as progress_bar
 from mt.sampler import sample_to_file, summary_line
@@ -103,9 +103,11 @@ def ref_logps(policy_dir: Path, pairs_path: Path, out_path: Path, loss: str = "d
 
 @torch.no_grad()
 def reference_logps(model, examples: list[Example], micro_batch_size: int, pad_id: int = 0,
-                    progress: bool = True) -> dict[str, tuple[float, float]]:
+                    progress: bool = True,
+                    full_logits: bool = False) -> dict[str, tuple[float, float]]:
     """Summed log-probs of chosen and rejected responses under `model`,
-    data-parallel: {pair id: (c, r)}.
+    data-parallel: {pair id: (c, r)}. The head is fused with the log-softmax at response positions
+    (mt/losses.py response_logps: no (2b, T, V) logits); `full_logits=True` is the reference path.
 
     no_grad, not inference_mode: inference tensors would break the FSDP training forward that
     follows.
@@ -121,8 +123,8 @@ def reference_logps(model, examples: list[Example], micro_batch_size: int, pad_i
     for j in range(k):
         idx = share[j * micro_batch_size:(j + 1) * micro_batch_size]
         batch = collate([examples[i] for i in (idx or order[:1])], True, pad_id, dev)
-        logits = model(batch.ids)  # (2b, T, V)
-        lp = sequence_logps(logits, batch.ids, batch.loss_mask)  # (2b,)
+        lp = response_logps(model, batch.ids, batch.loss_mask,
+                            full_logits=full_logits)  # (2b,)
         if idx:
             local.append((idx, lp.view(2, -1).T))
         bar.update(1)
@@ -240,6 +242,7 @@ def main(cfg: C.StageConfig) -> dict:
         raise C.ConfigError(f"missing --{', --'.join(missing)} (see --help)")
     out = Path(cfg.out)
     m = Manifest(out, cfg, cfg.force_config)
+    track.start(cfg.log, out, C.to_dict(cfg))  # --log.tensorboard / --log.wandb (rank 0)
     pairs_file = Path(cfg.pairs) if cfg.pairs else out / "pairs.jsonl"
     if not cfg.pairs:
         m.stage("sample", sample, [out / "samples.jsonl"], policy_dir=Path(cfg.policy),
@@ -257,6 +260,7 @@ def main(cfg: C.StageConfig) -> dict:
                    cfg=cfg.dpo)
     dist.print0(f"E-step done: {json.dumps(info)}; checkpoints {checkpoints(out / 'policy')} in "
                 f"{out / 'policy'}")
+    track.finish()
     return info
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mt import config as C
-from mt import dist
+from mt import dist, track
 from mt.chat import load_tokenizer, rm_examples
 from mt.checkpoint import load_for_training
 from mt.data import read_pairs
@@ -93,9 +93,11 @@ def main(cfg: C.StageConfig) -> dict:
                             "FILE[,FILE...] and --out DIR (see --help)")
     out = Path(cfg.out)
     m = Manifest(out, cfg, cfg.force_config)
+    track.start(cfg.log, out, C.to_dict(cfg))  # --log.tensorboard / --log.wandb (rank 0)
     info = m.stage("rm", train, [out / "final"], init_dir=Path(cfg.rm), pair_files=pair_files,
                    out_dir=out, cfg=cfg.rm_train)
     dist.print0(f"RM done: {json.dumps(info)} -> {out / 'final'}")
+    track.finish()
     return info
 
 

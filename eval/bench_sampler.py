@@ -104,8 +104,8 @@ class BenchSamplerArgs:
     seed: int = 0
     model: str = ""  # a Hugging Face chat model directory instead of the random model (see above)
     fixed_length: bool = False  # --model: no stop ids, every response runs to max_new_tokens
-    variants: bool = False  # also time our sampler with grouped refill / shared prefix switched off
-    before: str = ""  # another checkout of this repository whose sampler (mt/) is timed alongside ours
+    variants: bool = False  # also time our sampler with grouped refill / shared prefix off
+    before: str = ""  # another checkout of this repository, whose sampler (mt/) is timed too
     sweep: bool = False  # tokens/s at fixed lengths over slots x lengths (see above)
     sweep_slots: str = "1,8,64"
     sweep_lengths: str = "32,128,512"
@@ -132,7 +132,7 @@ def build(a: BenchSamplerArgs, device: torch.device, dtype: torch.dtype):
 
 
 def load_chat(a: BenchSamplerArgs, device: torch.device, dtype: torch.dtype):
-    """transformers' model and ours from --model, the chat prompts' ids and the model's stop ids."""
+    """transformers' model and ours from --model, the chat prompts' ids, the model's stop ids."""
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).to(device).eval()
     ours = load_model(a.model, dtype=dtype, device=device).eval()
@@ -296,7 +296,8 @@ def main(argv=None):
         hf, ours, prompts, stops = load_chat(a, device, dtype)
         c = ours.cfg
         what = f"{a.model} ({c.model_type})"
-        lengths = f"{len(prompts)} chat prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens"
+        sizes = sorted(map(len, prompts))
+        lengths = f"{len(prompts)} chat prompts of {sizes[0]}-{sizes[-1]} tokens"
         stopping = f"stop ids {stops}" if stops else "no stop ids (fixed length)"
     else:
         hf, ours = build(a, device, dtype)
@@ -310,7 +311,8 @@ def main(argv=None):
         stopping = f"{len(stops)} stop ids"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     decoding = "greedy" if cfg.greedy else f"T={cfg.temperature} top-p={cfg.top_p} top-k={cfg.top_k}"
-    print(f"model: {what} hidden {c.hidden_size}, {c.num_hidden_layers} layers, vocab {c.vocab_size} "
+    print(f"model: {what} hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
+          f"vocab {c.vocab_size} "
           f"({sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params), {str(dtype)[6:]}, {where}; "
           f"{lengths} x {a.n} responses, {cfg.slots} concurrent, max "
           f"{cfg.max_new_tokens} new tokens, {decoding}, {stopping}, decode step "
@@ -346,14 +348,16 @@ def main(argv=None):
                 for k, v in saved.items():
                     setattr(sampler, k, v)
             tps = sum(lengths) / dt
-            print(f"  run {r + 1} {name:>22}: {sum(lengths)} tokens in {dt:.1f}s = {tps:.0f} tokens/s; "
+            print(f"  run {r + 1} {name:>22}: {sum(lengths)} tokens in {dt:.1f}s = "
+                  f"{tps:.0f} tokens/s; "
                   f"{describe(lengths, cfg.max_new_tokens)}")
             best[name] = max(best.get(name, 0.0), tps)
     ratio = best["ours"] / best["generate()"]
     print(f"best tokens/s: ours {best['ours']:.0f}, generate() {best['generate()']:.0f}, ratio {ratio:.2f}x")
     for name in best:
         if name.startswith(("ours, ", "before")):
-            print(f"  {name}: {best[name]:.0f} tokens/s, ours is {best['ours'] / best[name]:.2f}x that")
+            print(f"  {name}: {best[name]:.0f} tokens/s; ours is {best['ours'] / best[name]:.2f}x "
+                  "that")
     return ratio
 
 

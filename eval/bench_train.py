@@ -2,6 +2,7 @@
 
     python eval/bench_train.py                                   # small Llama on this CPU
     python eval/bench_train.py --model llama-3.2-1b --seq 2048 --micro 2 --batch 16 --device cuda
+    python eval/bench_train.py --objective dpo --vocab 128256 --seq 1024 --head both  # memory
 
 Runs the real loop (mt/train.py: FSDP2 and bf16 on GPU, fp32 on CPU) on random weights and random tokens and
 times the optimizer steps after the first (warm-up). FLOPs follow the 6·N·tokens convention: N = parameters
@@ -10,13 +11,24 @@ that take part in matmuls (everything but the input embedding lookup; the LM hea
 so MFU is slightly understated at long sequence lengths. DPO's reference log-probs are precomputed (not
 timed), as in training. Peak: --peak-tflops, else bf16 dense H100 SXM (989) on CUDA, or a measured fp32
 matmul rate on CPU (say so when you report it).
+
+--head picks how DPO's log-probs are computed: `fused` (mt/losses.py response_logps: the LM head
+fused with the log-softmax at response positions, no (2b, T, V) logits), `full` (the full logits,
+the path it replaced), or `both`: each on a fresh model in this process, then the ratios. Step
+memory is the peak above the start of the training call: CUDA's allocator peak on a GPU; on the
+CPU the resident set, sampled every millisecond by a thread. --vocab overrides the shape's
+vocabulary (e.g. Llama-3's 128256 on the small shape).
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
+import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +66,9 @@ class BenchTrainArgs:
     objective: str = opt("both", choices=("dpo", "rm", "both"))
     ac: bool = False  # activation checkpointing
     dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU
+    vocab: int = opt(0, min=0)  # 0 = the shape's vocabulary; else this one (e.g. 128256)
+    # DPO log-probs: fused head (response positions), full (2b, T, V) logits, or both and ratios
+    head: str = opt("fused", choices=("fused", "full", "both"))
     device: str = "auto"  # auto = cuda if available, else cpu; or cpu | cuda
     threads: int = opt(0, min=0)  # CPU threads (0 = torch's default)
     peak_tflops: float = opt(0.0, min=0)  # 0 = H100 bf16 dense on CUDA, a measured matmul rate on CPU
@@ -76,6 +91,52 @@ def measured_cpu_peak_tflops(n: int = 1024, reps: int = 20) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+class StepMemory:
+    """Peak memory of a `with` block above its start, in bytes (`.peak`): CUDA's allocator peak on
+    a GPU; on the CPU the resident set (/proc/self/statm), sampled every millisecond by a thread,
+    after glibc's malloc_trim has handed back what earlier runs freed (large tensors are mmap'd and
+    returned on free anyway), so RSS follows what this block holds live."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: earlier runs' freed heap may hide growth
+            pass
+        self.start, self.high, self.stop = self.rss(), 0, threading.Event()
+
+        def sample():
+            while not self.stop.is_set():
+                self.high = max(self.high, self.rss())
+                time.sleep(0.001)
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.high, self.rss()) - self.start
+        return False
+
+
 def examples(n_pairs: int, seq: int, vocab: int, seed: int = 0) -> list[Example]:
     """Pairs whose chosen and rejected are both `seq` tokens (a quarter prompt): no padding."""
     g = torch.Generator().manual_seed(seed)
@@ -87,9 +148,14 @@ def examples(n_pairs: int, seq: int, vocab: int, seed: int = 0) -> list[Example]
     return out
 
 
-def bench(objective: str, a, device: torch.device, peak_tflops: float) -> dict:
+def bench(objective: str, a, device: torch.device, peak_tflops: float,
+          full_logits: bool = False) -> dict:
+    """One training run on a fresh random model; DPO's log-probs through the fused head, or the
+    full (2b, T, V) logits with `full_logits`."""
     head = "score" if objective == "rm" else "lm"
     shape = {"model_type": "llama", "max_position_embeddings": max(4096, a.seq), **SHAPES[a.model]}
+    if a.vocab:
+        shape["vocab_size"] = a.vocab
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_hf(shape, head=head))
@@ -103,19 +169,26 @@ def bench(objective: str, a, device: torch.device, peak_tflops: float) -> dict:
               activation_checkpointing=a.ac, dtype=a.dtype, max_length=a.seq)
     cfg = DPOConfig(beta=0.1, **kw) if objective == "dpo" else RMConfig(**kw)
     model = dist.prepare_model(model, cfg, device)
-    refs = train_policy.reference_logps(model, ex, a.micro, progress=False) if objective == "dpo" else None
+    refs = (train_policy.reference_logps(model, ex, a.micro, progress=False,
+                                         full_logits=full_logits)
+            if objective == "dpo" else None)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
-        obj = preference_objective("dpo") if objective == "dpo" else BRADLEY_TERRY
-        T.train(model, ex, obj, cfg, out, ref_logps=refs, progress=False, save_dtype=torch.bfloat16)
+        obj = preference_objective("dpo", full_logits) if objective == "dpo" else BRADLEY_TERRY
+        with StepMemory(device) as mem:
+            T.train(model, ex, obj, cfg, out, ref_logps=refs, progress=False,
+                    save_dtype=torch.bfloat16)
         rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     timed = rows[1:]  # step 1 is warm-up (allocator, kernels, lazy init)
     seconds = timed[-1]["elapsed"] - rows[0]["elapsed"]
     tokens = sum(r["tokens"] for r in timed)
     flops = 6 * n_matmul * tokens
-    r = {"objective": objective, "model": a.model, "N_matmul": n_matmul, "seq": a.seq, "micro": a.micro,
+    r = {"objective": objective, "model": a.model, "vocab": shape["vocab_size"],
+         "head": ("full" if full_logits else "fused") if objective == "dpo" else "score",
+         "last_loss": rows[-1]["loss"], "step_memory_gib": mem.peak / 2**30,
+         "N_matmul": n_matmul, "seq": a.seq, "micro": a.micro,
          "batch_pairs": a.batch, "tokens_per_step": timed[0]["tokens"], "steps_timed": len(timed),
          "seconds_per_step": seconds / len(timed), "tokens_per_s": tokens / seconds,
          "achieved_tflops": flops / seconds / 1e12, "peak_tflops": peak_tflops,
@@ -142,14 +215,30 @@ def main(argv=None):
     dist.print0(f"device {device} ({where}), peak {peak:.3f} TFLOP/s ({how}); "
                 f"command: python eval/bench_train.py {' '.join(argv)}")
     results = []
-    for obj in (("dpo", "rm") if a.objective == "both" else (a.objective,)):
-        r = bench(obj, a, device, peak)
+    heads = ("fused", "full") if a.head == "both" else (a.head,)
+    runs = [(obj, h) for obj in (("dpo", "rm") if a.objective == "both" else (a.objective,))
+            for h in (heads if obj == "dpo" else ("score",))]
+    for obj, h in runs:
+        r = bench(obj, a, device, peak, full_logits=h == "full")
         results.append(r)
         mem = (f"{r['peak_memory_gib']:.1f} GiB peak" if "peak_memory_gib" in r
                else f"{r['max_rss_gib']:.2f} GiB max RSS")
-        dist.print0(f"{obj:>3}: {r['tokens_per_s']:,.0f} tokens/s, {r['seconds_per_step']:.3f} s/step "
-                    f"({r['tokens_per_step']} tokens), {r['achieved_tflops']:.4f} TFLOP/s, "
-                    f"MFU {100 * r['mfu']:.1f}% (6·N·tokens, N={r['N_matmul'] / 1e6:.1f}M), {mem}")
+        name = f"{obj} ({h} head)" if obj == "dpo" else obj
+        dist.print0(f"{name:>3}: {r['tokens_per_s']:,.0f} tokens/s, "
+                    f"{r['seconds_per_step']:.3f} s/step ({r['tokens_per_step']} tokens), "
+                    f"{r['achieved_tflops']:.4f} TFLOP/s, "
+                    f"MFU {100 * r['mfu']:.1f}% (6·N·tokens, N={r['N_matmul'] / 1e6:.1f}M), "
+                    f"step memory {r['step_memory_gib']:.3f} GiB, {mem}")
+    pair = {r["head"]: r for r in results if r["objective"] == "dpo"}
+    if len(pair) == 2:
+        fu, fl = pair["fused"], pair["full"]
+        dist.print0(f"dpo, full logits -> fused head (vocab {fu['vocab']:,}, seq {a.seq}): "
+                    f"step memory {fl['step_memory_gib']:.3f} -> {fu['step_memory_gib']:.3f} "
+                    f"GiB = "
+                    f"{fl['step_memory_gib'] / fu['step_memory_gib']:.2f}x lower; tokens/s "
+                    f"{fl['tokens_per_s']:,.0f} -> {fu['tokens_per_s']:,.0f} = "
+                    f"{fu['tokens_per_s'] / fl['tokens_per_s']:.2f}x; last-step loss "
+                    f"{fl['last_loss']:.6f} vs {fu['last_loss']:.6f}")
     return results
 
 

@@ -4,6 +4,8 @@
     python eval/sandbox_report.py --run runs/mt
     # every variant x seed, mean ± std
     python eval/sandbox_report.py --seeds 0,1,2 --out runs/report
+    # and each run's figures (eval/plot_run.py) as PNGs under RUN/plots
+    python eval/sandbox_report.py --run runs/mt --plot
 
 In the sandbox the gold reward is known, so we measure what the paper can only estimate: the
 policy's gold reward, its gold win rate against π0, the RM's agreement with gold on pairs from the
@@ -25,6 +27,7 @@ if __package__ in (None, ""):
 
 import run_em  # noqa: E402
 from mt import config as C  # noqa: E402
+from eval import plot_run  # noqa: E402
 from mt import dist, sandbox  # noqa: E402
 
 # variant -> its preset (mt/config.py): Mutual-Taught
@@ -46,6 +49,7 @@ class ReportConfig:
     seeds: str = "0,1,2"  # comma-separated seeds of the comparison
     variants: str = ",".join(VARIANTS)  # comma-separated, of VARIANTS
     out: str = "runs/sandbox_report"  # where the comparison's runs and report go
+    plot: bool = False  # also write each run's figures (eval/plot_run.py) to RUN/plots/*.png
 
 
 def final_metrics(run: Path) -> dict:
@@ -95,6 +99,8 @@ def main(argv=None):
                 "python eval/sandbox_report.py", __doc__)
     if a.run:
         print(sandbox.gold_table(sandbox.gold_view(Path(a.run))))
+        for p in plot_run.plot_run(a.run) if a.plot else []:
+            print(p)
         return
     variants = [v for v in a.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -106,6 +112,10 @@ def main(argv=None):
         raise C.ConfigError(f"--seeds {a.seeds!r}: expected comma-separated integers, "
                             "e.g. 0,1,2") from None
     print(compare(seeds, variants, Path(a.out)))
+    for v in variants if a.plot else []:
+        for s in seeds:
+            for p in plot_run.plot_run(Path(a.out) / f"{v}-seed{s}"):
+                print(p)
 
 
 if __name__ == "__main__":

@@ -146,11 +146,11 @@ class EMConfig:
 
 @dataclass
 class LogConfig:
-    """Experiment tracking, rank 0 only, off by default (mt/track.py): each metrics.jsonl row and
-    each iteration's numbers."""
+    """Experiment tracking (mt/track.py): TensorBoard, wandb; rank 0 only, off by default."""
     # TensorBoard: events under DIR/<--log.name> (`pip install tensorboard`); "" = off
     tensorboard: str = opt("", scheduling=True)
-    wandb: str = opt("", scheduling=True)  # a Weights & Biases project (`pip install wandb`)
+    # a Weights & Biases project (`pip install wandb`; WANDB_MODE=offline works); "" = off
+    wandb: str = opt("", scheduling=True)
     name: str = opt("", scheduling=True)  # the run's name there; "" = the --out directory's name
 
 

@@ -5,16 +5,29 @@
 
 How it works (gpt-fast / nanochat style, one file):
 - A preallocated cache of `slots` rows. Every job (prompt i, sample j) runs in one slot; when a job
-  stops, the next pending job takes its slot at the next check (continuous refill), so one long
-  response does not hold the batch.
+  stops, the next pending job takes its slot (continuous refill), so one long response does not
+  hold the batch. New prompts are prefilled together, in one forward: a refill waits until a
+  quarter of the slots (REFILL_GROUP) or every pending job is free, or a slot has idled
+  REFILL_WAIT steps.
 - Each prompt is prefilled once (all but its last token) and that prefix is copied to the slots of
-  its samples; the first decode step then feeds the last prompt token, so every slot decodes alike.
+  its samples; the prefix all prompts share (a chat template's system turn) is prefilled once per
+  pass and copied. The first decode step feeds the last prompt token, so every slot decodes alike.
 - Randomness is counter-based: token t of job (seed, stream, prompt id, j) takes Gumbel noise from a
-  hash of that tuple, t and the token id, and is argmax(logits / T + noise) over the top-k / top-p set.
-  No generator state is shared between rows, so the output does not depend on slot count, batch,
-  world size or order.
-- The decode loop stays on the device; the host looks at the finished flags every `check_every` steps.
-  Once nothing is pending, the live rows are packed to the front so the tail decodes only them.
+  hash of that tuple, t and the token id, and is argmax(logits / T + noise) over the top-k / top-p
+  set. No generator state is shared between rows, so the output does not depend on slot count,
+  batch, world size or order. The set is found without sorting the vocabulary and the noise is
+  computed for its candidates only (`next_token`); a token's noise is the same either way.
+- The decode loop stays on the device; the host looks at the finished flags every `check_every`
+  steps (and next_token reads, each step, which rows its candidates do not cover). Once nothing is
+  pending, the live rows are packed to the front so the tail decodes only them.
+
+--sampling.compile: the decode step's forward under torch.compile with static shapes, one graph per
+bucket: rows = the slot count, then a quarter, a sixteenth, ... of it in the tail (finished rows
+are masked, not dropped); attention window = 64 positions times a power of two, or the whole cache,
+whose length is max_prompt_tokens + max_new_tokens. On CPU that is inductor's C++ code, what the
+tests check (compiling takes seconds per bucket met). On CUDA it is meant for the GPU and not run
+here: mode "reduce-overhead", each bucket a CUDA graph replaying into the cache in place. Prefill
+and the token rule stay eager everywhere.
 """
 from __future__ import annotations
 
@@ -39,10 +52,10 @@ from mt.model import KVCache, Transformer
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward; bounds the prefill's activation memory
 WINDOW = 64  # decode attends over the cache's first positions, rounded up to this many (fewer shapes)
-# refill when this share of the slots is free (prefilled in one forward), or a slot idled this many steps
+# refill when this share of the slots is free (one prefill forward), or a slot idled this long
 REFILL_GROUP = 0.25
 REFILL_WAIT = 8
-SHARE_PREFIX = True  # prefill the prefix all prompts share once (off: eval/bench_sampler.py's ablation)
+SHARE_PREFIX = True  # prefill the prefix all prompts share once (off: bench_sampler.py's ablation)
 
 
 @dataclass
@@ -99,9 +112,10 @@ def _to_gumbel(h: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_at(keys: torch.Tensor, step: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Gumbel noise (S, C) of tokens `ids` (S, C) at token `step` (S,) of each row's stream, keys (S, 2)
-    = its uint32 halves. A value depends only on (key, step, token id): the same whichever tokens
-    are asked for alongside it, so drawing over candidates draws what the whole vocabulary would."""
+    """Gumbel noise (S, C) of tokens `ids` (S, C) at token `step` (S,) of each row's stream, keys
+    (S, 2) = its uint32 halves. A value depends only on (key, step, token id): the same whichever
+    tokens are asked for alongside it, so drawing over candidates draws what the whole vocabulary
+    would."""
     return _to_gumbel(_mix32(_row_seed(keys, step)[:, None] ^ _mix32(ids)))
 
 
@@ -119,20 +133,21 @@ def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
                cfg: SamplingConfig) -> torch.Tensor:
     """Tokens (S,) from fp32 logits (S, V): greedy, or Gumbel-max over the tempered, filtered logits.
 
-    top-k keeps the k most likely tokens (and ties with the k-th); top-p then keeps, of what is left
-    (renormalised), the smallest most-likely set whose mass reaches p (and ties with its least likely
-    token). argmax(logits / T + Gumbel noise) over the kept set draws from softmax(logits / T)
-    renormalised on it (the Gumbel-max trick); as the noise is keyed by (row key, step, token id), a
-    tiny change in one logit can flip the draw only when two noisy scores nearly tie, so fp rounding
-    that differs with the batch shape almost never matters.
+    top-k keeps the k most likely tokens (and ties with the k-th); top-p then keeps, of what is
+    left (renormalised), the smallest most-likely set whose mass reaches p (and ties with its least
+    likely token). argmax(logits / T + Gumbel noise) over the kept set draws from
+    softmax(logits / T) renormalised on it (the Gumbel-max trick); as the noise is keyed by (row
+    key, step, token id), a tiny change in one logit can flip the draw only when two noisy scores
+    nearly tie, so fp rounding that differs with the batch shape almost never matters.
 
-    The kept set is found without sorting the vocabulary, and the noise is drawn for it only. top-k
-    is one `topk`; top-p alone looks among each row's CANDIDATES most likely tokens (once their mass
-    reaches p, the set is among them; a bound on the mass a larger tier could reach skips it). A row
-    whose set is not there (a flat distribution) gets its threshold score from a radix select over
-    the whole vocabulary, and noise for every token. Every way finds the threshold a full sort finds,
-    and a token's noise does not depend on which tokens are looked at, so the token drawn is the same
-    whichever way a row goes (tests/test_sampler.py checks each way against the sort).
+    The kept set is found without sorting the vocabulary, and the noise is drawn for it only.
+    top-k is one `topk`; top-p alone looks among each row's CANDIDATES most likely tokens (once
+    their mass reaches p, the set is among them; a bound on the mass a larger tier could reach
+    skips it). A row whose set is not there (a flat distribution) gets its threshold score from a
+    radix select over the whole vocabulary, and noise for every token. Every way finds the
+    threshold a full sort finds, and a token's noise does not depend on which tokens are looked
+    at, so the token drawn is the same whichever way a row goes (tests/test_sampler.py checks each
+    way against the sort).
     """
     if cfg.greedy or cfg.temperature <= 0:
         return logits.argmax(-1)
@@ -145,12 +160,13 @@ def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
     tok = torch.empty(S, dtype=torch.long, device=s.device)
     todo = torch.arange(S, device=s.device)
     later = []  # rows for the radix select: no tier can hold their set
-    lse = None if k else torch.logsumexp(s, -1)  # top-p alone: the candidates' mass in the full softmax
+    lse = None if k else torch.logsumexp(s, -1)  # top-p alone: masses in the full softmax
     tiers = [k] if k else [c for c in CANDIDATES if c < V]
     for j, c in enumerate(tiers):
         if not todo.numel():
             break
-        vals, idx = s[todo].topk(c + 1)  # c candidates and the best token left out
+        rows = s if j == 0 else s[todo]  # the first tier looks at every row, in order
+        vals, idx = rows.topk(c + 1)  # c candidates and the best token left out
         probs = torch.softmax(vals[:, :c], -1) if k else (vals - lse[todo, None]).exp()
         if p is None:
             n = torch.full_like(todo, c)
@@ -163,12 +179,14 @@ def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
         found = vals[:, c] < (vals[:, c - 1: c] if k else tau)[:, 0]
         if not k:
             found &= before[:, c] >= p
-        r, v, i = todo[found], vals[found, :c], idx[found, :c]
-        z = torch.where(v >= tau[found], v + gumbel_at(keys[r], step[r], i), float("-inf"))
-        tok[r] = i.gather(1, z.argmax(-1, keepdim=True))[:, 0]
+        v, i = vals[:, :c], idx[:, :c]  # a draw for every row here; the rows not found redraw
+        z = torch.where(v >= tau, v + gumbel_at(keys[todo], step[todo], i), float("-inf"))
+        tok[todo] = i.gather(1, z.argmax(-1, keepdim=True))[:, 0]
+        if found.all():  # (a peaked batch: the one host sync of the step)
+            return tok
         todo = todo[~found]
-        if not k and j + 1 < len(tiers):  # the next tier's mass is at most these c + 1, and each of
-            # its others weighs at most the one left out here
+        if not k and j + 1 < len(tiers):  # the next tier's mass is at most these c + 1, and
+            # each of its others weighs at most the one left out here
             mass, last = (before[:, c] + probs[:, c])[~found], probs[~found, c]
             go = mass + (tiers[j + 1] - c - 1) * last >= p
             later.append(todo[~go])
@@ -192,8 +210,9 @@ def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
 
 
 def _radix_threshold(s: torch.Tensor, lse: torch.Tensor, p: float) -> torch.Tensor:
-    """The top-p threshold of each row of scores s (r, V): the largest score t with mass(s >= t) >= p
-    (r, 1), by a radix select on the float bits, 11 + 11 + 10 of them, masses summed in fp64."""
+    """The top-p threshold of each row of scores s (r, V): the largest score t with
+    mass(s >= t) >= p (r, 1), by a radix select on the float bits, 11 + 11 + 10 of them, the masses
+    summed in fp64."""
     r, V = s.shape
     dev = s.device
     b = (s + 0.0).view(torch.int32)  # + 0.0: no -0.0
@@ -226,7 +245,7 @@ def _radix_threshold(s: torch.Tensor, lse: torch.Tensor, p: float) -> torch.Tens
 
 
 def _sorted_threshold(s: torch.Tensor, k: int, p: float | None) -> torch.Tensor:
-    """The least likely kept score (S, 1) by a full sort, as the rule defines it (the reference)."""
+    """The least likely kept score (S, 1) by a full sort, as the rule defines it: the reference."""
     vals = s.sort(-1, descending=True).values
     tau = vals[:, k - 1: k] if k else vals[:, -1:]
     if p is not None:  # top-p over the top-k set (and its ties), renormalised
@@ -345,17 +364,19 @@ class _Engine:
         self.cache = KVCache(model.cfg, S, self.max_len, dtype, dev)
         self.stage = KVCache(model.cfg, 1, max(prefix_max, 1), dtype, dev)  # a prompt whose samples span refills
         self.staged = None  # which prompt's prefix `stage` holds
-        # the prefix every prompt starts with (a chat template's system turn): prefilled once, copied
-        self.shared = _common_prefix([p[:-1] for p in prompts]) if SHARE_PREFIX and len(prompts) > 1 else 0
+        # the prefix all prompts start with (a chat template's system turn): prefilled once, copied
+        share = SHARE_PREFIX and len(prompts) > 1
+        self.shared = _common_prefix([p[:-1] for p in prompts]) if share else 0
         self.common = KVCache(model.cfg, 1, max(self.shared, 1), dtype, dev)
         if self.shared:
             ids = torch.tensor([prompts[0][: self.shared]], device=dev)
-            self.model(ids, positions=torch.arange(self.shared, device=dev)[None], cache=self.common,
-                       return_hidden=True)
+            at = torch.arange(self.shared, device=dev)[None]
+            self.model(ids, positions=at, cache=self.common, return_hidden=True)
         self.stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
         self.return_logps = return_logps
         self.decode = compiled(model, dev) if cfg.compile else model  # prefill stays eager
-        if cfg.compile and dev.type == "cuda":  # CUDA graphs replay into the cache in place
+        if cfg.compile and dev.type == "cuda":  # CUDA graphs replay into the cache in place (a
+            # new cache, next pass: the graphs are re-recorded at its address, not recompiled)
             torch._dynamo.mark_static_address(self.cache.k)
             torch._dynamo.mark_static_address(self.cache.v)
         # per-row state, one row per slot; rows [0, m) are in use (m shrinks in the tail: compact)
@@ -365,8 +386,8 @@ class _Engine:
         self.prefills = 0  # prefill forwards run (for the benchmark)
 
     def window(self, need: int) -> int:
-        """The attention window for positions [0, need): a multiple of WINDOW, a power-of-two multiple
-        when static, at most the whole cache."""
+        """The attention window for positions [0, need): a multiple of WINDOW (static: a power of
+        two times it), at most the whole cache."""
         w = -(-need // WINDOW)
         if self.static:
             w = 1 << (w - 1).bit_length()
@@ -380,24 +401,26 @@ class _Engine:
         dst.v[:, d, :, :length] = src.v[:, s, :, :length]
 
     def _prefill(self, items: list[tuple[int, int]]):
-        """Write the prefixes of prompts into slots, items = [(prompt i, slot)]: the shared prefix by a
-        copy, the rest in forwards of at most PREFILL_TOKENS padded tokens."""
+        """Write the prefixes of prompts into slots, items = [(prompt i, slot)]: the shared prefix
+        by a copy, the rest in forwards of at most PREFILL_TOKENS padded tokens."""
         P, c = self.prompts, self.shared
         self._copy(self.cache, [s for _, s in items], self.common, [0] * len(items), c)
         items = [(i, s) for i, s in items if len(P[i]) - 1 > c]
+        rest = {i: len(P[i]) - 1 - c for i, _ in items}  # the tokens each prompt still needs
         while items:
-            k, L = 1, len(P[items[0][0]]) - 1 - c  # grow the chunk while its padded size fits the budget
-            while k < len(items) and (k + 1) * max(L, len(P[items[k][0]]) - 1 - c) <= PREFILL_TOKENS:
-                L = max(L, len(P[items[k][0]]) - 1 - c)
+            k, L = 1, rest[items[0][0]]  # grow the chunk while its padded size fits the budget
+            while k < len(items) and (k + 1) * max(L, rest[items[k][0]]) <= PREFILL_TOKENS:
+                L = max(L, rest[items[k][0]])
                 k += 1
             chunk, items = items[:k], items[k:]
             ids = torch.zeros(len(chunk), L, dtype=torch.long)  # right-padded: pad keys are never attended
             for r, (i, _) in enumerate(chunk):
-                ids[r, : len(P[i]) - 1 - c] = torch.tensor(P[i][c:-1])
+                ids[r, : rest[i]] = torch.tensor(P[i][c:-1])
             positions = torch.arange(c, c + L, device=self.dev)[None].expand(len(chunk), L)
             slots = torch.tensor([s for _, s in chunk], device=self.dev)
-            self.model(ids.to(self.dev), positions=positions, cache=_Window(self.cache, self.S, c + L),
-                       slots=slots, return_hidden=True)
+            window = _Window(self.cache, self.S, c + L)
+            self.model(ids.to(self.dev), positions=positions, cache=window, slots=slots,
+                       return_hidden=True)
             self.prefills += 1
 
     def refill(self, free: list[int]):
@@ -471,8 +494,9 @@ class _Engine:
         return len(fin)
 
     def due(self, free: list[int]) -> bool:
-        """Refill now? New prompts are prefilled together: wait until a REFILL_GROUP share of the slots
-        (or every pending job) is free, or a slot has idled REFILL_WAIT steps, or nothing is live."""
+        """Refill now? New prompts are prefilled together: wait until a REFILL_GROUP share of the
+        slots (or every pending job) is free, or a slot has idled REFILL_WAIT steps, or nothing is
+        live."""
         pending = len(self.jobs) - self.next_job
         if not free or not pending:
             return False
@@ -481,9 +505,10 @@ class _Engine:
         return len(free) >= group or self.idle >= REFILL_WAIT or not live
 
     def compact(self):
-        """When no job is pending and at most half the rows are live, move the live rows to the front and
-        decode only those: the tail of a pass (a few long responses) then costs what its live rows cost.
-        Static: to the smallest of m / 4, m / 16, ... that holds them, the rows past the live ones empty."""
+        """When no job is pending and at most half the rows are live, move the live rows to the
+        front and decode only those: the tail of a pass (a few long responses) then costs what its
+        live rows cost. Static: to the smallest of m / 4, m / 16, ... rows that holds them, the
+        rest empty."""
         R = self.rows
         live = [s for s in range(self.m) if R.slot_job[s] is not None]
         if not live or len(live) > self.m // 2 or self.next_job < len(self.jobs):
@@ -526,16 +551,18 @@ class _Engine:
 
 
 def compiled(model: Transformer, device: torch.device):
-    """The model under torch.compile with static shapes (dynamic=False): one graph per (rows, window)
-    bucket of the decode step, at most log4(slots) + 1 row buckets times log2(cache / WINDOW) + 2
-    windows, compiled as a pass first meets each. On CUDA mode="reduce-overhead" records each graph as
-    a CUDA graph (the cache's address is marked static, so replays write it in place). Dynamo caches
-    by code and guards, not by wrapper or model object, so the next pass, or the next checkpoint of
-    the same shape, reuses the graphs; the wrapper holds no model beyond its pass."""
+    """The model under torch.compile with static shapes (dynamic=False): one graph per (rows,
+    window) bucket of the decode step, at most log4(slots) + 1 row buckets times
+    log2(cache / WINDOW) + 2 windows, each compiled when a pass first meets it. On CUDA,
+    mode="reduce-overhead" records each graph as a CUDA graph (the cache's address is marked
+    static, so replays write it in place). Dynamo caches by code and guards, not by wrapper or
+    model object, so the next pass, or the next checkpoint of the same shape, reuses the graphs;
+    the wrapper holds no model beyond its pass."""
     import torch._dynamo.config as dynamo_config
     # every bucket is a recompile of the same forward: allow them all (the default stops at 8)
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 256)
-    dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 1024)
+    dynamo_config.accumulated_cache_size_limit = max(
+        dynamo_config.accumulated_cache_size_limit, 1024)
     mode = "reduce-overhead" if device.type == "cuda" else None
     return torch.compile(model, dynamic=False, mode=mode)
 

@@ -83,7 +83,8 @@ class Tracker:
     def tag(self, out_dir) -> str:
         """A training stage's tag prefix: its directory inside the run (iter1/policy)."""
         p = Path(out_dir).resolve()
-        return p.relative_to(self.run_dir).as_posix() if p.is_relative_to(self.run_dir) else p.name
+        rel = p.relative_to(self.run_dir).as_posix() if p.is_relative_to(self.run_dir) else "."
+        return p.name if rel == "." else rel
 
     def log(self, axis: str, step: int, scalars: dict[str, float]):
         """scalars as `axis/<name>` at `step` (a wandb run gets `axis/step` as their x-axis)."""

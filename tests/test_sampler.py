@@ -1,6 +1,8 @@
 """Tests for mt/sampler.py against references: transformers' generate() (greedy, token for token), an
-uncached full forward (log-probs), naive top-k / top-p distributions, and itself across slot counts,
-check intervals, prompt order and world sizes (the one-process file vs torchrun with 2 gloo ranks)."""
+uncached full forward (log-probs), naive top-k / top-p distributions, the full-sort token rule (the
+candidate shortcuts), and itself across slot counts, check intervals, refill grouping, a shared
+prompt prefix, prompt order and world sizes (the one-process file vs torchrun with 2 gloo
+ranks)."""
 
 import json
 import os
@@ -15,7 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from mt import sampler
 from mt.model import ModelConfig, Transformer
-from mt.sampler import SamplingConfig, generate, gumbel, next_token, sample, stream_key
+from mt.sampler import (SamplingConfig, generate, gumbel, gumbel_at, next_token, sample,
+                        stream_key)
 
 REPO = Path(__file__).resolve().parents[1]
 V = 128
@@ -84,6 +87,31 @@ def test_greedy_matches_transformers_generate(kind):
     assert ended_by == set(stops), "every stop id ends some row"
 
 
+def _engines(monkeypatch) -> list:
+    """Every sampling pass's engine from now on, to look at after the pass."""
+    engines, run = [], sampler._Engine.run
+    monkeypatch.setattr(sampler._Engine, "run", lambda e, bar: engines.append(e) or run(e, bar))
+    return engines
+
+
+def test_shared_prompt_prefix_is_prefilled_once_and_changes_nothing(monkeypatch):
+    hf, ours = tiny("llama")
+    system = ragged_prompts((6,), seed=5)[0]  # a chat template's system turn, say
+    prompts = [system + p for p in ragged_prompts((5, 1, 9, 3))] + [system + [7]]
+    max_new = 12
+    want = hf_greedy(hf, prompts, max_new)
+    engines = _engines(monkeypatch)
+    greedy = SamplingConfig(greedy=True, max_new_tokens=max_new, slots=2)
+    got = generate(ours, prompts, greedy, n=2)
+    assert [[c.token_ids for c in cs] for cs in got] == [[w, w] for w in want]
+    assert engines[-1].shared == len(system), "the common prefix, not a whole prompt's prefix"
+    cfg = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=max_new, slots=3)
+    ref = generate(ours, prompts, cfg, stop_ids=[3, 4, 5], n=2)
+    monkeypatch.setattr(sampler, "SHARE_PREFIX", False)
+    assert generate(ours, prompts, cfg, stop_ids=[3, 4, 5], n=2) == ref
+    assert engines[-1].shared == 0
+
+
 # ---- cached log-probs vs an uncached forward
 
 
@@ -110,7 +138,17 @@ def test_compiled_decode_step_equals_eager():
     # 3 slots for 14 jobs: refills and the tail's compaction change the decode batch, the window grows
     cfg = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=70, slots=3)
     ref = generate(model, prompts, cfg, stop_ids=[3, 4, 5], n=2, return_logps=True)
-    got = generate(model, prompts, replace(cfg, compile=True), stop_ids=[3, 4, 5], n=2, return_logps=True)
+    from torch._dynamo.utils import counters
+    shapes, graphs = [], counters["stats"]["unique_graphs"]
+    step = sampler._Engine.step
+    with pytest.MonkeyPatch.context() as mp:  # the (rows, window) of every decode step
+        mp.setattr(sampler._Engine, "step",
+                   lambda self, w: shapes.append((self.m, w)) or step(self, w))
+        got = generate(model, prompts, replace(cfg, compile=True), stop_ids=[3, 4, 5], n=2,
+                       return_logps=True)
+    # static shapes: one graph per bucket met, rows 3 (the slots) or 1 (the tail), windows 64 x 2^i
+    assert counters["stats"]["unique_graphs"] - graphs == len(set(shapes)), "one graph per shape"
+    assert {m for m, _ in shapes} == {3, 1} and {w for _, w in shapes} == {64, 128}
     assert [[c.token_ids for c in cs] for cs in got] == [[c.token_ids for c in cs] for cs in ref]
     for cs, rs in zip(got, ref):
         for c, r in zip(cs, rs):
@@ -122,7 +160,6 @@ def test_compiled_decode_step_equals_eager():
     import gc
     import weakref
 
-    from torch._dynamo.utils import counters
     graphs = counters["stats"]["unique_graphs"]
     _, other = tiny("llama")
     assert generate(other, prompts, replace(cfg, compile=True), stop_ids=[3, 4, 5], n=2, return_logps=True) == got
@@ -151,6 +188,20 @@ def test_same_results_for_any_slot_count_check_interval_and_prefill_chunk(monkey
     assert reasons == {"stop", "length"}, "the run exercises refills after early stops"
     samples = [tuple(c.token_ids) for c in ref[4]]
     assert len(set(samples)) == 3, "the samples of a prompt draw different streams"
+
+
+def test_grouped_refill_runs_fewer_prefills_and_changes_nothing(monkeypatch):
+    _, model = tiny("llama")
+    prompts = ragged_prompts(tuple(range(2, 26)), seed=2)  # 24 prompts, one response each
+    cfg = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=12, slots=8)  # groups of 2
+    stop = [3, 4, 5, 6, 7, 8]
+    engines = _engines(monkeypatch)
+    grouped = generate(model, prompts, cfg, stop_ids=stop)
+    monkeypatch.setattr(sampler, "REFILL_GROUP", 0)  # refill as soon as a slot is free
+    monkeypatch.setattr(sampler, "REFILL_WAIT", 0)
+    assert generate(model, prompts, cfg, stop_ids=stop) == grouped
+    assert generate(model, prompts, replace(cfg, slots=1), stop_ids=stop) == grouped
+    assert engines[0].prefills < engines[1].prefills, "grouped refills run fewer prefill forwards"
 
 
 def test_same_results_for_any_prompt_order_and_batch():
@@ -205,7 +256,9 @@ def _empirical(logits: torch.Tensor, cfg: SamplingConfig, n: int = 40000) -> tor
     return torch.bincount(tok, minlength=logits.size(-1)).double() / n
 
 
-def test_top_p_top_k_and_temperature_sample_the_defined_distribution():
+@pytest.mark.parametrize("candidates", [(64, 1024), (2, 4)])  # (2, 4): candidate tiers at V = 12
+def test_top_p_top_k_and_temperature_sample_the_defined_distribution(monkeypatch, candidates):
+    monkeypatch.setattr(sampler, "CANDIDATES", candidates)
     torch.manual_seed(0)
     logits = torch.randn(1, 12) * 1.5
     T = 0.7
@@ -243,6 +296,55 @@ def test_top_p_top_k_and_temperature_sample_the_defined_distribution():
     assert torch.equal(_empirical(logits, SamplingConfig(greedy=True)), greedy)
 
 
+def _rule_by_sort(logits: torch.Tensor, keys, step, cfg: SamplingConfig) -> torch.Tensor:
+    """The token rule as defined: a full sort for the kept set, noise for the whole vocabulary."""
+    scores = logits / cfg.temperature
+    if 0 < cfg.top_k < scores.size(-1):
+        kth = scores.topk(cfg.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))  # ties with the k-th stay
+    if cfg.top_p < 1.0:
+        probs = torch.softmax(scores, dim=-1)
+        sorted_p = probs.sort(dim=-1, descending=True).values
+        n_keep = ((sorted_p.cumsum(-1) - sorted_p) < cfg.top_p).sum(-1, keepdim=True)
+        scores = scores.masked_fill(probs < sorted_p.gather(1, n_keep - 1), float("-inf"))
+    return (scores + gumbel(keys, step, logits.size(-1))).argmax(-1)
+
+
+def test_candidate_shortcuts_draw_what_the_full_sort_draws(monkeypatch):
+    """Top-k / top-p over candidates, the tier skip bound and the radix select give the token the
+    full sort over the vocabulary gives, row for row: peaked and flat rows, ties at the k-th and at
+    the top-p boundary, -0.0, tiny and large p."""
+    monkeypatch.setattr(sampler, "CANDIDATES", (8, 64))  # small tiers, so rows take every way
+    taken = {8: 0, 64: 0, "radix": 0}  # rows that looked at 8 and at 64 candidates, radix rows
+    at, radix = sampler.gumbel_at, sampler._radix_threshold
+
+    def at_(keys, step, ids):
+        taken[ids.size(1)] = taken.get(ids.size(1), 0) + ids.size(0)
+        return at(keys, step, ids)
+
+    def radix_(s, lse, p):
+        taken["radix"] += s.size(0)
+        return radix(s, lse, p)
+    monkeypatch.setattr(sampler, "gumbel_at", at_)
+    monkeypatch.setattr(sampler, "_radix_threshold", radix_)
+    g = torch.Generator().manual_seed(0)
+    S, V = 192, 3000
+    for scale in (0.05, 0.5, 2.0, 6.0):  # from flat (radix) to peaked (the first tier)
+        logits = torch.randn(S, V, generator=g) * scale * torch.rand(S, 1, generator=g) * 2
+        logits[:8, :30] = logits[:8, :1]  # ties, at the k-th and in the top-p set
+        logits[8:16] = logits[8:16].round()  # many ties
+        logits[16, :5] = -0.0
+        logits[16, 5:10] = 0.0
+        keys = torch.randint(0, 2 ** 32, (S, 2), generator=g)
+        step = torch.randint(0, 1000, (S,), generator=g)
+        for T, p, k in [(0.7, 0.9, 0), (1.0, 0.5, 0), (1.0, 0.95, 0), (1.0, 1e-6, 0),
+                        (0.7, 1.0, 5), (1.0, 0.9, 20), (1.0, 0.5, 3), (1.0, 1.0, 0)]:
+            cfg = SamplingConfig(temperature=T, top_p=p, top_k=k)
+            want = _rule_by_sort(logits, keys, step, cfg)
+            assert torch.equal(next_token(logits, keys, step, cfg), want), (scale, T, p, k)
+    assert taken[64] > 200 and 1000 < taken["radix"] < taken[8] - 1000, "every way is taken"
+
+
 def test_gumbel_noise_is_gumbel_and_keyed():
     n, V = 2000, 64
     g = gumbel(_keys(n, "g"), torch.arange(n), V)  # (n, V): n streams at n different steps
@@ -256,6 +358,9 @@ def test_gumbel_noise_is_gumbel_and_keyed():
     again = gumbel(_keys(n, "g"), torch.arange(n), V)
     assert torch.equal(g, again), "a pure function of (key, step, token)"
     assert not torch.equal(g, gumbel(_keys(n, "g"), torch.arange(n) + 1, V)), "another step, other noise"
+    ids = torch.randint(0, V, (n, 5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(gumbel_at(_keys(n, "g"), torch.arange(n), ids), g.gather(1, ids)), \
+        "a token's noise is the same whichever tokens are drawn with it"
 
 
 # ---- text level and data-parallel, through the command line

@@ -181,7 +181,8 @@ def test_padding_and_prompt_tokens_contribute_nothing(objective):
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_prompt_and_pad_positions_get_exactly_zero_gradient(side):
-    """The loss's gradient w.r.t. the logits is 0 wherever the next token is a prompt or pad token."""
+    """The loss's gradient w.r.t. the final hidden states (what the LM head reads) is 0 wherever
+    the next token is a prompt or pad token, in the fused-head step and the full-logits one."""
     ex = random_examples(4, seed=3)
     model = tiny_model()
     batch = T.collate(ex, True, 5, side=side, refs={e.key: (0.0, 0.0) for e in ex})
@@ -189,11 +190,15 @@ def test_prompt_and_pad_positions_get_exactly_zero_gradient(side):
 
     def keep(module, inputs, out):
         out.retain_grad()
-        seen["logits"] = out
-    model.lm_head.register_forward_hook(keep)
+        seen["hidden"] = out
+    model.model.norm.register_forward_hook(keep)
     loss, _ = OBJ["dpo"].step(model, batch, DPOConfig(beta=0.5))
     loss.sum().backward()
-    g = seen["logits"].grad.abs().sum(-1)  # (2b, T)
+    g = seen["hidden"].grad.abs().sum(-1)  # (2b, T)
+    model.zero_grad()
+    loss, _ = preference_objective("dpo", full_logits=True).step(model, batch, DPOConfig(beta=0.5))
+    loss.sum().backward()
+    assert torch.equal(g == 0, seen["hidden"].grad.abs().sum(-1) == 0)
     target_is_response = torch.zeros_like(batch.loss_mask)
     target_is_response[:, :-1] = batch.loss_mask[:, 1:]  # position t predicts token t+1
     assert (g[~target_is_response] == 0).all()
@@ -422,6 +427,30 @@ def test_fsdp_single_process_and_bf16_mixed_precision(tmp_path, dtype):
         assert b[0]["loss"] != a[0]["loss"]
     saved = load_state_dict(res.final)
     assert {v.dtype for v in saved.values()} == {torch.float32 if dtype == "fp32" else torch.bfloat16}
+
+
+def test_fsdp_fused_head_with_tied_embeddings(tmp_path):
+    """The fused head reads lm_head.weight after the root forward (mt/losses.py _lm_head_weight):
+    under FSDP2 with the head tied to the embeddings, training equals the plain run, and the full
+    logits path equals both."""
+    import torch.distributed as tdist
+    ex = random_examples(8, seed=10)
+    cfg = DPOConfig(lr=1e-2, beta=0.5, batch_size=4, micro_batch_size=2)
+    refs = train_policy.reference_logps(tiny_model(tie=True), ex, 4, progress=False)
+    runs = {}
+    try:
+        for name, fsdp, full in (("plain", False, False), ("fsdp", True, False),
+                                 ("full", True, True)):
+            model = tiny_model(tie=True)
+            T.train(model, ex, preference_objective("dpo", full_logits=full), cfg,
+                    tmp_path / name, ref_logps=refs, fsdp=fsdp, progress=False)
+            runs[name] = [r["loss"] for r in metrics(tmp_path / name)]
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+    assert len(runs["plain"]) == 2 and runs["plain"][1] != runs["plain"][0]
+    assert runs["fsdp"] == pytest.approx(runs["plain"], abs=1e-6)
+    assert runs["full"] == pytest.approx(runs["plain"], abs=1e-6)
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, monkeypatch):
