@@ -12,7 +12,7 @@ generate() runs the jobs in batches of --sampling.slots rows (prompts x num_retu
 sampler keeps --sampling.slots sequences in flight and refills a slot as soon as its response ends.
 Both sample with the same --sampling.* settings (temperature, top-p, top-k or greedy), in the same
 dtype, in this one process; the best of --repeats runs is reported. --sampling.compile compiles our
-decode step (in the warm-up).
+decode step, one graph per shape bucket, all in a warm-up pass (the same jobs: the same buckets).
 
 --model DIR benchmarks a real chat model instead (a Hugging Face directory: its weights, its
 tokenizer's chat template and its stop ids from generation_config.json): the first --prompts of
@@ -327,8 +327,8 @@ def main(argv=None):
     if a.sweep:
         print(f"sweep: fixed lengths, no stop ids{'; before: ' + a.before if before else ''}")
         return sweep(a, ours, prompts, before, device)
-    if cfg.compile:  # the one-row graph too (a size of 1 is specialised), as the tail of a pass can reach it
-        run_ours(ours, prompts[:1], stops, warm, 1, device)
+    if cfg.compile:  # a whole pass: the graphs of every bucket the timed passes meet
+        run_ours(ours, prompts, stops, cfg, a.n, device)
     run_hf(hf, prompts[: cfg.slots // a.n], stops, warm, a.n, device)
     runs = [("generate()", run_hf, hf, {}), ("ours", run_ours, ours, {})]
     if before:

@@ -14,7 +14,9 @@ matmul rate on CPU (say so when you report it).
 
 --head picks how DPO's log-probs are computed: `fused` (mt/losses.py response_logps: the LM head
 fused with the log-softmax at response positions, no (2b, T, V) logits), `full` (the full logits,
-the path it replaced), or `both`: each on a fresh model in this process, then the ratios. Step
+the path it replaced), or `both`: each on a fresh model in this process, then the ratios (the
+FLOP count stays 6·N·tokens for both: the fused head does 4 head matmuls on the response
+positions where the full one does 3 on every position). Step
 memory is the peak above the start of the training call: CUDA's allocator peak on a GPU; on the
 CPU the resident set, sampled every millisecond by a thread. --vocab overrides the shape's
 vocabulary (e.g. Llama-3's 128256 on the small shape).

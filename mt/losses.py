@@ -4,7 +4,8 @@ the M-step Bradley-Terry loss.
 Every loss returns `(loss, metrics)` where `loss` is the per-pair vector (B,) and every metric a
 detached per-pair vector (B,). Nothing is reduced here: the trainer sums over its micro-batches and
 divides by the GLOBAL number of pairs (all micro-batches, all ranks), so gradient accumulation and
-world size do not change the result (DESIGN.md Sec. 4). No host syncs here; `.item()` happens at
+world size do not change the result (DESIGN.md Sec. 4). No host syncs here but one per forward in
+response_logps (the count of response positions, read before the forward); `.item()` happens at
 log time in the trainer.
 """
 import math
@@ -88,6 +89,13 @@ def sequence_logps(logits, labels, loss_mask, average=False):
 # full-logits backward rounds it (no (V, C) fp32 accumulator).
 
 
+def _block_cols(rows: int) -> int:
+    """Vocabulary columns per block: (rows, cols) fp32 stays <= _CHUNK_ELEMS; a multiple of 128
+    when that large (aligned rows for the GPU's matmuls)."""
+    c = _CHUNK_ELEMS // max(rows, 1)
+    return c - c % 128 if c >= 128 else max(1, c)
+
+
 class _HeadTokenLogps(torch.autograd.Function):
     """log softmax(h W^T)[target] per row (N,), in fp32 (or fp64), never holding more than an
     (N, cols) block of logits: the log-sum-exp is accumulated over vocabulary blocks in the
@@ -104,7 +112,7 @@ class _HeadTokenLogps(torch.autograd.Function):
         N, V = hidden.shape[0], weight.shape[0]
         lse = hidden.new_full((N,), -math.inf, dtype=acc)
         picked = hidden.new_zeros(N, dtype=acc)
-        cols = max(1, _CHUNK_ELEMS // max(N, 1))
+        cols = _block_cols(N)
         for v0 in range(0, V, cols):
             z = F.linear(hidden, weight[v0:v0 + cols]).to(acc)  # (N, cols)
             lse = torch.logaddexp(lse, torch.logsumexp(z, -1))
@@ -124,7 +132,7 @@ class _HeadTokenLogps(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.zeros_like(hidden, dtype=lse.dtype) if need_h else None
         grad_w = torch.empty_like(weight) if need_w else None
-        cols = max(1, _CHUNK_ELEMS // max(N, 1))
+        cols = _block_cols(N)
         for v0 in range(0, V, cols):
             w = weight[v0:v0 + cols]
             z = F.linear(hidden, w).to(lse.dtype)  # (N, cols), recomputed

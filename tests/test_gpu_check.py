@@ -46,3 +46,25 @@ def test_gpu_check_on_cpu_writes_json_and_markdown(tmp_path, capsys):
 def test_gpu_check_rejects_an_unknown_part(tmp_path):
     with pytest.raises(gpu_check.ConfigError, match="--parts"):
         gpu_check.main(["--out", str(tmp_path / "x"), "--device", "cpu", "--parts", "logit"])
+
+
+def test_a_part_that_fails_or_overruns_is_recorded_and_the_next_one_runs(tmp_path):
+    import time
+    a = gpu_check.GpuCheckArgs(out=str(tmp_path / "gc"))
+    rec = gpu_check.Record(a, [], torch.device("cpu"), "small")
+    far = time.time() + 60
+
+    def boom():
+        raise ValueError("no such kernel")
+    gpu_check.run_part(rec, "fails", boom, 10, far)
+    gpu_check.run_part(rec, "overruns", lambda: time.sleep(5) or {}, 0.2, far)
+    gpu_check.run_part(rec, "late", lambda: {}, 10, time.time() + 1, need=30)
+    gpu_check.run_part(rec, "fine", lambda: {"x": 1}, 10, far)
+    P = json.loads((tmp_path / "gc.json").read_text())["parts"]
+    assert P["fails"]["status"] == "failed"
+    assert "ValueError: no such kernel" in P["fails"]["reason"]
+    assert P["overruns"]["status"] == "timed out" and P["overruns"]["seconds"] < 2
+    assert P["late"]["status"] == "skipped" and "time budget" in P["late"]["reason"]
+    assert P["fine"] == {"status": "ok", "x": 1, "seconds": P["fine"]["seconds"]}
+    md = (tmp_path / "gc.md").read_text()
+    assert "**fails**: failed" in md and "**overruns**: timed out" in md

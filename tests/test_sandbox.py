@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mt import chat, sandbox
+from mt import config as C
 from mt.sandbox import gold_reward
 
 # ---- the gold reward
@@ -212,3 +213,13 @@ def test_fixed_rm_agrees_less_with_gold_after_two_iterations(tmp_path):
     print(f"r0 agreement with gold: π0 pairs {base}, π2 pairs {drifted}; gold (π0, π2) {golds}")
     # the standard error of one agreement (400-900 pairs) is about 0.02; the measured gap is 0.48
     assert sum(drifted) / len(drifted) < sum(base) / len(base) - 0.1
+
+
+def test_report_seed_ranges_and_paired_intervals_by_hand():
+    from eval import sandbox_report as r
+    assert r.parse_seeds("0-4,10") == [0, 1, 2, 3, 4, 10]
+    # mean 0.15, sd 0.05 over 3 seeds: half-width t(0.975, 2) · sd / sqrt(3) = 4.303 · 0.05 / 1.732
+    assert r.paired([0.1, 0.2, 0.15]) == "+0.150 [+0.026, +0.274]"
+    assert r.paired([0.05]) == "+0.050 (1 seed)" and r.paired([]) == "-"
+    with pytest.raises(C.ConfigError, match="--seeds 'a-b'"):
+        r.parse_seeds("a-b")
