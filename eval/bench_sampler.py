@@ -28,6 +28,7 @@ responses of exactly that many tokens (no stop ids), instead of the comparison w
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import statistics
 import sys
@@ -35,7 +36,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mt import chat, sampler  # noqa: E402
@@ -133,7 +134,6 @@ def build(a: BenchSamplerArgs, device: torch.device, dtype: torch.dtype):
 
 def load_chat(a: BenchSamplerArgs, device: torch.device, dtype: torch.dtype):
     """transformers' model and ours from --model, the chat prompts' ids, the model's stop ids."""
-    from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).to(device).eval()
     ours = load_model(a.model, dtype=dtype, device=device).eval()
     tok = chat.load_tokenizer(a.model)
@@ -152,10 +152,8 @@ def load_before(root: str, ours: Transformer):
         del sys.modules[k]
     sys.path.insert(0, os.path.abspath(root))
     try:
-        import mt.config
-        import mt.model
-        import mt.sampler
-        theirs = mt.sampler, mt.config, mt.model
+        # the other checkout's modules, loaded by name from its tree (not this file's imports)
+        theirs = tuple(importlib.import_module(f"mt.{m}") for m in ("sampler", "config", "model"))
     finally:
         sys.path.pop(0)
         for k in [k for k in sys.modules if k == "mt" or k.startswith("mt.")]:

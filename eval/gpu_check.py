@@ -39,9 +39,11 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, replace
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -111,7 +113,6 @@ class Record:
 
 def _version(pkg: str) -> str:
     try:
-        from importlib.metadata import version
         return version(pkg)
     except Exception:  # noqa: BLE001 - a version string is informative only
         return "?"
@@ -193,7 +194,6 @@ class Peak:
 
 def logits_part(device: torch.device, small: bool) -> dict:
     """Our bf16 logits against transformers' on the same random weights (Llama-3.2-1B shape)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     shape = dict(BT.SHAPES["llama-3.2-1b"])
     B, T = 4, 512
     if small:

@@ -558,7 +558,7 @@ def compiled(model: Transformer, device: torch.device):
     static, so replays write it in place). Dynamo caches by code and guards, not by wrapper or
     model object, so the next pass, or the next checkpoint of the same shape, reuses the graphs;
     the wrapper holds no model beyond its pass."""
-    import torch._dynamo.config as dynamo_config
+    import torch._dynamo.config as dynamo_config  # the compile stack: loaded only for --sampling.compile
     # every bucket is a recompile of the same forward: allow them all (the default stops at 8)
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 256)
     dynamo_config.accumulated_cache_size_limit = max(

@@ -7,7 +7,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # optional packages imported only when asked for (each lazy import carries a comment saying so)
 LAZY_OK = {"pyarrow", "pyarrow.parquet", "matplotlib", "matplotlib.pyplot", "gguf", "gguf.quants", "tensorboard",
-           "wandb", "torch.utils.tensorboard", "tiktoken"}
+           "wandb", "torch.utils.tensorboard", "tiktoken",
+           "torch._dynamo.config"}  # torch.compile's stack, for --sampling.compile only
 
 
 def modules() -> dict[str, Path]:
