@@ -39,7 +39,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mt import chat, sampler  # noqa: E402
+from mt import chat, dist, sampler  # noqa: E402
 from mt.checkpoint import load_model, resolve_dtype  # noqa: E402
 from mt.config import ConfigError, SamplingConfig, opt, parse  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
@@ -360,7 +360,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:  # a usage error: the message names the flag, no traceback
-        sys.exit(f"python eval/bench_sampler.py: error: {e}")
+    dist.run(main)  # a user error: one `error: ...` line, exit status 2

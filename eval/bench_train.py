@@ -43,7 +43,7 @@ import train_policy  # noqa: E402
 from mt import dist  # noqa: E402
 from mt import train as T  # noqa: E402
 from mt.chat import Example  # noqa: E402
-from mt.config import ConfigError, DPOConfig, RMConfig, opt, parse  # noqa: E402
+from mt.config import DPOConfig, RMConfig, opt, parse  # noqa: E402
 from mt.losses import BRADLEY_TERRY, preference_objective  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
 
@@ -245,7 +245,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        dist.run(main)
-    except ConfigError as e:  # a usage error: the message names the flag, no traceback
-        sys.exit(f"python eval/bench_train.py: error: {e}")
+    dist.run(main)  # a user error: one `error: ...` line, exit status 2

@@ -500,7 +500,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        dist.run(main)
-    except ConfigError as e:  # a usage error: the message names the flag, no traceback
-        sys.exit(f"python eval/gpu_check.py: error: {e}")
+    dist.run(main)  # a user error: one `error: ...` line, exit status 2

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
@@ -749,7 +748,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        dist.run(main)
-    except ConfigError as e:  # a usage error: the message names the flag, no traceback
-        sys.exit(f"python -m mt.sampler: error: {e}")
+    dist.run(main)  # a user error: one `error: ...` line, exit status 2

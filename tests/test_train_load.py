@@ -9,13 +9,14 @@ import torch
 
 import mt.train as T
 import train_policy
+import train_rm
 from test_train import OBJ
 from mt import chat
 from mt import dist
 from mt.checkpoint import load_for_training
 from mt.checkpoint import load_model, load_state_dict
 from mt.config import DPOConfig, RMConfig, TrainConfig
-from mt.data import write_jsonl
+from mt.data import read_pairs, write_jsonl
 from test_train import metrics
 from test_train_dist import WORLD, _spawn
 
@@ -116,10 +117,6 @@ CFG = dict(lr=1e-3, batch_size=4, micro_batch_size=1, epochs=2, seed=5, save_eve
 
 
 def _train_job(rank, out):
-    import train_policy
-    import train_rm
-    from mt import chat
-    from mt.data import read_pairs
     policy, pairs = (out / "policy_dir.txt").read_text(), out / "pairs.jsonl"
     dpo_cfg, rm_cfg = DPOConfig(beta=0.5, **CFG), RMConfig(**CFG)
     # the former path: every rank loads the full model with load_model, then shards it
