@@ -62,7 +62,7 @@ class SamplingConfig:
     max_prompt_tokens: int = opt(2048, above=0)  # longer prompts are an error naming the prompt id
     # decode steps between host checks for finished rows; 0 = 1 on CPU, 8 on GPU
     check_every: int = opt(0, min=0, scheduling=True)
-    # torch.compile the decode step's forward (dynamic shapes; the first pass compiles)
+    # torch.compile the decode step (static shapes, a graph per bucket; CUDA graphs on GPU)
     compile: bool = False
 
 
