@@ -85,7 +85,7 @@ class TrainConfig:
     save_every: int = opt(50, min=0)
     # auto = bf16 on GPU (fp32 master), fp32 on CPU
     dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))
-    # recompute each block's activations in the backward (the results are unchanged); the paper presets
+    # recompute each block's activations in the backward (results unchanged); the paper presets
     # turn it on, as every 8B DPO / RM recipe does
     activation_checkpointing: bool = opt(False, scheduling=True)
     seed: int = 0
@@ -139,7 +139,7 @@ class EMConfig:
     # share of D_R held out of RM training, to report RM accuracy on pseudo-pairs it never saw; the
     # paper trains on all of D_R (0), so this is an opt-in diagnostic (the sandbox keeps 0.05)
     rm_heldout: float = opt(0.0, min=0)
-    # all | selected: delete the candidates model selection did not choose once its choice is recorded
+    # all | selected: delete the candidates selection did not choose once its choice is recorded
     # (8B checkpoints are 16 GB each); resuming is unaffected
     keep_checkpoints: str = opt("all", choices=("all", "selected"), scheduling=True)
 
@@ -157,9 +157,9 @@ class LogConfig:
 @dataclass
 class DistConfig:
     """torchrun's process group and FSDP2's device mesh (DESIGN.md §5)."""
-    # collective timeout in minutes (0 = torch's default); raise it when rank 0 alone loads 8B weights
+    # collective timeout in minutes (0 = torch's default); raise it if rank 0 alone loads 8B weights
     timeout_min: float = opt(0.0, min=0, scheduling=True)
-    # HSDP: shard inside groups of this many ranks (a node's GPUs), replicate across; 0 = FSDP over all
+    # HSDP: shard inside groups of this many ranks (a node's GPUs), replicate across; 0 = plain FSDP
     shard_size: int = opt(0, min=0, scheduling=True)
 
 
