@@ -3,16 +3,14 @@ on resume, a half-written metrics row survives, a failed start pins no config, u
 with exit status 2, and every bad input named."""
 import json
 import pickle
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from mt.checkpoint import CheckpointError, load_state_dict
 from mt.data import DataError, read_json, read_pairs, read_prompts, write_jsonl
-from test_run_em import REPO, _normalised, args, artifacts, inputs, reference, run_em  # noqa: F401
+from test_run_em import REPO, _normalised, args, artifacts, inputs, kill_when, reference, run_em  # noqa: F401
 
 
 def _one_paragraph(p):
@@ -49,15 +47,8 @@ class _Payload:
 
 def test_resume_never_unpickles_and_survives_a_half_written_metrics_row(inputs, reference, tmp_path):
     out = tmp_path / "run"
-    e = {**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "run_em.py"), *args(inputs, out)], cwd=REPO, env=e,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "iter1" / "policy" / "trainer_state" / "meta.json"
-    deadline = time.time() + 300
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(args(inputs, out), state)
     assert not read_json(state)["done"], "the kill must land inside the DPO stage"
     marker = tmp_path / "pwned"
     for name in (".metadata", "__0_0.distcp", "optimizer.pt"):  # what a DCP or torch.save reader would open

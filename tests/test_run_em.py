@@ -107,17 +107,21 @@ def _normalised(arts: dict, run: Path) -> dict:
     return {k: (v if k != "config.json" else b"") for k, v in arts.items()}
 
 
-def test_sigkill_in_the_middle_of_dpo_then_resume_is_identical(inputs, reference, tmp_path):
-    out = tmp_path / "run"
+def kill_when(argv, path):
+    """Start run_em.py with argv and SIGKILL it as soon as `path` exists (or it ends, or 300 s pass)."""
     e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "run_em.py"), *args(inputs, out)], cwd=REPO, env=e,
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_em.py"), *argv], cwd=REPO, env=e,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_ckpt = out / "iter1" / "policy" / "ckpt-1" / "config.json"
     deadline = time.time() + 300
-    while not first_ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_sigkill_in_the_middle_of_dpo_then_resume_is_identical(inputs, reference, tmp_path):
+    out = tmp_path / "run"
+    kill_when(args(inputs, out), out / "iter1" / "policy" / "ckpt-1" / "config.json")
     stages = json.loads((out / "manifest.json").read_text())["stages"]
     assert "iter1/ref_logps" in stages and "iter1/dpo" not in stages, "the kill must land inside the DPO stage"
     run_em(args(inputs, out))
