@@ -24,7 +24,7 @@ import train_policy
 import train_rm
 from mt import chat
 from mt import config as C
-from mt import dist, em, sandbox, track
+from mt import dist, em, gold, sandbox, track
 from mt.checkpoint import read_config
 from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples,
                      read_scores, write_json, write_jsonl)
@@ -53,6 +53,9 @@ def run(cfg: C.Config) -> dict:
             seed=cfg.seed)
     D_ms, D_r = split["D_MS"], split["D_R"]
 
+    # a sandbox world knows the truth: measure what the paper can only estimate (mt/gold.py)
+    measure_gold = cfg.sandbox.diagnostics and sandbox.is_world_prompts(cfg.prompts)
+    pi0_on_d_ms = iteration_dir(run_dir, 1, 1, E.rounds) / "selection" / "prev.samples.jsonl"
     history = []
     gen_pi, gen_r = pi0, r0  # the models that generate and judge the data of the next iteration
     for rnd in range(1, E.rounds + 1):
@@ -88,11 +91,27 @@ def run(cfg: C.Config) -> dict:
                     out_path=it / "selection.json", candidates=it / "policy", pi_prev=gen_pi,
                     r_prev=gen_r, d_ms=D_ms, sampling=cfg.sampling, tau=E.tau, select=E.select,
                     seed=cfg.seed, stream=tag)
+            if measure_gold:  # the over-optimisation curve, before unselected checkpoints go
+                m.stage(f"{tag}/gold_curve", gold.curve, [it / "gold_curve.json"],
+                        out_path=it / "gold_curve.json", selection_path=it / "selection.json",
+                        candidates=it / "policy", pi_prev=gen_pi)
             selection = read_json(it / "selection.json")
             metrics = {"round": rnd, "iter": t, "pairs": read_json(it / "pairs.stats.json"),
                        "dpo": train_policy.summary(it / "policy"), "selection": selection}
             history.append(metrics)
+
+            def measure(pi_t: Path, r_t: Path):  # Fig. 3 measured: the RMs' gold agreement on π_t
+                m.stage(f"{tag}/gold", gold.diagnose, [it / "gold.json"],
+                        out_path=it / "gold.json", pi_t=pi_t, pi_prev=gen_pi, r0=r0, r_prev=gen_r,
+                        r_t=r_t, d_ms=D_ms, pi0_samples=pi0_on_d_ms, sampling=cfg.sampling,
+                        n=E.n_samples, seed=cfg.seed, stream=tag)
+                metrics["gold"] = {**read_json(it / "gold_curve.json"),
+                                   **read_json(it / "gold.json")}
             if selection["stop"]:
+                if measure_gold:  # the run keeps π_{t-1} and r_{t-1}: measure what it keeps
+                    measure(gen_pi, gen_r)
+                    if d.is_main:
+                        write_json(it / "metrics.json", metrics)
                 track.log_iteration(len(history), iteration_scalars(metrics))
                 dist.print0(f"{tag}: best win rate {selection['win_rate']:.3f} < τ={E.tau}: stop, "
                             f"keep π_{t - 1}, r_{t - 1}")
@@ -126,6 +145,8 @@ def run(cfg: C.Config) -> dict:
                         heldout_path=it / "rm_heldout.jsonl")
                 metrics["pseudo_pairs"] = read_json(it / "pseudo_pairs.info.json")
                 metrics["rm"] = {**train_rm.summary(it / "rm"), **read_json(it / "rm_eval.json")}
+            if measure_gold:
+                measure(pi_t, r_t)
             if d.is_main:
                 write_json(it / "metrics.json", metrics)
             track.log_iteration(len(history), iteration_scalars(metrics))
@@ -138,9 +159,9 @@ def run(cfg: C.Config) -> dict:
         write_json(run_dir / "summary.json", summary)
         print(table(history, cfg))
         # the world's gold reward shows what the RM can only estimate
-        if cfg.preset.startswith("sandbox"):
-            print("\nGold view (mt/sandbox.py's gold reward; policy numbers on D_MS):")
-            print(sandbox.gold_table(sandbox.gold_view(run_dir)))
+        if sandbox.is_world_prompts(cfg.prompts):
+            print("\nGold view (mt/gold.py; mt/sandbox.py's gold reward, on D_MS):")
+            print(gold.gold_table(gold.gold_view(run_dir)))
     track.finish()
     return summary
 
@@ -316,7 +337,7 @@ def rm_eval(out_path: Path, r_new: Path, r_prev: Path, heldout_path: Path) -> di
 def table(history: list[dict], cfg: C.Config) -> str:
     """The end-of-run table: one row per iteration."""
     head = ("| iter | pairs (dropped) | truncated | DPO loss / acc | win rates (chosen) | ε_t | "
-            "pseudo kept/total | RM train acc | RM held-out acc (prev → new) |")
+            "pseudo kept/total | RM train acc | RM acc on held-out pseudo-labels (prev → new) |")
     lines = [head, "|" + "---|" * 9]
 
     def f(x, fmt=".3f"):
@@ -640,7 +661,7 @@ def resolve_inputs(cfg: C.Config) -> C.Config:
             raise C.ConfigError(f"missing --{', --'.join(missing)} (or give none of "
                                 "--policy/--rm/--prompts to run the gold-reward sandbox)")
         return cfg
-    world = sandbox.build_world(seed=cfg.seed)
+    world = sandbox.build_world(seed=cfg.seed, world=cfg.sandbox.world)
     cfg.policy, cfg.rm, cfg.prompts = (str(world.policy_dir), str(world.rm_dir),
                                        str(world.prompts_path))
     return cfg

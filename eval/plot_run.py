@@ -10,7 +10,7 @@ matplotlib`).
 - pseudo_pairs.png: the pseudo-pairs kept and dropped (by reason) and the histogram of their margin
   Δr with ±ε_t (Sec. 4.3);
 - rm_accuracy.png: the RM's accuracy per iteration (training pairs, held-out pseudo-pairs) and, in
-  a sandbox run, the gold reward's verdict beside it (mt/sandbox.py gold_view).
+  a sandbox run, the gold reward's verdict beside it (mt/gold.py gold_view).
 
 `python eval/sandbox_report.py --run RUN --plot` writes the same figures.
 """
@@ -27,7 +27,8 @@ if __package__ in (None, ""):
 import train_policy  # noqa: E402
 import train_rm  # noqa: E402
 from mt import config as C  # noqa: E402
-from mt import dist, sandbox  # noqa: E402
+from mt import dist  # noqa: E402
+from mt import gold as gold_metrics  # noqa: E402
 from mt.data import read_json, read_jsonl_rows, read_pseudo_pairs  # noqa: E402
 from mt.errors import UserError  # noqa: E402
 from mt.manifest import iteration_dirs  # noqa: E402
@@ -124,12 +125,12 @@ def pseudo_series(run: Path) -> dict[str, dict]:
 
 def rm_series(run: Path, gold: bool = True) -> dict[str, dict]:
     """{iteration: accuracies} from rm/metrics.jsonl and rm_eval.json, and in a sandbox run the
-    gold view's (sandbox.gold_view)."""
+    gold view's (mt/gold.py gold_view)."""
     cfg = read_json(run / "config.json")
     golds = {}
     if gold and str(cfg.get("preset", "")).startswith("sandbox"):
         try:
-            golds = {r["iter"]: r for r in sandbox.gold_view(run)}
+            golds = {r["iter"]: r for r in gold_metrics.gold_view(run)}
         except FileNotFoundError:  # a run that has not finished its first selection
             golds = {}
     out = {}

@@ -1,16 +1,19 @@
-"""The gold view of sandbox runs, and Mutual-Taught against its baselines and ablations over seeds.
+"""The sandbox comparison: Mutual-Taught against its baselines and ablations on the same worlds,
+paired by seed, with the mechanism measured by the gold reward.
 
-    # gold table of one run directory
+    # gold view of one run directory (mt/gold.py)
     python eval/sandbox_report.py --run runs/mt
-    # every variant x seed: means and paired differences from Mutual-Taught, 2 runs at a time
+    # every variant x seed, 2 runs at a time; resumable per (variant, seed)
     python eval/sandbox_report.py --seeds 0-14 --jobs 2 --out runs/report
-    # and each run's figures (eval/plot_run.py) as PNGs under RUN/plots
-    python eval/sandbox_report.py --run runs/mt --plot
+    # the exploit world (r0 trained on π0's samples only)
+    python eval/sandbox_report.py --world exploit --seeds 0-14 --jobs 2 --out runs/report-exploit
 
-In the sandbox the gold reward is known, so we measure what the paper can only estimate: the
-policy's gold reward, its gold win rate against π0, the RM's agreement with gold on pairs from the
-current policy, and the gold accuracy of the pseudo-pairs before and after filtering (mt/sandbox.py
-gold_view).
+Writes OUT/report.md, OUT/report.json and OUT/figures/*.png (matplotlib, optional): the
+over-optimisation curves (gold against cumulative DPO steps, every checkpoint), the RMs' gold
+agreement per iteration, and the paired differences from Mutual-Taught with their intervals.
+
+Every difference is paired: a variant minus Mutual-Taught on the same seed (same world, same
+prompts, same random streams where the runs coincide), its mean and 95% t-interval over seeds.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +34,18 @@ if __package__ in (None, ""):
 
 from eval import plot_run  # noqa: E402
 from mt import config as C  # noqa: E402
-from mt import dist, sandbox  # noqa: E402
+from mt import dist, gold  # noqa: E402
 from mt.config import opt  # noqa: E402
-from mt.data import read_json  # noqa: E402
-from mt.manifest import iteration_dirs  # noqa: E402
+from mt.errors import UserError  # noqa: E402
+
 
 REPO = Path(__file__).resolve().parent.parent
+
 
 # variant -> its preset (mt/config.py): Mutual-Taught
 # and every baseline / ablation the sandbox scales
 VARIANTS = {"mutual-taught": "sandbox", **{k: f"sandbox-{k}" for k in C.VARIANTS}}
+MT = "mutual-taught"
 
 
 def differences(preset: str) -> str:
@@ -53,8 +59,9 @@ def differences(preset: str) -> str:
 @dataclass
 class ReportConfig:
     run: str = ""  # one run directory: print its gold table
-    seeds: str = "0,1,2"  # seeds of the comparison: comma-separated, ranges allowed (0-14)
+    seeds: str = "0-14"  # seeds of the comparison: comma-separated, ranges allowed (0-14)
     variants: str = ",".join(VARIANTS)  # comma-separated, of VARIANTS
+    world: str = opt("general", choices=("general", "exploit"))  # the sandbox world (regime)
     out: str = "runs/sandbox_report"  # where the comparison's runs and report go
     jobs: int = opt(1, above=0)  # runs at once, each its own process (one thread each)
     plot: bool = False  # also write each run's figures (eval/plot_run.py) to RUN/plots/*.png
@@ -73,29 +80,42 @@ def parse_seeds(text: str) -> list[int]:
     return out
 
 
-def final_metrics(run: Path) -> dict:
-    """The last finished iteration's policy gold numbers (the run's output policy)."""
-    rows = [r for r in sandbox.gold_view(run) if "policy_gold" in r]
-    last = rows[-1] if rows else {}
-    return ({k: last.get(k, math.nan)
-             for k in ("policy_gold", "policy_perfect", "gold_win_vs_pi0")}
-            | {"iters_done": len(rows)})
+# ---- one run's numbers
 
 
-def pseudo_counts(run: Path) -> list[dict]:
-    """Per iteration: the pseudo-pairs the filter kept and dropped (by reason), and ε_t."""
-    out = []
-    for it in iteration_dirs(run):
-        info_path = it / "pseudo_pairs.info.json"
-        if info_path.is_file():
-            info = read_json(info_path)
-            dropped = {k: v for k, v in info.items()
-                       if k not in ("kept", "kept_swapped") and isinstance(v, int)
-                       and k not in ("n", "kept_total", "eps_rows")}
-            out.append({"iter": it.relative_to(run).as_posix(), "eps_t": info["eps_t"],
-                        "kept": info["kept_total"], "n": info["n"], "dropped": dropped})
-    return out
+def run_record(run: Path) -> dict:
+    """Per iteration, the gold numbers of the policy the run holds after it (a τ stop keeps
+    π_{t-1}), the RMs' gold agreement, best-of-n, pseudo-pairs and the E-step's curve."""
+    its = []
+    steps_before = 0
+    for row in gold.gold_view(run):
+        g = row.get("gold")
+        if g is None:
+            break
+        curve = [{**p, "cum_step": steps_before + p["step"]} for p in row.get("curve", [])]
+        steps_before = curve[-1]["cum_step"] if curve else steps_before
+        its.append({"iter": row["iter"], "chosen": row["chosen"], "gold": g["policy"]["gold"],
+                    "prev_gold": g["policy"]["prev_gold"], "perfect": g["policy"]["perfect"],
+                    "win_vs_pi0": g["policy"]["gold_win_vs_pi0"],
+                    "agree": {k: v["agreement"] for k, v in g["agreement_pi_t"].items()},
+                    "agree_prev": {k: v["agreement"] for k, v in g["agreement_pi_prev"].items()},
+                    "best_of_n": g["best_of_n"], "best_of_n_oracle": g["policy"]["best_of_n_oracle"],
+                    "st_acc": g["st_pairs_gold_acc"], "pseudo": g.get("pseudo"), "curve": curve,
+                    "ties": statistics.mean(p["ties"] for p in curve if "ties" in p)
+                    if len(curve) > 1 else math.nan})
+    if not its:
+        raise UserError(f"{run}: no iteration with gold diagnostics (gold.json); run it with the "
+                        "sandbox and --sandbox.diagnostics true")
+    return {"pi0_gold": its[0]["prev_gold"], "iters": its, "final_gold": its[-1]["gold"],
+            "final_win_vs_pi0": its[-1]["win_vs_pi0"], "final_perfect": its[-1]["perfect"]}
 
+
+def gold_after(rec: dict, t: int) -> float:
+    """Gold of the policy after iteration t (a run that ended earlier holds its last one)."""
+    return rec["iters"][min(t, len(rec["iters"])) - 1]["gold"] if t else rec["pi0_gold"]
+
+
+# ---- statistics: paired over seeds
 
 # two-sided 95% t quantiles by degrees of freedom (no scipy here); beyond 30, the normal's 1.96
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -103,18 +123,35 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
        18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}
 
 
-def paired(diffs: list[float]) -> str:
-    """mean difference and its 95% t-interval over seeds (a paired comparison: same worlds)."""
+def interval(diffs: list[float]) -> tuple[float, float, int]:
+    """(mean, 95% t half-width, n) of the non-NaN values."""
     xs = [d for d in diffs if not math.isnan(d)]
     if len(xs) < 2:
-        return f"{xs[0]:+.3f} (1 seed)" if xs else "-"
-    n, m = len(xs), statistics.mean(xs)
+        return (xs[0] if xs else math.nan), math.nan, len(xs)
+    n = len(xs)
     t = T95.get(n - 1) or (T95[max(k for k in T95 if k <= n - 1)] if n - 1 <= 30 else 1.96)
-    half = t * statistics.stdev(xs) / math.sqrt(n)
-    return f"{m:+.3f} [{m - half:+.3f}, {m + half:+.3f}]"
+    return statistics.mean(xs), t * statistics.stdev(xs) / math.sqrt(n), n
 
 
-def run_all(seeds: list[int], variants: list[str], out: Path, jobs: int):
+def paired(diffs: list[float]) -> str:
+    """mean difference and its 95% t-interval over seeds (a paired comparison: same worlds)."""
+    m, h, n = interval(diffs)
+    if n == 0:
+        return "-"
+    if n == 1:
+        return f"{m:+.3f} (1 seed)"
+    return f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]"
+
+
+def _mean(xs) -> str:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return f"{statistics.mean(xs):.3f}" if xs else "-"
+
+
+# ---- running
+
+
+def run_all(seeds: list[int], variants: list[str], out: Path, jobs: int, world: str):
     """Every (variant, seed) as its own `python run_em.py` process, `jobs` at a time; a finished run
     is found done by its manifest, so an interrupted report resumes per (variant, seed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -124,66 +161,185 @@ def run_all(seeds: list[int], variants: list[str], out: Path, jobs: int):
         v, s = vs
         run = out / f"{v}-seed{s}"
         log = out / f"{v}-seed{s}.log"
+        if (run / "summary.json").is_file():
+            return 0  # finished before: nothing to redo
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as f:
             rc = subprocess.run([sys.executable, str(REPO / "run_em.py"), "--preset", VARIANTS[v],
-                                 "--seed", str(s), "--out", str(run)], cwd=REPO, env=env,
-                                stdout=f, stderr=subprocess.STDOUT).returncode
+                                 "--seed", str(s), "--sandbox.world", world, "--out", str(run)],
+                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
         print(f"{v} seed {s}: {'done' if rc == 0 else f'FAILED (exit {rc}, see {log})'}", flush=True)
         return rc
+    # the worlds first, one per seed, so parallel runs never wait on one another's build
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda s: subprocess.run(
+            [sys.executable, "-c", f"from mt import sandbox; sandbox.build_world({s}, "
+             f"world={world!r})"], cwd=REPO, env=env, check=True, capture_output=True), seeds))
     with ThreadPoolExecutor(jobs) as pool:
         failed = [vs for vs, rc in zip(todo, pool.map(one, todo)) if rc != 0]
     if failed:
         raise RuntimeError(f"{len(failed)} runs failed, e.g. {failed[:3]}; their logs are in {out}")
 
 
-def compare(seeds: list[int], variants: list[str], out: Path, jobs: int = 1) -> str:
-    """Run every variant on every seed (each a run_em.py run on the sandbox), then tabulate each
-    variant's mean and its paired difference from Mutual-Taught on the same seeds (95% t-interval)."""
-    run_all(seeds, variants, out, jobs)
-    results = {v: [{"seed": s, **final_metrics(out / f"{v}-seed{s}"),
-                    "pseudo": pseudo_counts(out / f"{v}-seed{s}")} for s in seeds] for v in variants}
-    (out / "report.json").write_text(json.dumps(results, indent=2))
-    keys = ("policy_gold", "policy_perfect", "gold_win_vs_pi0")
+# ---- the report
 
-    def mean(v, k):
-        xs = [r[k] for r in results[v] if not math.isnan(r[k])]
-        return f"{statistics.mean(xs):.3f}" if xs else "-"
 
-    def diff(v, k):
-        if v == "mutual-taught" or "mutual-taught" not in results:
+def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s: float) -> str:
+    recs = {v: {s: run_record(out / f"{v}-seed{s}") for s in seeds} for v in variants}
+    (out / "report.json").write_text(json.dumps(recs, indent=1))
+    mt = recs.get(MT)
+
+    def vs_mt(v, fn):
+        if v == MT or mt is None:
             return "—"
-        mt = {r["seed"]: r[k] for r in results["mutual-taught"]}
-        return paired([r[k] - mt[r["seed"]] for r in results[v]])
-    cmd = f"python eval/sandbox_report.py --seeds {','.join(map(str, seeds))}"
-    lines = [f"{len(seeds)} seeds ({','.join(map(str, seeds))}); `{cmd}`", "",
-             "| variant | preset (differences) | paper | final policy gold | − Mutual-Taught "
-             "[95% CI] | perfect share | gold win vs π0 | − Mutual-Taught [95% CI] |",
-             "|---|---|---|---|---|---|---|---|"]
+        return paired([fn(recs[v][s]) - fn(mt[s]) for s in seeds])
+    cmd = (f"python eval/sandbox_report.py --world {world} --seeds {','.join(map(str, seeds))} "
+           f"--out {out}")
+    lines = [f"World `{world}`, {len(seeds)} seeds ({','.join(map(str, seeds))}); `{cmd}`; "
+             f"{wall_s / 60:.0f} min of runs on this machine.", "",
+             "Differences are paired (variant − Mutual-Taught on the same seed), mean and 95% "
+             "t-interval over seeds. Gold is measured on D_MS (400 prompts, 4 samples each) for "
+             "the policy each run ends with (a τ stop keeps π_{t-1}).", "",
+             "### Final policy", "",
+             "| variant | paper | iterations run | final gold | − MT [95% CI] | perfect | "
+             "gold win vs π0 | − MT [95% CI] |", "|---|---|---|---|---|---|---|---|"]
     for v in variants:
         paper = C.VARIANTS[v][0] if v in C.VARIANTS else "Table 1 Mutual-Taught"
-        lines.append(f"| {v} | `{VARIANTS[v]}` "
-                     f"({differences(VARIANTS[v]) or 'the sandbox defaults'}) | {paper} | "
-                     f"{mean(v, keys[0])} | {diff(v, keys[0])} | {mean(v, keys[1])} | "
-                     f"{mean(v, keys[2])} | {diff(v, keys[2])} |")
-    lines += ["", "Pseudo-pairs per iteration (seed " + str(seeds[0]) + "): kept / total, and the "
-              "dropped by reason", "", "| variant | iteration | ε_t | kept / total | dropped |",
-              "|---|---|---|---|---|"]
+        r = recs[v].values()
+        lines.append(f"| {v} | {paper} | {_mean([len(x['iters']) for x in r])} | "
+                     f"{_mean([x['final_gold'] for x in r])} | "
+                     f"{vs_mt(v, lambda x: x['final_gold'])} | "
+                     f"{_mean([x['final_perfect'] for x in r])} | "
+                     f"{_mean([x['final_win_vs_pi0'] for x in r])} | "
+                     f"{vs_mt(v, lambda x: x['final_win_vs_pi0'])} |")
+    lines += ["", f"π0's gold on D_MS: {_mean([x['pi0_gold'] for x in (mt or recs[variants[0]]).values()])}.",
+              "", "### Matched: π_t against Mutual-Taught's π_t (same number of E-steps)", "",
+              "| variant | π1 gold − MT π1 | π2 gold − MT π2 | π3 gold − MT π2 |", "|---|---|---|---|"]
     for v in variants:
-        for row in results[v][0]["pseudo"]:
-            dropped = ", ".join(f"{k} {n}" for k, n in sorted(row["dropped"].items())) or "none"
-            lines.append(f"| {v} | {row['iter']} | {row['eps_t']:.3f} | {row['kept']}/{row['n']} | "
-                         f"{dropped} |")
+        if v == MT:
+            continue
+        lines.append(f"| {v} | {vs_mt(v, lambda x: gold_after(x, 1))} | "
+                     f"{vs_mt(v, lambda x: gold_after(x, 2))} | "
+                     + (paired([gold_after(recs[v][s], 3) - gold_after(mt[s], 2) for s in seeds])
+                        if mt else "—") + " |")
+    lines += ["", "### The mechanism (Fig. 3): the RMs' gold agreement on pairs of π_t's samples",
+              "", "Within-prompt pairs of π_t's 4 samples per D_MS prompt that gold orders; "
+              "agreement = share the RM orders as gold does. r_t − r_{t-1} > 0 is the paper's "
+              "claim: the M-step makes the RM more accurate on the new policy's distribution.", "",
+              "| variant | iter | seeds | r0 | r_{t-1} | r_t | r_t − r_{t-1} [95% CI] | "
+              "on π_{t-1}'s pairs: r_t − r_{t-1} | best-of-n gold: by r_t − by r0 | "
+              "pseudo gold acc before → after | Δr AUC | ST pairs gold acc | D_MS ties |",
+              "|" + "---|" * 13]
+    for v in variants:
+        for t in (1, 2, 3):
+            its = [x["iters"][t - 1] for x in recs[v].values() if len(x["iters"]) >= t]
+            if not its:
+                continue
+            ps = [i["pseudo"] for i in its if i["pseudo"]]
+            lines.append(
+                f"| {v} | {t} | {len(its)} | {_mean([i['agree']['r0'] for i in its])} | "
+                f"{_mean([i['agree']['r_prev'] for i in its])} | "
+                f"{_mean([i['agree']['r_t'] for i in its])} | "
+                f"{paired([i['agree']['r_t'] - i['agree']['r_prev'] for i in its])} | "
+                f"{paired([i['agree_prev']['r_t'] - i['agree_prev']['r_prev'] for i in its])} | "
+                f"{paired([i['best_of_n']['r_t'] - i['best_of_n']['r0'] for i in its])} | "
+                + (f"{_mean([p['acc_before'] for p in ps])} → {_mean([p['acc_after'] for p in ps])}"
+                   f" | {_mean([p['auc'] for p in ps])}" if ps else "- | -")
+                + f" | {_mean([i['st_acc'] for i in its])} | {_mean([i['ties'] for i in its])} |")
+    lines += ["", "### Over-optimisation: gold at every checkpoint (mean over seeds)", "",
+              "| variant | iter | " + " | ".join(["start", "ckpt-50", "ckpt-100", "ckpt-150",
+                                                   "final"]) + " | drift at final | chosen |",
+              "|" + "---|" * 9]
+    for v in variants:
+        for t in (1, 2, 3):
+            its = [x["iters"][t - 1] for x in recs[v].values() if len(x["iters"]) >= t]
+            if not its:
+                continue
+            cells = []
+            for k in ("start", "ckpt-50", "ckpt-100", "ckpt-150", "final"):
+                cells.append(_mean([p["gold"] for i in its for p in i["curve"]
+                                    if p["checkpoint"] == k]))
+            drift = _mean([i["curve"][-1]["drift"] for i in its if i["curve"]])
+            chosen = ", ".join(f"{k} {n}" for k, n in sorted(
+                {c: sum(i["chosen"] == c for i in its) for c in {i["chosen"] for i in its}}.items()))
+            lines.append(f"| {v} | {t} | " + " | ".join(cells) + f" | {drift} | {chosen} |")
     table = "\n".join(lines)
     (out / "report.md").write_text(table + "\n")
+    figures(recs, seeds, variants, out / "figures", world)
     return table
+
+
+def figures(recs: dict, seeds: list[int], variants: list[str], out: Path, world: str):
+    """curves.png, agreement.png, paired.png under out (skipped, saying so, without matplotlib)."""
+    try:
+        fig = plot_run._figure(figsize=(11, 4.2))
+    except UserError as e:
+        print(f"no figures: {e}")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    # over-optimisation: gold against cumulative DPO steps, mean over seeds, per variant
+    ax = fig.subplots(1, 1)
+    for j, v in enumerate(variants):
+        pts = {}
+        for rec in recs[v].values():
+            for it in rec["iters"]:
+                for p in it["curve"]:
+                    pts.setdefault((it["iter"], p["checkpoint"]), []).append((p["cum_step"],
+                                                                            p["gold"]))
+        xs = sorted((statistics.mean(a for a, _ in v_), statistics.mean(b for _, b in v_))
+                    for v_ in pts.values())
+        ax.plot([a for a, _ in xs], [b for _, b in xs], marker="o", ms=3,
+                color=f"C{j % 10}", ls="-" if j < 10 else "--", label=v)
+    ax.set_xlabel("cumulative DPO steps (checkpoints of every iteration)")
+    ax.set_ylabel("gold reward on D_MS (mean over seeds)")
+    ax.set_title(f"Over-optimisation curves, world {world!r}, {len(seeds)} seeds")
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(out / "curves.png", dpi=110, bbox_inches="tight")
+
+    # the mechanism: r0, r_{t-1}, r_t agreement on π_t's pairs, per variant with an M-step
+    withm = [v for v in variants if any(len(r["iters"]) and r["iters"][0]["agree"]["r_t"]
+                                        != r["iters"][0]["agree"]["r_prev"]
+                                        for r in recs[v].values())]
+    fig = plot_run._figure(figsize=(11, 4.2))
+    ax = fig.subplots(1, 1)
+    width = 0.8 / 3
+    labels = []
+    for i, (v, t) in enumerate((v, t) for v in withm for t in (1, 2)):
+        its = [r["iters"][t - 1] for r in recs[v].values() if len(r["iters"]) >= t]
+        labels.append(f"{v}\nt={t} ({len(its)})")
+        for k, (rm, color) in enumerate((("r0", "tab:gray"), ("r_prev", "tab:blue"),
+                                         ("r_t", "tab:orange"))):
+            m, h, _ = interval([it["agree"][rm] for it in its])
+            ax.bar(i + (k - 1) * width, m, width, yerr=0 if math.isnan(h) else h, color=color,
+                   label={"r0": "r0", "r_prev": "r_{t-1}", "r_t": "r_t"}[rm] if i == 0 else None)
+    ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=30, ha="right")
+    ax.set_ylabel("gold agreement on π_t's pairs (95% CI)")
+    ax.set_ylim(0.4, 1.0)
+    ax.set_title(f"Does the M-step make the RM more accurate on π_t? world {world!r}")
+    ax.legend(fontsize=8)
+    fig.savefig(out / "agreement.png", dpi=110, bbox_inches="tight")
+
+    # paired differences of the final gold from Mutual-Taught
+    if MT in recs:
+        fig = plot_run._figure(figsize=(7, 0.35 * len(variants) + 1.2))
+        ax = fig.subplots(1, 1)
+        others = [v for v in variants if v != MT]
+        for i, v in enumerate(others):
+            m, h, _ = interval([recs[v][s]["final_gold"] - recs[MT][s]["final_gold"]
+                                for s in seeds])
+            ax.errorbar(m, i, xerr=0 if math.isnan(h) else h, fmt="o", color="black", capsize=3)
+        ax.axvline(0, color="tab:red", lw=1)
+        ax.set_yticks(range(len(others)), others, fontsize=8)
+        ax.set_xlabel("final gold − Mutual-Taught's (paired, 95% CI)")
+        ax.set_title(f"world {world!r}, {len(seeds)} seeds", fontsize=9)
+        fig.savefig(out / "paired.png", dpi=110, bbox_inches="tight")
 
 
 def main(argv=None):
     a = C.parse(sys.argv[1:] if argv is None else argv, ReportConfig(),
                 "python eval/sandbox_report.py", __doc__)
     if a.run:
-        print(sandbox.gold_table(sandbox.gold_view(Path(a.run))))
+        print(gold.gold_table(gold.gold_view(Path(a.run))))
         for p in plot_run.plot_run(a.run) if a.plot else []:
             print(p)
         return
@@ -192,10 +348,13 @@ def main(argv=None):
     if unknown:
         raise C.ConfigError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     seeds = parse_seeds(a.seeds)
-    print(compare(seeds, variants, Path(a.out), a.jobs))
+    out = Path(a.out)
+    t0 = time.perf_counter()
+    run_all(seeds, variants, out, a.jobs, a.world)
+    print(report(seeds, variants, out, a.world, time.perf_counter() - t0))
     for v in variants if a.plot else []:
         for s in seeds:
-            for p in plot_run.plot_run(Path(a.out) / f"{v}-seed{s}"):
+            for p in plot_run.plot_run(out / f"{v}-seed{s}"):
                 print(p)
 
 

@@ -145,6 +145,15 @@ class EMConfig:
 
 
 @dataclass
+class SandboxConfig:
+    "The gold-reward sandbox (mt/sandbox.py): used when no --policy/--rm/--prompts are given."
+    # general: r0 trained on a mixture of generators; exploit: r0 trained on π0's samples only
+    world: str = opt("general", choices=("general", "exploit"))
+    # per iteration: gold, drift and the RMs' gold agreement (mt/gold.py; iter*/gold.json)
+    diagnostics: bool = opt(True, scheduling=True)
+
+
+@dataclass
 class LogConfig:
     """Experiment tracking (mt/track.py): TensorBoard, wandb; rank 0 only, off by default."""
     # TensorBoard: events under DIR/<--log.name> (`pip install tensorboard`); "" = off
@@ -181,6 +190,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rm_train: RMConfig = field(default_factory=RMConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -205,30 +215,32 @@ class StageConfig(Config):
 
 # ---- presets: a preset is a dict of overrides on top of the paper's defaults
 
+# the sandbox's DPO learning rate: the largest of eval/sandbox_calibrate.py's grid at which DPO on
+# gold-labelled pairs improves gold at every checkpoint (eval/sandbox_calibration.json)
+SANDBOX_DPO_LR = 1e-5
+
 # The sandbox (mt/sandbox.py) scales the paper to a CPU:
 # the embedded default main job `python run_em.py`.
 SANDBOX: dict = {
     "iters": 2,  # T = 2, as in the paper's main results
     "em.n_samples": 4,  # M
-    # |D_MS| of the 1,200 prompts; the rest: D_R, D_1, D_2 ≈ 367 each (Sec. 5.1)
-    "em.d_ms_size": 100,
-    # Eq. 6 counts a win only when r(y_t) > r(y_{t-1}) strictly; here identical responses (every
-    # perfect sort is the same string, and half of π0's responses are perfect) are frequent ties,
-    # which caps the win rate near 0.5-0.6 for a policy better by gold, so τ is scaled from 0.6.
-    "em.tau": 0.4,
+    # |D_MS| of the world's 4,300 prompts; the rest: D_R, D_1, D_2 = 1,300 each (Sec. 5.1)
+    "em.d_ms_size": 400,
+    "em.tau": 0.6,  # the paper's τ, with Eq. 6 as written (ties are rare: answers vary in form)
     "em.rm_heldout": 0.05,  # a diagnostic the sandbox reports
-    "sampling.max_new_tokens": 16, "sampling.slots": 256, "sampling.max_prompt_tokens": 64,
-    # ~300 pairs per iteration: 10 steps of 32, checkpoints at 3, 6, 9 and the final one
-    "dpo.batch_size": 32, "dpo.micro_batch_size": 32, "dpo.lr": 3e-4, "dpo.beta": 0.1,
-    "dpo.save_every": 3, "dpo.max_length": 64,
+    "sampling.max_new_tokens": 24, "sampling.slots": 256, "sampling.max_prompt_tokens": 64,
+    # the paper's E-step shape: ~160 steps of 8 pairs per iteration, checkpoints every 50
+    # (appendix B: every 50 steps), so three candidates and the final one. The lr is the oracle
+    # calibration's (eval/sandbox_calibrate.py, eval/sandbox_calibration.json), β fixed at 0.1.
+    "dpo.batch_size": 8, "dpo.micro_batch_size": 8, "dpo.lr": SANDBOX_DPO_LR, "dpo.beta": 0.1,
+    "dpo.save_every": 50, "dpo.max_length": 64,
     "rm_train.batch_size": 32, "rm_train.micro_batch_size": 32, "rm_train.lr": 3e-4,
     "rm_train.epochs": 2, "rm_train.max_length": 64,
 }
-SANDBOX_LR_SCALE = SANDBOX["dpo.lr"] / DPOConfig().lr  # the sandbox's DPO lr over the paper's
 
 # The baselines and ablations, as differences from Mutual-Taught, with their sources. Each gives a
-# `paper-NAME` preset (on the paper's defaults) and a `sandbox-NAME` preset (on SANDBOX, learning
-# rates scaled by SANDBOX_LR_SCALE as the sandbox scales the paper's).
+# `paper-NAME` preset (on the paper's defaults) and a `sandbox-NAME` preset (on SANDBOX, with the
+# one calibrated DPO learning rate for every method: see _sandbox_variant).
 # no M-step: every portion goes to the policy
 _FIXED_RM = {"em.update_rm": False, "em.rm_fraction": 0.0}
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -261,9 +273,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
-def _scaled(diff: dict) -> dict:
-    """A variant on the sandbox: its learning rates scaled as the sandbox scales the paper's."""
-    return {k: (v * SANDBOX_LR_SCALE if k == "dpo.lr" else v) for k, v in diff.items()}
+def _sandbox_variant(diff: dict) -> dict:
+    """A variant on the sandbox: its own settings but the oracle-calibrated learning rate, frozen
+    for every method (the paper's per-baseline rates stay in its paper-NAME preset)."""
+    return {k: v for k, v in diff.items() if k != "dpo.lr"}
 
 
 # activation checkpointing: what an 8B policy / RM needs on 8 GPUs (no effect on any result)
@@ -275,7 +288,8 @@ PRESETS: dict[str, dict] = {
     "paper": PAPER_GPU,
     "sandbox": SANDBOX,
     **{f"paper-{k}": {**PAPER_GPU, **diff} for k, (_, diff) in VARIANTS.items()},
-    **{f"sandbox-{k}": {**SANDBOX, **_scaled(diff)} for k, (_, diff) in VARIANTS.items()},
+    **{f"sandbox-{k}": {**SANDBOX, **_sandbox_variant(diff)}
+       for k, (_, diff) in VARIANTS.items()},
     # tests: a handful of prompts, a few optimizer steps, short responses
     "tiny": {
         "iters": 2, "em.n_samples": 3, "em.d_ms_size": 4, "em.tau": 0.0,

@@ -1,16 +1,23 @@
 """The gold-reward sandbox: a small world with a known judge,
-where the paper's problem really happens.
+where the paper's problem can happen and its claim can be checked.
 
-    world = build_world(seed=0)  # π0, r0, prompts; built once (~30 s on 2 CPU cores), then cached
+    world = build_world(seed=0)  # π0, r0, prompts; built once (~2 min on 2 CPU cores), then cached
     python run_em.py             # Mutual-Taught on this world (mt/config.py PRESETS["sandbox"])
 
-Task: sort a short list of numbers ("sort: 7 3 9 1" -> "1 3 7 9"). The gold reward grades a
-response (order, missing and extra items). π0 is a tiny Llama SFT'd on imperfect demonstrations
-(swaps, drops); r0 is trained with Bradley-Terry on a limited, noisy set of gold-labelled pairs of
-π0's own samples, so it is right on π0's distribution and blind beyond it: DPO against a fixed r0
-first improves the policy, then finds r0's blind spot (padding with repeats) -- the distribution
-shift of Sec. 1. The gold metrics below measure what the paper can only estimate: policy quality
-and the RM's agreement with the truth.
+Task: sort a short list of numbers ("sort: 7 3 9 1" -> "1 3 7 9", or "1 , 3 7 , 9": a comma
+between two numbers is style, not content, so good answers are many strings, as in chat). The
+gold reward grades a response (order, missing and extra items). π0 is a tiny Llama SFT'd on
+imperfect demonstrations (swaps, drops). Two worlds (WORLDS):
+
+- "general" (the default): r0 is trained with Bradley-Terry on noisy gold-labelled pairs from a
+  mixture of generators (GENERATORS: near-perfect, swapping, dropping, padding with repeats,
+  truncating, junk-inserting, unsorted, and π0 itself), as the paper's r0 (FsfairX-LLaMA3-RM) was
+  trained on many models' responses.
+- "exploit": r0 is trained only on π0's own samples (which never pad), so it is right on π0's
+  distribution and blind beyond it: DPO against it finds the blind spot (padding with repeats).
+
+The gold metrics (mt/gold.py) measure what the paper can only estimate: policy quality and the
+RMs' agreement with the truth on each policy's samples.
 """
 from __future__ import annotations
 
@@ -18,7 +25,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -37,9 +43,8 @@ from transformers import PreTrainedTokenizerFast
 from mt import chat
 from mt import config as C
 from mt.checkpoint import load_model
-from mt.data import read_json, read_pairs, read_pseudo_pairs, read_samples, write_json, write_jsonl
+from mt.data import read_json, write_json, write_jsonl
 from mt.losses import BRADLEY_TERRY, SFT
-from mt.manifest import iteration_dirs
 from mt.model import ModelConfig, Transformer
 from mt.sampler import sample
 from mt.scoring import score_conversations
@@ -48,13 +53,14 @@ from mt.train import train
 # ---- the task: prompts and the gold reward
 
 NUM_MAX = 30  # numbers are 0..NUM_MAX-1, one token each
-LIST_LEN = (3, 8)  # a prompt lists this many distinct numbers (inclusive range)
+LIST_LEN = (4, 8)  # the general world's prompts list this many distinct numbers (inclusive)
 PREFIX = "sort:"
+SEP = ","  # an optional separator between two numbers: gold ignores it there
 
 
-def make_numbers(rng: random.Random) -> list[int]:
+def make_numbers(rng: random.Random, list_len: tuple[int, int] = LIST_LEN) -> list[int]:
     """One prompt's numbers: distinct, in random order."""
-    return rng.sample(range(NUM_MAX), rng.randint(*LIST_LEN))
+    return rng.sample(range(NUM_MAX), rng.randint(*list_len))
 
 
 def prompt_text(nums: list[int]) -> str:
@@ -74,16 +80,25 @@ def parse_numbers(text: str) -> list[int]:
 _NUMBER = re.compile(r"0|[1-9][0-9]*")
 
 
+def content_tokens(response: str) -> list[str]:
+    """The response's tokens without the separators that stand between two numbers (style); a
+    separator anywhere else (leading, trailing, doubled, next to a word) stays, as junk."""
+    toks = response.split()
+    num = [bool(_NUMBER.fullmatch(t)) for t in toks]
+    return [t for i, t in enumerate(toks)
+            if not (t == SEP and 0 < i < len(toks) - 1 and num[i - 1] and num[i + 1])]
+
+
 def gold_parts(prompt, response: str) -> dict[str, float]:
     """The three factors of the gold reward, each in [0, 1].
 
     recall: share of the prompt's numbers present (multiset); precision: share of the response's
-    tokens that are wanted numbers (repeats, foreign numbers and junk words all count against it);
-    order: 1 - 0.5 * inversions / pairs, so a fully reversed list keeps half the credit and one
-    swap costs little.
+    content tokens that are wanted numbers (repeats, foreign numbers, junk words and stray
+    separators all count against it); order: 1 - 0.5 * inversions / pairs, so a fully reversed
+    list keeps half the credit and one swap costs little.
     """
     want = Counter(parse_numbers(prompt))
-    toks = response.split()
+    toks = content_tokens(response)
     nums = [int(t) for t in toks if _NUMBER.fullmatch(t)]
     hit = sum((Counter(nums) & want).values())
     recall = hit / max(1, sum(want.values()))
@@ -95,7 +110,8 @@ def gold_parts(prompt, response: str) -> dict[str, float]:
 
 
 def gold_reward(prompt, response: str) -> float:
-    """Gold reward in [0, 1]: recall * precision * order; 1 exactly for the sorted permutation.
+    """Gold reward in [0, 1]: recall * precision * order; 1 exactly for the sorted permutation
+    (with or without separators between numbers).
 
     A missing item (recall (n-1)/n) costs more than one adjacent swap (order 1 - 0.5/C(n,2)) for
     every n >= 3; empty or junk-only responses score 0.
@@ -127,23 +143,62 @@ def corrupt(target: list[int], rng: random.Random, p_clean: float = 0.3,
     return out
 
 
-def make_prompts(n: int, seed: int) -> list[dict]:
+def render(tokens: list, rng: random.Random, sep_rate: float) -> str:
+    """A response's text: the tokens, with a separator between two numbers at rate sep_rate."""
+    out = []
+    for t in map(str, tokens):
+        if out and sep_rate and _NUMBER.fullmatch(out[-1]) and _NUMBER.fullmatch(t) \
+                and rng.random() < sep_rate:
+            out.append(SEP)
+        out.append(t)
+    return " ".join(out)
+
+
+# ---- the generators of the general r0's training data: policies of different skill and error
+# profile (as the paper's r0 saw many models' responses); π0's own samples are one more source
+
+
+def _junk(s, nums, rng):
+    out = [str(x) for x in corrupt(s, rng, 0.3, ("swap", "drop"))]
+    foreign = [str(x) for x in range(NUM_MAX) if x not in nums]
+    for _ in range(rng.randint(1, 3)):
+        out.insert(rng.randrange(len(out) + 1), rng.choice(foreign + list(WORDS)))
+    return out
+
+
+GENERATORS: dict[str, Callable] = {  # (sorted target, prompt numbers, rng) -> response tokens
+    "near_perfect": lambda s, nums, rng: corrupt(s, rng, 0.8, ("swap",)),
+    "swaps": lambda s, nums, rng: corrupt(s, rng, 0.0, ("swap",)),
+    "drops": lambda s, nums, rng: corrupt(s, rng, 0.0, ("drop",)),
+    "repeats": lambda s, nums, rng: (corrupt(s, rng, 0.0, ("repeat",))
+                                     + [s[-1]] * rng.randint(0, 2)),
+    "truncated": lambda s, nums, rng: s[:rng.randint(1, len(s) - 1)],
+    "junk": _junk,
+    "unsorted": lambda s, nums, rng: list(nums) if rng.random() < 0.5 else s[::-1],
+}
+
+
+def generate(name: str, nums: list[int], rng: random.Random, sep_rate: float) -> str:
+    return render(GENERATORS[name](sorted(nums), nums, rng), rng, sep_rate)
+
+
+def make_prompts(n: int, seed: int, list_len: tuple[int, int] = LIST_LEN) -> list[dict]:
     """`n` prompt rows in the project's prompt-file format, {"id", "prompt"},
     deterministic from the seed."""
     rng = random.Random(f"sandbox-prompts:{seed}")
-    return [{"id": f"sort-{seed}-{i:05d}", "prompt": prompt_text(make_numbers(rng))}
+    return [{"id": f"sort-{seed}-{i:05d}", "prompt": prompt_text(make_numbers(rng, list_len))}
             for i in range(n)]
 
 
-def write_prompts(path, n: int, seed: int):
-    write_jsonl(path, make_prompts(n, seed))
+def write_prompts(path, n: int, seed: int, list_len: tuple[int, int] = LIST_LEN):
+    write_jsonl(path, make_prompts(n, seed, list_len))
     return path
 
 
 # ---- the tokenizer: one token per number, word or special token
 
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>")
-WORDS = ("sort", ":")
+WORDS = ("sort", ":", SEP)
 # The template writes BOS itself (DESIGN.md §4: tokenize its output without adding specials again)
 # and ends every turn with <|end|>, which is what the policy emits to stop
 # (mt/chat.end_of_turn_id).
@@ -173,30 +228,49 @@ def build_tokenizer(out_dir):
 class WorldConfig:
     """Everything the built artifacts depend on (with the source code): the cache key."""
     seed: int = 0
-    n_prompts: int = 1200  # the run's prompt set D (split by run_em into D_1..D_T, D_R, D_MS)
+    # the run's prompt set D: run_em splits it into D_MS (400) and D_R, D_1, D_2 (1,300 each)
+    n_prompts: int = 4300
+    list_len: tuple[int, int] = LIST_LEN  # numbers per prompt (inclusive range)
+    # share of the gaps between two numbers that get a separator, in demonstrations and
+    # generators: an equally good answer has many surface forms (few identical responses)
+    separators: float = 0.5
     # the tiny Llama-shaped models
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
     # π0: SFT on imperfect demonstrations
-    demo_clean: float = 0.3  # share of demonstrations left uncorrupted
+    # share of demonstrations left uncorrupted: none, so π0 has headroom (≈ 23% perfect answers):
+    # a policy far better than π0 can then win Eq. 6 against it by more than τ
+    demo_clean: float = 0.0
     # The corruptions of the others. No repeats on purpose: π0 then never pads, so on π0's samples
-    # a longer response is a more complete one and r0 learns "longer is better" -- right on π0's
-    # distribution, wrong beyond it (padding with repeats): the verbosity blind spot DPO then
-    # finds.
+    # a longer response is a more complete one -- the blind spot an r0 trained only on π0's
+    # samples ("exploit" world) has.
     demo_ops: str = "swap,drop"
     sft_examples: int = 12800
     sft_epochs: int = 4
     sft_lr: float = 3e-3
     sft_batch_size: int = 64
-    # r0: Bradley-Terry on gold-labelled pairs of π0's own samples
-    rm_prompts: int = 1000
+    # r0: Bradley-Terry on gold-labelled pairs of responses from the mixture of GENERATORS and π0
+    # ("mixture"), or of π0's own samples only ("pi0")
+    r0_data: str = "mixture"
+    rm_prompts: int = 1500
     rm_samples: int = 4  # per prompt; every pair of them with different gold gives a pair
     label_noise: float = 0.1  # share of pairs whose gold label is flipped (annotators disagree)
     rm_epochs: int = 4
     rm_lr: float = 1e-3
     rm_batch_size: int = 32
     eval_prompts: int = 200  # held-out prompts for the build report (world.json)
+
+
+# the two regimes (--sandbox.world): fixed before any method was compared (README)
+WORLDS: dict[str, WorldConfig] = {
+    "general": WorldConfig(),
+    # the first world: lists of 3-8, no separators (every perfect answer is one string), 30%
+    # clean demonstrations (π0 ≈ 53% perfect), r0 trained on 1,000 prompts x 4 of π0's own
+    # samples for 4 epochs
+    "exploit": WorldConfig(list_len=(3, 8), separators=0.0, demo_clean=0.3, r0_data="pi0",
+                           rm_prompts=1000),
+}
 
 
 @dataclass(frozen=True)
@@ -230,22 +304,55 @@ def _sampling() -> C.SamplingConfig:
     return C.parse(["--preset", "sandbox"], C.Config()).sampling
 
 
-def _prompts(n: int, seed: int, stream: str):
+def _prompts(n: int, seed: int, stream: str, list_len: tuple[int, int] = LIST_LEN):
     """Prompt rows (for the sampler) of a named stream,
     disjoint in id from the run's prompt file."""
     rng = random.Random(f"sandbox-{stream}:{seed}")
     return [{"prompt_id": f"{stream}-{i:05d}",
-             "prompt": [{"role": "user", "content": prompt_text(make_numbers(rng))}]}
+             "prompt": [{"role": "user", "content": prompt_text(make_numbers(rng, list_len))}]}
             for i in range(n)]
+
+
+def mixture_samples(pi0_samples: list[dict], sep_rate: float, seed: int,
+                    sources: tuple[str, ...] = ("pi0", *GENERATORS)) -> list[dict]:
+    """The general r0's responses: each of a prompt's responses from a source drawn uniformly
+    from `sources` (π0's own sample in that slot, or a GENERATORS policy); rows gain "sources"."""
+    rng = random.Random(f"sandbox-mixture:{seed}")
+    out = []
+    for row in pi0_samples:
+        nums = parse_numbers(row["prompt"])
+        src = [rng.choice(sources) for _ in row["responses"]]
+        ys = [y if g == "pi0" else generate(g, nums, rng, sep_rate)
+              for g, y in zip(src, row["responses"])]
+        out.append({**row, "responses": ys, "sources": src})
+    return out
+
+
+def generator_samples(prompts: list[dict], name: str, n: int, sep_rate: float,
+                      seed: int) -> list[dict]:
+    """n responses per prompt from one GENERATORS policy (samples rows)."""
+    rng = random.Random(f"sandbox-generator:{name}:{seed}")
+    return [{"prompt_id": p["prompt_id"], "prompt": p["prompt"],
+             "responses": [generate(name, parse_numbers(p["prompt"]), rng, sep_rate)
+                           for _ in range(n)]} for p in prompts]
+
+
+def identical_rate(samples: list[dict]) -> float:
+    """Share of prompts whose first two responses are the same string: how often Eq. 6 would
+    see a tie between two independent draws of this policy."""
+    rows = [r for r in samples if len(r["responses"]) >= 2]
+    return sum(r["responses"][0] == r["responses"][1] for r in rows) / max(1, len(rows))
 
 
 def gold_pairs(samples: list[dict], label_noise: float = 0.0, seed: int = 0) -> list[dict]:
     """Every within-prompt pair of responses with different gold, chosen = higher gold (flipped
-    with probability label_noise): the annotated preference data a base RM is trained on."""
+    with probability label_noise): the annotated preference data a base RM is trained on. Each
+    pair names the source of its two responses (a generator, or "pi0")."""
     rng = random.Random(f"sandbox-label-noise:{seed}")
     out = []
     for row in samples:
         ys = row["responses"]
+        src = row.get("sources") or ["pi0"] * len(ys)
         g = [gold_reward(row["prompt"], y) for y in ys]
         for i in range(len(ys)):
             for j in range(i + 1, len(ys)):
@@ -257,7 +364,8 @@ def gold_pairs(samples: list[dict], label_noise: float = 0.0, seed: int = 0) -> 
                     c, r = r, c
                 out.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"],
                             "chosen": ys[c], "rejected": ys[r], "chosen_gold": g[c],
-                            "rejected_gold": g[r], "flipped": flipped})
+                            "rejected_gold": g[r], "flipped": flipped,
+                            "sources": [src[c], src[r]]})
     return out
 
 
@@ -274,16 +382,16 @@ def _build(c: WorldConfig, root: Path) -> dict:
                "pad_token_id": tok.pad_token_id, "do_sample": True,
                "temperature": sampling.temperature, "top_p": sampling.top_p}
     (tok_dir / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
-    write_prompts(root / "prompts.jsonl", c.n_prompts, c.seed)
+    write_prompts(root / "prompts.jsonl", c.n_prompts, c.seed, c.list_len)
 
     # ---- π0: SFT on imperfect demonstrations (c.demo_ops: swaps and drops by default)
     rng = random.Random(f"sandbox-demos:{c.seed}")
     demos = []
     for i in range(c.sft_examples):
-        nums = make_numbers(rng)
+        nums = make_numbers(rng, c.list_len)
+        demo = corrupt(sorted(nums), rng, c.demo_clean, tuple(c.demo_ops.split(",")))
         demos.append((f"demo-{i}", [{"role": "user", "content": prompt_text(nums)}],
-                      " ".join(map(str, corrupt(sorted(nums), rng, c.demo_clean,
-                                                tuple(c.demo_ops.split(",")))))))
+                      render(demo, rng, c.separators)))
     examples, _ = chat.sft_examples(tok, demos, max_length=64)
     torch.manual_seed(c.seed)
     policy = Transformer(ModelConfig.from_hf(_policy_hf_config(c, tok)))
@@ -296,10 +404,15 @@ def _build(c: WorldConfig, root: Path) -> dict:
     os.replace(root / "sft" / "final", root / "policy")
     times["sft_s"] = time.perf_counter() - t0
 
-    # ---- r0: Bradley-Terry on gold-labelled pairs of π0's own samples (limited, noisy)
+    # ---- r0: Bradley-Terry on noisy gold-labelled pairs: of the mixture's responses (general)
+    # or of π0's own samples (exploit)
     policy = load_model(root / "policy").eval()
-    rm_samples = sample(policy, tok, _prompts(c.rm_prompts, c.seed, "rm"), sampling,
+    rm_samples = sample(policy, tok, _prompts(c.rm_prompts, c.seed, "rm", c.list_len), sampling,
                         seed=c.seed, stream="sandbox/rm", n=c.rm_samples)
+    if c.r0_data == "mixture":
+        rm_samples = mixture_samples(rm_samples, c.separators, c.seed)
+    elif c.r0_data != "pi0":
+        raise ValueError(f"WorldConfig.r0_data={c.r0_data!r}: expected 'mixture' or 'pi0'")
     pairs = gold_pairs(rm_samples, c.label_noise, c.seed)
     write_jsonl(root / "rm_pairs.jsonl", pairs)
     examples, _ = chat.rm_examples(tok, pairs, max_length=64)
@@ -315,12 +428,22 @@ def _build(c: WorldConfig, root: Path) -> dict:
     os.replace(root / "rm_train" / "final", root / "rm")
     times["rm_s"] = time.perf_counter() - t0 - times["sft_s"]
 
-    # ---- the build report: how good π0 and r0 are, on held-out prompts
-    held = sample(policy, tok, _prompts(c.eval_prompts, c.seed, "eval"), sampling,
-                  seed=c.seed, stream="sandbox/eval", n=c.rm_samples)
+    # ---- the build report, on held-out prompts: how good π0 is, how often two of its answers
+    # are identical, and r0's gold agreement on each generator's pairs and on π0's
+    eval_prompts = _prompts(c.eval_prompts, c.seed, "eval", c.list_len)
+    held = sample(policy, tok, eval_prompts, sampling, seed=c.seed, stream="sandbox/eval",
+                  n=c.rm_samples)
+    agreement = {"pi0": rm_gold_agreement(root / "rm", sample_pairs(held))}
+    for name in GENERATORS:
+        rows = generator_samples(eval_prompts, name, c.rm_samples, c.separators, c.seed)
+        agreement[name] = rm_gold_agreement(root / "rm", sample_pairs(rows))
+    agreement["mixture"] = rm_gold_agreement(
+        root / "rm", sample_pairs(mixture_samples(held, c.separators, c.seed + 1)))
     info = {"base_gold": policy_gold(held), "base_perfect": policy_gold(held, perfect=True),
-            "rm_pairs": len(pairs),
-            "rm_agreement_base": rm_gold_agreement(root / "rm", sample_pairs(held)),
+            "base_identical": identical_rate(held), "rm_pairs": len(pairs),
+            "rm_pairs_by_source": dict(sorted(Counter(s for p in pairs
+                                                      for s in p["sources"]).items())),
+            "rm_agreement_base": agreement["pi0"], "rm_agreement": agreement,
             **{k: round(v, 1) for k, v in times.items()},
             "build_s": round(time.perf_counter() - t0, 1)}
     return info
@@ -330,9 +453,10 @@ def _build(c: WorldConfig, root: Path) -> dict:
 
 
 def _code_hash() -> str:
-    """The source of every module the build runs: a code change never serves a stale world."""
+    """The source of every module the build may run: a code change never serves a stale world.
+    (mt/gold.py only measures runs; the build never imports it.)"""
     h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in sorted(p for p in Path(__file__).parent.glob("*.py") if p.name != "gold.py"):
         h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()
 
@@ -346,20 +470,28 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MT_SANDBOX_CACHE") or Path.home() / ".cache" / "mutual_taught")
 
 
+def is_world_prompts(path) -> bool:
+    """Is this prompt file a sandbox world's (so the gold reward applies)?"""
+    path = Path(path)
+    return path.name == "prompts.jsonl" and (path.parent / "world.json").is_file()
+
+
 def _world(c: WorldConfig, root: Path, info: dict) -> World:
     return World(root, root / "policy", root / "rm", root / "prompts.jsonl",
                  root / "rm_pairs.jsonl", c, info)
 
 
-def build_world(seed: int = 0, cache_dir=None, **overrides) -> World:
-    """The sandbox world for `seed`, built once (≈30-40 s on 2 CPU cores)
+def build_world(seed: int = 0, cache_dir=None, world: str = "general", **overrides) -> World:
+    """The sandbox world `world` (WORLDS) for `seed`, built once (≈2 min on 2 CPU cores)
     and then read from the cache.
 
     `overrides` change WorldConfig fields (tests build smaller worlds). The cache directory is
     `cache_dir` or $MT_SANDBOX_CACHE or ~/.cache/mutual_taught; a lock file serialises concurrent
     builds.
     """
-    c = WorldConfig(seed=seed, **overrides)
+    if world not in WORLDS:
+        raise ValueError(f"unknown sandbox world {world!r}; known: {', '.join(WORLDS)}")
+    c = dataclasses.replace(WORLDS[world], seed=seed, **overrides)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root = cache / f"sandbox-{world_key(c)}"
     cache.mkdir(parents=True, exist_ok=True)
@@ -372,7 +504,8 @@ def build_world(seed: int = 0, cache_dir=None, **overrides) -> World:
             # and no spinning OpenMP workers on a shared machine
             torch.set_num_threads(1)
             try:
-                print(f"building the sandbox world (seed {seed}) in {root} ...", flush=True)
+                print(f"building the sandbox world {world!r} (seed {seed}) in {root} ...",
+                      flush=True)
                 info = _build(c, tmp)
                 info["config"] = dataclasses.asdict(c)
                 write_json(tmp / "world.json", info)
@@ -464,60 +597,3 @@ def rm_gold_agreement(rm, pairs, tok=None) -> dict:
                          > gold_reward(p["prompt"], p["rejected"]))
         agree += (sc > sr) if gold_c_better else (sr > sc)
     return {"agreement": agree / n, "n": n}
-
-
-# ---- the gold view of a run directory (what run_em.py prints after a sandbox run)
-
-
-def gold_view(run: Path) -> list[dict]:
-    """One row per finished iteration of a sandbox run directory, from its artifacts alone."""
-    run = Path(run)
-    its = iteration_dirs(run)
-    if not its:
-        raise FileNotFoundError(f"{run}: no iteration directories: not a run_em.py run directory")
-    pi0 = read_samples(its[0] / "selection" / "prev.samples.jsonl")  # π0 on D_MS, sampled once
-    rows = []
-    for it in its:
-        if not (it / "selection.json").is_file():
-            break
-        chosen = read_json(it / "selection.json").get("chosen")
-        row = {"iter": it.relative_to(run).as_posix(), "chosen": chosen or "stop",
-               "pi0_gold": policy_gold(pi0),
-               # r_{t-1}'s pairs on π_{t-1}'s samples:
-               # how often the RM that drove this E-step agreed with gold
-               "estep_pairs_gold_acc": pair_gold_accuracy(
-                   read_pairs(it / "pairs.jsonl"))["accuracy"]}
-        if chosen:
-            new = read_samples(it / "selection" / f"{chosen}.samples.jsonl")
-            row["policy_gold"] = policy_gold(new)
-            row["policy_perfect"] = policy_gold(new, perfect=True)
-            row["gold_win_vs_pi0"] = gold_win_rate(new, pi0)["win_rate"]
-        if (it / "pseudo_pairs.jsonl").is_file():
-            pp = read_pseudo_pairs(it / "pseudo_pairs.jsonl")
-            valid = [{**r, "chosen": r["y_t"], "rejected": r["y_prev"]} for r in pp if r["valid"]]
-            kept = [r for r in pp if r["kept"]]
-            row["pseudo_gold_acc_before"] = (pair_gold_accuracy(valid)["accuracy"] if valid
-                                             else math.nan)
-            row["pseudo_gold_acc_after"] = (pair_gold_accuracy(kept)["accuracy"] if kept
-                                            else math.nan)
-            row["pseudo_kept"], row["pseudo_total"] = len(kept), len(pp)
-        rows.append(row)
-    return rows
-
-
-def _f(x, fmt=".3f"):
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
-
-
-def gold_table(rows: list[dict]) -> str:
-    lines = ["| iter | chosen | policy gold (π0) | perfect share | gold win vs π0 | E-step pairs "
-             "gold acc | pseudo gold acc before → after filter | pseudo kept/total |",
-             "|" + "---|" * 8]
-    for r in rows:
-        lines.append(
-            f"| {r['iter'].removeprefix('iter')} | {r['chosen']} | {_f(r.get('policy_gold'))} "
-            f"({_f(r['pi0_gold'])}) | {_f(r.get('policy_perfect'), '.2f')} | "
-            f"{_f(r.get('gold_win_vs_pi0'))} | {_f(r['estep_pairs_gold_acc'])} | "
-            f"{_f(r.get('pseudo_gold_acc_before'))} → {_f(r.get('pseudo_gold_acc_after'))} | "
-            f"{r.get('pseudo_kept', '-')}/{r.get('pseudo_total', '-')} |")
-    return "\n".join(lines)

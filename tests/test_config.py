@@ -54,7 +54,11 @@ def test_paper_preset_is_the_paper():
 
 def test_every_variant_preset_resolves_to_its_documented_values():
     """paper-NAME = the paper's defaults + VARIANTS[NAME]; sandbox-NAME = the sandbox + the same
-    differences, learning rates scaled as the sandbox scales the paper's (3e-4 / 7e-7)."""
+    differences except the learning rate: the oracle-calibrated one for every method (mt/config.py
+    SANDBOX_DPO_LR, eval/sandbox_calibration.json's chosen_lr)."""
+    import json
+    from pathlib import Path
+    calibration = json.loads((Path(__file__).parent.parent / "eval" / "sandbox_calibration.json").read_text())
     from mt.config import PAPER_GPU, SANDBOX, VARIANTS
     paper = dataclasses.asdict(parse_args(["--preset", "paper"]))
     assert all(_get(paper, k) == v for k, v in PAPER_GPU.items())  # activation checkpointing on
@@ -65,7 +69,7 @@ def test_every_variant_preset_resolves_to_its_documented_values():
             if key == "preset":
                 continue
             assert _get(p, key) == diff.get(key, _get(paper, key)), (name, key)
-            want = diff[key] * (3e-4 / 7e-7) if key == "dpo.lr" and key in diff else diff.get(
+            want = calibration["chosen_lr"] if key == "dpo.lr" else diff.get(
                 key, SANDBOX.get(key, _get(dataclasses.asdict(Config()), key)))
             assert _get(sb, key) == pytest.approx(want), (name, key)
     # the baselines as appendix A / B and the SimPO recipe state them

@@ -253,7 +253,7 @@ def test_second_round_restarts_from_the_base_models(inputs, tmp_path):
 def test_sandbox_preset_with_two_rounds_prints_the_gold_table(tmp_path):
     """The run layout is named in one place (mt/manifest.py iteration_dir): with --em.rounds 2 the run
     writes round{r}/iter{t} and the sandbox's gold view finds them (it once globbed iter* and failed)."""
-    from mt import sandbox
+    from mt import gold, sandbox
     w = sandbox.build_world(seed=5, cache_dir=tmp_path / "cache", n_prompts=40, sft_examples=640, sft_epochs=1,
                             rm_prompts=40, rm_epochs=1, eval_prompts=16)
     out = tmp_path / "run"
@@ -261,10 +261,10 @@ def test_sandbox_preset_with_two_rounds_prints_the_gold_table(tmp_path):
                 str(w.prompts_path), "--out", str(out), "--iters", "1", "--em.rounds", "2", "--em.d_ms_size", "8",
                 "--em.tau", "0", "--dpo.batch_size", "8", "--dpo.micro_batch_size", "8", "--dpo.save_every", "1",
                 "--rm_train.batch_size", "8", "--rm_train.micro_batch_size", "8"])
-    gold = p.stdout.split("Gold view")[1]
-    rows = [line for line in gold.splitlines() if line.startswith("| round")]
-    assert [r.split(" | ")[0] for r in rows] == ["| round1/iter1", "| round2/iter1"], gold
-    view = sandbox.gold_view(out)  # the same rows from the artifacts alone
+    printed = p.stdout.split("Gold view")[1].strip().split("\n\n")[0]  # the per-iteration table
+    rows = [line for line in printed.splitlines() if line.startswith("| round")]
+    assert [r.split(" | ")[0] for r in rows] == ["| round1/iter1", "| round2/iter1"], printed
+    view = gold.gold_view(out)  # the same rows from the artifacts alone
     assert [r["iter"] for r in view] == ["round1/iter1", "round2/iter1"]
     chosen = json.loads((out / "round2" / "iter1" / "selection.json").read_text())["chosen"]
     new = [json.loads(x) for x in open(out / "round2" / "iter1" / "selection" / f"{chosen}.samples.jsonl")]

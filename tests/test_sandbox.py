@@ -158,6 +158,10 @@ def test_gold_metrics_on_hand_made_rows():
 # ---- the shift: a fixed r0 judges the drifting policy worse and worse (the paper's problem)
 
 SHIFT_SEEDS = (0, 1, 2)
+# the first sandbox's E-step (10 steps of 32 pairs at lr 3e-4, 16 new tokens, |D_MS| = 100): the shape
+# in which DPO against the exploit world's r0 finds its blind spot
+EXPLOIT_SHAPE = {"sampling.max_new_tokens": 16, "dpo.batch_size": 32, "dpo.micro_batch_size": 32,
+                 "dpo.lr": 3e-4, "em.d_ms_size": 100}
 
 
 def _fixed_rm_run(world, out: Path, seed: int) -> list[Path]:
@@ -168,7 +172,7 @@ def _fixed_rm_run(world, out: Path, seed: int) -> list[Path]:
     from mt import em
     from mt.data import read_prompts, write_jsonl
     prompts = read_prompts(world.prompts_path)
-    preset = C.PRESETS["sandbox"]
+    preset = {**C.PRESETS["sandbox"], **EXPLOIT_SHAPE}
     parts = em.partition([p["prompt_id"] for p in prompts], 2, C.EMConfig().rm_fraction, preset["em.d_ms_size"], seed)
     by_id = {p["prompt_id"]: p for p in prompts}
     policies = [world.policy_dir]
@@ -202,7 +206,7 @@ def test_fixed_rm_agrees_less_with_gold_after_two_iterations(tmp_path):
     base, drifted, golds = [], [], []
     for seed in SHIFT_SEEDS:
         torch.manual_seed(seed)
-        world = sandbox.build_world(seed)
+        world = sandbox.build_world(seed, world="exploit")
         (pi0, _, pi2), d_ms = _fixed_rm_run(world, tmp_path / f"seed{seed}", seed)
         tok = chat.load_tokenizer(world.policy_dir)
         rows = {name: sample(load_model(p).eval(), tok, d_ms, scfg, seed=seed, stream=f"shift/{name}", n=4)
@@ -223,3 +227,53 @@ def test_report_seed_ranges_and_paired_intervals_by_hand():
     assert r.paired([0.05]) == "+0.050 (1 seed)" and r.paired([]) == "-"
     with pytest.raises(C.ConfigError, match="--seeds 'a-b'"):
         r.parse_seeds("a-b")
+
+
+# ---- world v2 (general) and the exploit regime; the oracle calibration
+
+
+def test_general_r0_is_trained_on_the_mixture_and_exploit_r0_on_pi0_alone(tmp_path):
+    import json
+    general = sandbox.build_world(seed=5, cache_dir=tmp_path, **SMALL)
+    exploit = sandbox.build_world(seed=5, cache_dir=tmp_path, world="exploit", **SMALL)
+    assert general.root != exploit.root
+    by_source = general.info["rm_pairs_by_source"]
+    assert len(by_source) >= 6 and "pi0" in by_source  # π0 one source among many
+    assert set(exploit.info["rm_pairs_by_source"]) == {"pi0"}
+    pairs = [json.loads(x) for x in open(general.rm_pairs_path)]
+    assert all(gold_reward(p["prompt"], p["chosen"]) != gold_reward(p["prompt"], p["rejected"]) for p in pairs)
+    # both report r0's gold agreement on every generator's pairs and on π0's
+    for w in (general, exploit):
+        assert set(w.info["rm_agreement"]) == {"pi0", "mixture", *sandbox.GENERATORS}
+    # the exploit world keeps the first task: lists of 3-8 without separators
+    lens = {len(sandbox.parse_numbers(json.loads(x)["prompt"])) for x in open(exploit.prompts_path)}
+    assert min(lens) == 3 and not any(", " in p["chosen"] for p in
+                                      (json.loads(x) for x in open(exploit.rm_pairs_path)))
+
+
+def test_separators_between_numbers_are_style_elsewhere_junk():
+    assert gold_reward(P, "1 , 3 7 , 9") == gold_reward(P, "1 3 7 9") == 1.0
+    assert gold_reward(P, ", 1 3 7 9") == pytest.approx(4 / 5)  # leading: a junk token
+    assert gold_reward(P, "1 , , 3 7 9") == pytest.approx(4 / 6)  # doubled: both count
+    rng = random.Random(0)
+    forms = {sandbox.render([1, 3, 7, 9], rng, 0.5) for _ in range(200)}
+    assert len(forms) == 8 and all(gold_reward(P, f) == 1.0 for f in forms)  # 2^3 surface forms
+    for name in sandbox.GENERATORS:  # every generator answers in the task's vocabulary
+        y = sandbox.generate(name, [7, 3, 9, 1], random.Random(1), 0.5)
+        assert y and all(t in sandbox.WORDS or t.isdigit() for t in y.split())
+
+
+def test_oracle_calibration_is_reproducible_and_follows_its_rule(tmp_path):
+    from eval.sandbox_calibrate import CalibrateConfig, calibrate, choose_lr
+    assert choose_lr({1e-5: [0.9, 0.91, 0.92], 2e-5: [0.9, 0.95, 0.94], 5e-6: [0.9, 0.9, 0.95]}) == 1e-5
+    assert choose_lr({1e-4: [0.9, 0.8]}) is None
+    run = ["--em.d_ms_size", "8", "--dpo.save_every", "1"]
+    results = []
+    for name in ("a", "b"):
+        a = CalibrateConfig(seed=5, grid="1e-4,3e-3", n=2, out=str(tmp_path / name))
+        results.append(calibrate(a, world_overrides=SMALL, run_overrides=run))
+    assert results[0]["grid"] == results[1]["grid"] and results[0]["chosen_lr"] == results[1]["chosen_lr"]
+    golds = {float(lr): [p["gold"] for p in pts] for lr, pts in results[0]["grid"].items()}
+    assert len(golds[1e-4]) >= 3 and results[0]["chosen_lr"] == choose_lr(golds)
+    assert results[0]["rises_at_every_checkpoint"] == {f"{lr:g}": choose_lr({lr: g}) == lr
+                                                       for lr, g in golds.items()}
