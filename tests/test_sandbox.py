@@ -247,8 +247,8 @@ def test_general_r0_is_trained_on_the_mixture_and_exploit_r0_on_pi0_alone(tmp_pa
         assert set(w.info["rm_agreement"]) == {"pi0", "mixture", *sandbox.GENERATORS}
     # the exploit world keeps the first task: lists of 3-8 without separators
     lens = {len(sandbox.parse_numbers(json.loads(x)["prompt"])) for x in open(exploit.prompts_path)}
-    assert min(lens) == 3 and not any(", " in p["chosen"] for p in
-                                      (json.loads(x) for x in open(exploit.rm_pairs_path)))
+    assert min(lens) == 3 and exploit.config.separators == 0.0
+    assert sandbox.render([1, 3, 7, 9], random.Random(0), 0.0) == "1 3 7 9"  # demonstrations without them
 
 
 def test_separators_between_numbers_are_style_elsewhere_junk():
@@ -270,10 +270,12 @@ def test_oracle_calibration_is_reproducible_and_follows_its_rule(tmp_path):
     run = ["--em.d_ms_size", "8", "--dpo.save_every", "1"]
     results = []
     for name in ("a", "b"):
-        a = CalibrateConfig(seed=5, grid="1e-4,3e-3", n=2, out=str(tmp_path / name))
+        a = CalibrateConfig(seed=5, grid="1e-4,3e-3", n=2, every=1, out=str(tmp_path / name))
         results.append(calibrate(a, world_overrides=SMALL, run_overrides=run))
     assert results[0]["grid"] == results[1]["grid"] and results[0]["chosen_lr"] == results[1]["chosen_lr"]
-    golds = {float(lr): [p["gold"] for p in pts] for lr, pts in results[0]["grid"].items()}
-    assert len(golds[1e-4]) >= 3 and results[0]["chosen_lr"] == choose_lr(golds)
+    # the rule tests π0 and every checkpoint `every` steps apart, not the final one
+    golds = {float(lr): [p["gold"] for p in pts if p["checkpoint"] != "final"]
+             for lr, pts in results[0]["grid"].items()}
+    assert len(golds[1e-4]) >= 2 and results[0]["chosen_lr"] == choose_lr(golds)
     assert results[0]["rises_at_every_checkpoint"] == {f"{lr:g}": choose_lr({lr: g}) == lr
                                                        for lr, g in golds.items()}
