@@ -124,8 +124,8 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 def interval(diffs: list[float]) -> tuple[float, float, int]:
-    """(mean, 95% t half-width, n) of the non-NaN values."""
-    xs = [d for d in diffs if not math.isnan(d)]
+    """(mean, 95% t half-width, n) of the defined values (None and NaN: undefined, left out)."""
+    xs = [d for d in diffs if d is not None and not math.isnan(d)]
     if len(xs) < 2:
         return (xs[0] if xs else math.nan), math.nan, len(xs)
     n = len(xs)
@@ -141,6 +141,11 @@ def paired(diffs: list[float]) -> str:
     if n == 1:
         return f"{m:+.3f} (1 seed)"
     return f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]"
+
+
+def _sub(a, b) -> float:
+    """a − b, undefined (NaN) where either is (an accuracy over no pairs is None in gold.json)."""
+    return math.nan if a is None or b is None else a - b
 
 
 def _mean(xs) -> str:
@@ -192,7 +197,7 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
     def vs_mt(v, fn):
         if v == MT or mt is None:
             return "—"
-        return paired([fn(recs[v][s]) - fn(mt[s]) for s in seeds])
+        return paired([_sub(fn(recs[v][s]), fn(mt[s])) for s in seeds])
     cmd = (f"python eval/sandbox_report.py --world {world} --seeds {','.join(map(str, seeds))} "
            f"--out {out}")
     lines = [f"World `{world}`, {len(seeds)} seeds ({','.join(map(str, seeds))}); `{cmd}`; "
@@ -220,8 +225,8 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
             continue
         lines.append(f"| {v} | {vs_mt(v, lambda x: gold_after(x, 1))} | "
                      f"{vs_mt(v, lambda x: gold_after(x, 2))} | "
-                     + (paired([gold_after(recs[v][s], 3) - gold_after(mt[s], 2) for s in seeds])
-                        if mt else "—") + " |")
+                     + (paired([_sub(gold_after(recs[v][s], 3), gold_after(mt[s], 2))
+                                for s in seeds]) if mt else "—") + " |")
     lines += ["", "### The mechanism (Fig. 3): the RMs' gold agreement on pairs of π_t's samples",
               "", "Within-prompt pairs of π_t's 4 samples per D_MS prompt that gold orders; "
               "agreement = share the RM orders as gold does. r_t − r_{t-1} > 0 is the paper's "
@@ -240,9 +245,9 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
                 f"| {v} | {t} | {len(its)} | {_mean([i['agree']['r0'] for i in its])} | "
                 f"{_mean([i['agree']['r_prev'] for i in its])} | "
                 f"{_mean([i['agree']['r_t'] for i in its])} | "
-                f"{paired([i['agree']['r_t'] - i['agree']['r_prev'] for i in its])} | "
-                f"{paired([i['agree_prev']['r_t'] - i['agree_prev']['r_prev'] for i in its])} | "
-                f"{paired([i['best_of_n']['r_t'] - i['best_of_n']['r0'] for i in its])} | "
+                f"{paired([_sub(i['agree']['r_t'], i['agree']['r_prev']) for i in its])} | "
+                f"{paired([_sub(i['agree_prev']['r_t'], i['agree_prev']['r_prev']) for i in its])}"
+                f" | {paired([_sub(i['best_of_n']['r_t'], i['best_of_n']['r0']) for i in its])} | "
                 + (f"{_mean([p['acc_before'] for p in ps])} → {_mean([p['acc_after'] for p in ps])}"
                    f" | {_mean([p['auc'] for p in ps])}" if ps else "- | -")
                 + f" | {_mean([i['st_acc'] for i in its])} | {_mean([i['ties'] for i in its])} |")
@@ -325,7 +330,7 @@ def figures(recs: dict, seeds: list[int], variants: list[str], out: Path, world:
         ax = fig.subplots(1, 1)
         others = [v for v in variants if v != MT]
         for i, v in enumerate(others):
-            m, h, _ = interval([recs[v][s]["final_gold"] - recs[MT][s]["final_gold"]
+            m, h, _ = interval([_sub(recs[v][s]["final_gold"], recs[MT][s]["final_gold"])
                                 for s in seeds])
             ax.errorbar(m, i, xerr=0 if math.isnan(h) else h, fmt="o", color="black", capsize=3)
         ax.axvline(0, color="tab:red", lw=1)

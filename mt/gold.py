@@ -150,10 +150,21 @@ def curve(out_path: Path, selection_path: Path, candidates: Path, pi_prev: Path)
                        "r_prev": _mean_score(d / f"{k}.scores.jsonl"),
                        "drift": drift(candidates / k, pi_prev, rows),
                        "win_rate": rate["win_rate"], "ties": rate["ties"] / rate["n"]})
-    out = {"curve": points, "chosen": sel.get("chosen")}
+    out = _json_safe({"curve": points, "chosen": sel.get("chosen")})
     if dist.get().is_main:
         write_json(out_path, out)
     return out
+
+
+def _json_safe(x):
+    """NaN (an accuracy over no pairs) -> None: JSON has no NaN, and None reads as "undefined"."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 def _mean_score(path: Path) -> float:
@@ -197,6 +208,7 @@ def diagnose(out_path: Path, pi_t: Path, pi_prev: Path, r0: Path, r_prev: Path, 
     out["st_pairs_gold_acc"] = pair_gold_accuracy(read_pairs(it / "pairs.jsonl"))["accuracy"]
     if (it / "pseudo_pairs.jsonl").is_file():
         out["pseudo"] = pseudo_report(read_pseudo_pairs(it / "pseudo_pairs.jsonl"))
+    out = _json_safe(out)
     if dist.get().is_main:
         write_json(out_path, out)
     return out

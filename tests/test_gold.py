@@ -109,3 +109,12 @@ def test_a_tiny_run_gold_json_matches_a_recomputation(tmp_path):
     curve = json.loads((it / "gold_curve.json").read_text())["curve"]
     assert [p["checkpoint"] for p in curve][0] == "start" and curve[0]["drift"] == 0.0
     assert len(curve) == 1 + len(json.loads((it / "selection.json").read_text())["candidates"])
+
+
+def test_undefined_accuracies_are_written_as_null():
+    """An accuracy over no pairs is NaN, which JSON cannot hold: gold.json writes null (a run once
+    crashed here, after its M-step, on a filter reason whose dropped pairs were all gold ties)."""
+    assert gold._json_safe({"a": [math.nan, 1.0], "b": {"c": math.nan}, "d": "x"}) == {
+        "a": [None, 1.0], "b": {"c": None}, "d": "x"}
+    from eval.sandbox_report import _sub, interval
+    assert math.isnan(_sub(None, 1.0)) and interval([0.1, None, math.nan, 0.3])[2] == 2
