@@ -27,7 +27,6 @@ versions (torch, transformers, trl, accelerate, datasets) and the settings as JS
 """
 from __future__ import annotations
 
-import importlib
 import json
 import statistics
 import sys
@@ -74,12 +73,11 @@ class BenchTRLArgs:
 def require_trl():
     """trl and datasets (its dependency), or one UserError saying how to install them."""
     try:
-        # importlib, not an import statement: trl is optional and not one of tests/test_layout.py's
-        # LAZY_OK packages, so only this benchmark ever loads it, and only when it runs
-        trl = importlib.import_module("trl")
-        datasets = importlib.import_module("datasets")
+        # optional: only this benchmark loads trl, and only when it runs (not a dependency)
+        import datasets
+        import trl
         # trl's top module is lazy: loading the trainer is what fails when a dependency is missing
-        importlib.import_module("trl.trainer.dpo_trainer")
+        import trl.trainer.dpo_trainer  # noqa: F401
     except ImportError as e:
         raise UserError(f"eval/bench_trl.py: TRL is not importable here ({e}); it is "
                         "optional, not in requirements.txt. Fix: pip install trl") from e
@@ -188,7 +186,7 @@ def run_trl(trl, datasets, a: BenchTRLArgs, hf_dir: Path, rows: dict, tmp: Path)
 
 
 def versions(trl, datasets) -> dict:
-    accelerate = importlib.import_module("accelerate")  # trl's dependency, present with it
+    import accelerate  # optional: trl's dependency, present with it
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl.__version__,
             "accelerate": accelerate.__version__, "datasets": datasets.__version__}

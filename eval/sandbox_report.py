@@ -8,7 +8,8 @@ paired by seed, with the mechanism measured by the gold reward.
     # the exploit world (r0 trained on π0's samples only)
     python eval/sandbox_report.py --world exploit --seeds 0-14 --jobs 2 --out runs/report-exploit
 
-Writes OUT/report.md, OUT/report.json and OUT/figures/*.png (matplotlib, optional): the
+Writes OUT/NAME.md, OUT/NAME.json and OUT/NAME-figures/*.png (--name, default report;
+matplotlib optional): the
 over-optimisation curves (gold against cumulative DPO steps, every checkpoint), the RMs' gold
 agreement per iteration, and the paired differences from Mutual-Taught with their intervals.
 
@@ -63,6 +64,8 @@ class ReportConfig:
     variants: str = ",".join(VARIANTS)  # comma-separated, of VARIANTS
     world: str = opt("general", choices=("general", "exploit"))  # the sandbox world (regime)
     out: str = "runs/sandbox_report"  # where the comparison's runs and report go
+    # OUT/NAME.md, OUT/NAME.json, OUT/NAME-figures/: several reports can share one set of runs
+    name: str = "report"
     jobs: int = opt(1, above=0)  # runs at once, each its own process (one thread each)
     plot: bool = False  # also write each run's figures (eval/plot_run.py) to RUN/plots/*.png
 
@@ -189,9 +192,10 @@ def run_all(seeds: list[int], variants: list[str], out: Path, jobs: int, world: 
 # ---- the report
 
 
-def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s: float) -> str:
+def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s: float,
+           name: str = "report") -> str:
     recs = {v: {s: run_record(out / f"{v}-seed{s}") for s in seeds} for v in variants}
-    (out / "report.json").write_text(json.dumps(recs, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(recs, indent=1))
     mt = recs.get(MT)
 
     def vs_mt(v, fn):
@@ -199,9 +203,10 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
             return "—"
         return paired([_sub(fn(recs[v][s]), fn(mt[s])) for s in seeds])
     cmd = (f"python eval/sandbox_report.py --world {world} --seeds {','.join(map(str, seeds))} "
-           f"--out {out}")
+           f"--variants {','.join(variants)} --out {out} --name {name}")
     lines = [f"World `{world}`, {len(seeds)} seeds ({','.join(map(str, seeds))}); `{cmd}`; "
-             f"{wall_s / 60:.0f} min of runs on this machine.", "",
+             f"{wall_s / 60:.0f} min wall for this command's runs on this machine (runs found "
+             "finished are not redone).", "",
              "Differences are paired (variant − Mutual-Taught on the same seed), mean and 95% "
              "t-interval over seeds. Gold is measured on D_MS (400 prompts, 4 samples each) for "
              "the policy each run ends with (a τ stop keeps π_{t-1}).", "",
@@ -269,8 +274,8 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
                 {c: sum(i["chosen"] == c for i in its) for c in {i["chosen"] for i in its}}.items()))
             lines.append(f"| {v} | {t} | " + " | ".join(cells) + f" | {drift} | {chosen} |")
     table = "\n".join(lines)
-    (out / "report.md").write_text(table + "\n")
-    figures(recs, seeds, variants, out / "figures", world)
+    (out / f"{name}.md").write_text(table + "\n")
+    figures(recs, seeds, variants, out / f"{name}-figures", world)
     return table
 
 
@@ -356,7 +361,7 @@ def main(argv=None):
     out = Path(a.out)
     t0 = time.perf_counter()
     run_all(seeds, variants, out, a.jobs, a.world)
-    print(report(seeds, variants, out, a.world, time.perf_counter() - t0))
+    print(report(seeds, variants, out, a.world, time.perf_counter() - t0, a.name))
     for v in variants if a.plot else []:
         for s in seeds:
             for p in plot_run.plot_run(out / f"{v}-seed{s}"):
