@@ -246,6 +246,13 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
             if not its:
                 continue
             ps = [i["pseudo"] for i in its if i["pseudo"]]
+            if not ps:  # no M-step: r_t is r_{t-1}, and its differences are 0 by construction
+                lines.append(
+                    f"| {v} | {t} | {len(its)} | {_mean([i['agree']['r0'] for i in its])} | "
+                    f"{_mean([i['agree']['r_prev'] for i in its])} | (no M-step) | - | - | - | "
+                    f"- | - | {_mean([i['st_acc'] for i in its])} | "
+                    f"{_mean([i['ties'] for i in its])} |")
+                continue
             lines.append(
                 f"| {v} | {t} | {len(its)} | {_mean([i['agree']['r0'] for i in its])} | "
                 f"{_mean([i['agree']['r_prev'] for i in its])} | "
@@ -258,7 +265,7 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
                 + f" | {_mean([i['st_acc'] for i in its])} | {_mean([i['ties'] for i in its])} |")
     lines += ["", "### Over-optimisation: gold at every checkpoint (mean over seeds)", "",
               "| variant | iter | " + " | ".join(["start", "ckpt-50", "ckpt-100", "ckpt-150",
-                                                   "final"]) + " | drift at final | chosen |",
+                                                   "final (step)"]) + " | drift at final | chosen |",
               "|" + "---|" * 9]
     for v in variants:
         for t in (1, 2, 3):
@@ -269,6 +276,7 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
             for k in ("start", "ckpt-50", "ckpt-100", "ckpt-150", "final"):
                 cells.append(_mean([p["gold"] for i in its for p in i["curve"]
                                     if p["checkpoint"] == k]))
+            cells[-1] += f" ({_mean([i['curve'][-1]['step'] for i in its if i['curve']])[:-4]})"
             drift = _mean([i["curve"][-1]["drift"] for i in its if i["curve"]])
             chosen = ", ".join(f"{k} {n}" for k, n in sorted(
                 {c: sum(i["chosen"] == c for i in its) for c in {i["chosen"] for i in its}}.items()))
