@@ -193,12 +193,14 @@ def test_fixed_rm_agrees_less_with_gold_after_two_iterations(tmp_path):
     """Averaged over seeds, r0 orders pairs of π2's samples (π2: 2 iterations of DPO against the fixed r0)
     as gold does less often than pairs of π0's own samples -- by a gap far beyond sampling noise.
 
-    Measured (seeds 0, 1, 2; 4 samples on each of the 100 D_MS prompts; agreement over the pairs gold orders):
-      r0 agreement on π0 pairs  0.962 0.941 0.948   mean 0.950
-      r0 agreement on π2 pairs  0.446 0.529 0.425   mean 0.467
-      policy gold π0 -> π2      0.905 -> 0.582, 0.900 -> 0.794, 0.907 -> 0.901
+    The exploit world (r0 trained on π0's samples only), in the first sandbox's E-step shape (EXPLOIT_SHAPE;
+    39 steps per iteration on its 1,300-prompt partitions). Measured (seeds 0, 1, 2; 4 samples on each of
+    the 100 D_MS prompts; agreement over the pairs gold orders):
+      r0 agreement on π0 pairs  0.959 0.946 0.953   mean 0.953
+      r0 agreement on π2 pairs  0.699 0.626 0.590   mean 0.638
+      policy gold π0 -> π2      0.915 -> 0.339, 0.908 -> 0.285, 0.901 -> 0.297
     π2 pads its answers with repeats, which r0 (trained where longer meant more complete) overrates.
-    Runtime: ≈2 min with a cold cache (builds 3 worlds, ≈35 s each on 2 cores), ≈10 s warm.
+    Runtime: 11 min here with a cold cache and two other jobs on the 2 cores (3 world builds), ≈1 min warm.
     """
     from mt.checkpoint import load_model
     from mt.sampler import SamplingConfig, sample
