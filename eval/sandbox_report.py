@@ -235,14 +235,17 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
     lines += ["", "### The mechanism (Fig. 3): the RMs' gold agreement on pairs of π_t's samples",
               "", "Within-prompt pairs of π_t's 4 samples per D_MS prompt that gold orders; "
               "agreement = share the RM orders as gold does. r_t − r_{t-1} > 0 is the paper's "
-              "claim: the M-step makes the RM more accurate on the new policy's distribution.", "",
+              "claim: the M-step makes the RM more accurate on the new policy's distribution. "
+              "Only iterations that passed τ (and so ran their M-step) are counted; `seeds` says "
+              "how many.", "",
               "| variant | iter | seeds | r0 | r_{t-1} | r_t | r_t − r_{t-1} [95% CI] | "
               "on π_{t-1}'s pairs: r_t − r_{t-1} | best-of-n gold: by r_t − by r0 | "
               "pseudo gold acc before → after | Δr AUC | ST pairs gold acc | D_MS ties |",
               "|" + "---|" * 13]
     for v in variants:
         for t in (1, 2, 3):
-            its = [x["iters"][t - 1] for x in recs[v].values() if len(x["iters"]) >= t]
+            its = [x["iters"][t - 1] for x in recs[v].values()
+                   if len(x["iters"]) >= t and x["iters"][t - 1]["chosen"] != "stop"]
             if not its:
                 continue
             ps = [i["pseudo"] for i in its if i["pseudo"]]
@@ -264,9 +267,9 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
                    f" | {_mean([p['auc'] for p in ps])}" if ps else "- | -")
                 + f" | {_mean([i['st_acc'] for i in its])} | {_mean([i['ties'] for i in its])} |")
     lines += ["", "### Over-optimisation: gold at every checkpoint (mean over seeds)", "",
-              "| variant | iter | " + " | ".join(["start", "ckpt-50", "ckpt-100", "ckpt-150",
-                                                   "final (step)"]) + " | drift at final | chosen |",
-              "|" + "---|" * 9]
+              "| variant | iter | seeds | " + " | ".join(["start", "ckpt-50", "ckpt-100", "ckpt-150",
+                                                           "final (step)"])
+              + " | drift at final | chosen |", "|" + "---|" * 10]
     for v in variants:
         for t in (1, 2, 3):
             its = [x["iters"][t - 1] for x in recs[v].values() if len(x["iters"]) >= t]
@@ -280,7 +283,8 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
             drift = _mean([i["curve"][-1]["drift"] for i in its if i["curve"]])
             chosen = ", ".join(f"{k} {n}" for k, n in sorted(
                 {c: sum(i["chosen"] == c for i in its) for c in {i["chosen"] for i in its}}.items()))
-            lines.append(f"| {v} | {t} | " + " | ".join(cells) + f" | {drift} | {chosen} |")
+            lines.append(f"| {v} | {t} | {len(its)} | " + " | ".join(cells)
+                         + f" | {drift} | {chosen} |")
     table = "\n".join(lines)
     (out / f"{name}.md").write_text(table + "\n")
     figures(recs, seeds, variants, out / f"{name}-figures", world)
@@ -315,15 +319,14 @@ def figures(recs: dict, seeds: list[int], variants: list[str], out: Path, world:
     fig.savefig(out / "curves.png", dpi=110, bbox_inches="tight")
 
     # the mechanism: r0, r_{t-1}, r_t agreement on π_t's pairs, per variant with an M-step
-    withm = [v for v in variants if any(len(r["iters"]) and r["iters"][0]["agree"]["r_t"]
-                                        != r["iters"][0]["agree"]["r_prev"]
-                                        for r in recs[v].values())]
+    withm = [v for v in variants if any(i["pseudo"] for r in recs[v].values() for i in r["iters"])]
     fig = plot_run._figure(figsize=(11, 4.2))
     ax = fig.subplots(1, 1)
     width = 0.8 / 3
     labels = []
     for i, (v, t) in enumerate((v, t) for v in withm for t in (1, 2)):
-        its = [r["iters"][t - 1] for r in recs[v].values() if len(r["iters"]) >= t]
+        its = [r["iters"][t - 1] for r in recs[v].values()
+               if len(r["iters"]) >= t and r["iters"][t - 1]["pseudo"]]
         labels.append(f"{v}\nt={t} ({len(its)})")
         for k, (rm, color) in enumerate((("r0", "tab:gray"), ("r_prev", "tab:blue"),
                                          ("r_t", "tab:orange"))):
