@@ -83,8 +83,8 @@ class TrainConfig:
     grad_clip: float = opt(1.0, min=0)
     # optimizer steps; these checkpoints are model selection's candidates
     save_every: int = opt(50, min=0)
-    # auto = bf16 on GPU (fp32 master), fp32 on CPU
-    dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))
+    # auto = bf16 on GPU (fp32 master), fp32 on CPU; fp64 for the exactness tests
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16", "fp64"))
     # recompute each block's activations in the backward (results unchanged); the paper presets
     # turn it on, as every 8B DPO / RM recipe does
     activation_checkpointing: bool = opt(False, scheduling=True)

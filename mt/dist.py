@@ -174,7 +174,11 @@ def run(main: Callable[[], object]) -> None:
 # ---- the device policy of training: dtypes, FSDP2, activation checkpointing
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float64": torch.float64, "fp64": torch.float64}
+# master weights: fp32, or fp64 when asked (the exactness tests compare two summation orders, which
+# only float64 makes equal to a tolerance that holds on every CPU)
+FULL = (torch.float32, torch.float64)
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
@@ -204,7 +208,7 @@ def uses_fsdp(cfg, device: torch.device, fsdp: bool | None = None) -> bool:
     if fsdp is not None:
         return fsdp
     return (get().world_size > 1 or device.type == "cuda"
-            or resolve_dtype(cfg.dtype, device) != torch.float32)
+            or resolve_dtype(cfg.dtype, device) not in FULL)
 
 
 def prepare_model(model, cfg, device=None, fsdp: bool | None = None):
@@ -219,7 +223,7 @@ def prepare_model(model, cfg, device=None, fsdp: bool | None = None):
     device = torch.device(device or get().device)
     dtype = resolve_dtype(cfg.dtype, device)
     fsdp = uses_fsdp(cfg, device, fsdp)
-    if dtype != torch.float32 and not fsdp:
+    if dtype not in FULL and not fsdp:
         raise ValueError(f"dtype {dtype} needs FSDP's mixed precision (fsdp=True)")
     if get().world_size > 1 and not fsdp:
         raise ValueError(f"world size {get().world_size} needs FSDP (fsdp=True): nothing else "
@@ -228,7 +232,8 @@ def prepare_model(model, cfg, device=None, fsdp: bool | None = None):
     if on_meta and not fsdp:
         raise ValueError("a model on the meta device has no weights: load it with load_model (or "
                          "use FSDP)")
-    model.float()  # master weights stay fp32; FSDP casts a bf16 copy for compute
+    # master weights stay fp32 (fp64 if asked); FSDP casts a bf16 copy for compute
+    model.to(torch.float64 if dtype == torch.float64 else torch.float32)
     if cfg.activation_checkpointing:
         for block in model.model.layers:
             # overriding forward (not wrapping the module) keeps Hugging Face parameter names
@@ -242,7 +247,7 @@ def prepare_model(model, cfg, device=None, fsdp: bool | None = None):
         mesh = init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device.type, (world,))
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.promote_types(dtype, torch.float32))
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     # embeddings, final norm, head; moves shards to the device

@@ -331,7 +331,8 @@ def _bradley_terry_step(model, batch, cfg):
     No vocabulary projection here: the score head is (C, 1), its (2b, T) output is small, so the
     fused head of response_logps has nothing to save in the RM step."""
     r = model.rewards(batch.ids, attention_mask=batch.attention_mask,
-                      lengths=batch.lengths).float()  # (2b,)
+                      lengths=batch.lengths)  # (2b,)
+    r = r.to(torch.promote_types(r.dtype, torch.float32))  # fp32 (fp64 for fp64 weights)
     b = batch.ids.shape[0] // 2
     return bradley_terry_loss(r[:b], r[b:], cfg.margin)
 

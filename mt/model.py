@@ -178,7 +178,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32 then cast back before the weight, as the reference implementation does
-        h = x.float()
+        h = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32, or fp64 for fp64 weights
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 

@@ -128,7 +128,8 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
             if idx:
                 local_losses.append(loss_vec.detach().sum())
             for k, v in {"loss": loss_vec.detach(), **metrics}.items():
-                sums[k] = sums.get(k, 0) + v.float().sum() * real
+                v = v.to(torch.promote_types(v.dtype, torch.float32))  # fp64 stays fp64
+                sums[k] = sums.get(k, 0) + v.sum() * real
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):
@@ -136,8 +137,8 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
         # the same on every rank: empty micro-batches report zero-weighted metrics
         names = sorted(sums)
         local = torch.stack([sums[k] for k in names])
-        bad = (~torch.isfinite(local).all() | ~torch.isfinite(grad_norm)).float()
-        stats = dist.all_reduce_sum(torch.cat([local, bad[None], grad_norm[None].float()]))
+        bad = (~torch.isfinite(local).all() | ~torch.isfinite(grad_norm)).to(local.dtype)
+        stats = dist.all_reduce_sum(torch.cat([local, bad[None], grad_norm[None].to(local.dtype)]))
         # the one host sync per optimizer step: the non-finite check must happen before the update
         vals = stats.tolist()
         if vals[len(names)] > 0:

@@ -32,14 +32,23 @@ VOCAB = 64
 # ---- helpers
 
 
-def tiny_model(head: str = "lm", seed: int = 0, tie: bool = False) -> Transformer:
+# Tests that claim two computations are the same (micro-batch x accumulation, world sizes, FSDP or
+# not, fused or full head) train in float64 (--dpo.dtype fp64): two float32 summation orders differ
+# by ~1e-7 relative, and Adam can turn that into a gap one CPU's kernels stay under and another's
+# do not. In float64 the gap is ~1e-15, so a tolerance of 1e-10 holds on every machine.
+F64 = dict(dtype="fp64")
+EXACT = 1e-10
+
+
+def tiny_model(head: str = "lm", seed: int = 0, tie: bool = False,
+               dtype: torch.dtype = torch.float32) -> Transformer:
     """A 2-layer Llama of hidden 32 with weights large enough that losses move (not the 0.02 init)."""
     d = dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, max_position_embeddings=128)
     torch.manual_seed(seed)
     m = Transformer(ModelConfig.from_hf(d, head=head))
     m.init_weights(std=0.2)
-    return m
+    return m.to(dtype)
 
 
 def random_examples(n: int, seed: int = 0, sft: bool = False) -> list[T.Example]:
@@ -73,7 +82,8 @@ DPO = dict(lr=1e-3, beta=0.5, warmup_ratio=0.1, save_every=0, seed=3)
 
 def run(objective, examples, out_dir, seed=0, **cfg):
     cls = {"dpo": DPOConfig, "rm": RMConfig, "sft": TrainConfig}[objective]
-    model = tiny_model("score" if objective == "rm" else "lm", seed)
+    dtype = torch.float64 if cfg.get("dtype") == "fp64" else torch.float32
+    model = tiny_model("score" if objective == "rm" else "lm", seed, dtype=dtype)
     refs = train_policy.reference_logps(model, examples, 4, progress=False) if objective == "dpo" else None
     res = T.train(model, examples, OBJ[objective], cls(**cfg), out_dir, ref_logps=refs, progress=False)
     return model, res
@@ -116,21 +126,23 @@ def test_data_order_independent_of_world_size(n, batch, micro):
 
 @pytest.mark.parametrize("objective", ["dpo", "rm", "sft"])
 def test_micro8_accum1_equals_micro1_accum8(tmp_path, objective):
-    """fp32 CPU, 10 steps: per-step losses within 1e-6, parameters within 1e-5 (DESIGN.md §4).
+    """float64, 10 steps: per-step losses and parameters equal within 1e-10 (DESIGN.md §4).
 
-    lr 1e-3: Adam turns a near-zero gradient g (~1e-9, summed in another order) into a step of
-    lr·g/(|g|+eps), so the parameter gap from summation order grows with lr (7e-6 at 2e-3 here).
+    Why float64: Adam turns a near-zero gradient g summed in another order into a step of
+    lr·g/(|g|+eps); in float32 that gap was 1.01e-6 on one CPU and under 1e-6 on another.
     """
     ex = random_examples(40, seed=1, sft=objective == "sft")
-    cfg = dict(DPO, epochs=2, batch_size=8) if objective == "dpo" else dict(lr=1e-3, epochs=2, batch_size=8, seed=3)
+    cfg = dict(DPO, epochs=2, batch_size=8, **F64) if objective == "dpo" else \
+        dict(lr=1e-3, epochs=2, batch_size=8, seed=3, **F64)
     m8, r8 = run(objective, ex, tmp_path / "m8", micro_batch_size=8, **cfg)
     m1, r1 = run(objective, ex, tmp_path / "m1", micro_batch_size=1, **cfg)
     assert r8.steps == r1.steps == 10
     l8, l1 = [r["loss"] for r in metrics(tmp_path / "m8")], [r["loss"] for r in metrics(tmp_path / "m1")]
-    assert max(abs(a - b) for a, b in zip(l8, l1)) <= 1e-6
+    assert max(abs(a - b) for a, b in zip(l8, l1)) <= EXACT
     assert l8[-1] < l8[0] - 0.05  # it did train (otherwise equality proves little)
     p8, p1 = params(m8), params(m1)
-    assert max((p8[k] - p1[k]).abs().max().item() for k in p8) <= 1e-5
+    assert {v.dtype for v in p8.values()} == {torch.float64}
+    assert max((p8[k] - p1[k]).abs().max().item() for k in p8) <= EXACT
     assert max((p8[k] - params(tiny_model(m8.cfg.head))[k]).abs().max().item() for k in p8) > 1e-2
 
 
@@ -154,29 +166,29 @@ def test_padding_and_prompt_tokens_contribute_nothing(objective):
     """Pad id and padding side change neither loss nor gradients; the loss equals an unpadded per-example loop."""
     torch.manual_seed(0)
     ex = random_examples(5, seed=2, sft=objective == "sft")
-    model = tiny_model("score" if objective == "rm" else "lm")
+    model = tiny_model("score" if objective == "rm" else "lm", dtype=torch.float64)  # see F64
     cfg = {"dpo": DPOConfig(beta=0.5), "rm": RMConfig(), "sft": TrainConfig()}[objective]
     refs = {e.key: (-3.0 - i, -4.0 + i) for i, e in enumerate(ex)} if objective == "dpo" else None
     ref_loss, ref_grads = _loss_and_grads(model, objective, ex, cfg, "right", 0, refs)
     for side, pad in [("right", VOCAB - 1), ("left", 0), ("left", 17)]:
         loss, grads = _loss_and_grads(model, objective, ex, cfg, side, pad, refs)
-        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loss, ref_loss, atol=EXACT, rtol=0)
         for k in ref_grads:
-            torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5, rtol=1e-4, msg=k)
+            torch.testing.assert_close(grads[k], ref_grads[k], atol=EXACT, rtol=0, msg=k)
     # a naive loop: each sequence alone, no padding, response tokens only
     if objective == "dpo":
         for e, lv in zip(ex, ref_loss):
             h = (_naive_logps(model, e.chosen, e.chosen_start) - refs[e.key][0]) - \
                 (_naive_logps(model, e.rejected, e.rejected_start) - refs[e.key][1])
-            assert lv.item() == pytest.approx(-F.logsigmoid(torch.tensor(0.5 * h)).item(), abs=1e-5)
+            assert lv.item() == pytest.approx(-F.logsigmoid(torch.tensor(0.5 * h, dtype=torch.float64)).item(), abs=EXACT)
     elif objective == "sft":
         for e, lv in zip(ex, ref_loss):
-            assert lv.item() == pytest.approx(-_naive_logps(model, e.chosen, e.chosen_start), abs=1e-4)
+            assert lv.item() == pytest.approx(-_naive_logps(model, e.chosen, e.chosen_start), abs=EXACT)
     else:
         with torch.no_grad():
             for e, lv in zip(ex, ref_loss):
                 rc, rr = (model(torch.tensor([s]))[0, -1].item() for s in (e.chosen, e.rejected))
-                assert lv.item() == pytest.approx(-F.logsigmoid(torch.tensor(rc - rr)).item(), abs=1e-5)
+                assert lv.item() == pytest.approx(-F.logsigmoid(torch.tensor(rc - rr, dtype=torch.float64)).item(), abs=EXACT)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -403,30 +415,35 @@ def test_config_errors_name_the_fix(tmp_path):
 # ---- the GPU code path (FSDP2 in one process, bf16 mixed precision), exercised on CPU with gloo
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp64", "fp32", "bf16"])
 def test_fsdp_single_process_and_bf16_mixed_precision(tmp_path, dtype):
-    """fsdp=True with one process is what plain `python train_policy.py` does on one GPU: fp32 equals the
-    unsharded run; bf16 keeps fp32 master weights, computes in bf16, and saves bf16 checkpoints."""
+    """fsdp=True with one process is what plain `python train_policy.py` does on one GPU: it equals the
+    unsharded run (in fp64, see F64); fp32 and bf16 keep fp32 master weights, bf16 computes in bf16 and
+    saves bf16 checkpoints."""
     import torch.distributed as tdist
     ex = random_examples(12, seed=8)
+    master = torch.float64 if dtype == "fp64" else torch.float32
     cfg = DPOConfig(lr=1e-3, beta=0.5, batch_size=4, micro_batch_size=2, dtype=dtype)
-    plain = tiny_model()
+    plain = tiny_model(dtype=master)
     refs = train_policy.reference_logps(plain, ex, 4, progress=False)
-    T.train(plain, ex, OBJ["dpo"], DPOConfig(**{**cfg.__dict__, "dtype": "fp32"}), tmp_path / "plain", ref_logps=refs,
-            progress=False)
+    plain_dtype = "fp64" if dtype == "fp64" else "fp32"
+    T.train(plain, ex, OBJ["dpo"], DPOConfig(**{**cfg.__dict__, "dtype": plain_dtype}), tmp_path / "plain",
+            ref_logps=refs, progress=False)
     try:
-        sharded = tiny_model()
+        sharded = tiny_model(dtype=master)
         res = T.train(sharded, ex, OBJ["dpo"], cfg, tmp_path / "fsdp", ref_logps=refs, fsdp=True, progress=False)
-        assert dist.is_sharded(sharded) and all(p.dtype == torch.float32 for p in sharded.parameters())
+        assert dist.is_sharded(sharded) and all(p.dtype == master for p in sharded.parameters())
     finally:
         tdist.destroy_process_group()
     a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "fsdp")
-    tol = 1e-6 if dtype == "fp32" else 3e-2
+    # fp64: the same computation (EXACT); fp32: float32 is what is under test here (its master weights and
+    # checkpoints), so a float32 tolerance well above its summation-order noise; bf16: bf16 compute
+    tol = {"fp64": EXACT, "fp32": 1e-4, "bf16": 3e-2}[dtype]
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= tol
     if dtype == "bf16":  # the policy really computed in bf16 (its step-1 log-probs differ from the fp32 refs)
         assert b[0]["loss"] != a[0]["loss"]
     saved = load_state_dict(res.final)
-    assert {v.dtype for v in saved.values()} == {torch.float32 if dtype == "fp32" else torch.bfloat16}
+    assert {v.dtype for v in saved.values()} == {{"bf16": torch.bfloat16}.get(dtype, master)}
 
 
 def test_fsdp_fused_head_with_tied_embeddings(tmp_path):
@@ -435,13 +452,13 @@ def test_fsdp_fused_head_with_tied_embeddings(tmp_path):
     logits path equals both."""
     import torch.distributed as tdist
     ex = random_examples(8, seed=10)
-    cfg = DPOConfig(lr=1e-2, beta=0.5, batch_size=4, micro_batch_size=2)
-    refs = train_policy.reference_logps(tiny_model(tie=True), ex, 4, progress=False)
+    cfg = DPOConfig(lr=1e-2, beta=0.5, batch_size=4, micro_batch_size=2, **F64)
+    refs = train_policy.reference_logps(tiny_model(tie=True, dtype=torch.float64), ex, 4, progress=False)
     runs = {}
     try:
         for name, fsdp, full in (("plain", False, False), ("fsdp", True, False),
                                  ("full", True, True)):
-            model = tiny_model(tie=True)
+            model = tiny_model(tie=True, dtype=torch.float64)
             T.train(model, ex, preference_objective("dpo", full_logits=full), cfg,
                     tmp_path / name, ref_logps=refs, fsdp=fsdp, progress=False)
             runs[name] = [r["loss"] for r in metrics(tmp_path / name)]
@@ -449,8 +466,8 @@ def test_fsdp_fused_head_with_tied_embeddings(tmp_path):
         if tdist.is_initialized():
             tdist.destroy_process_group()
     assert len(runs["plain"]) == 2 and runs["plain"][1] != runs["plain"][0]
-    assert runs["fsdp"] == pytest.approx(runs["plain"], abs=1e-6)
-    assert runs["full"] == pytest.approx(runs["plain"], abs=1e-6)
+    assert runs["fsdp"] == pytest.approx(runs["plain"], abs=EXACT)
+    assert runs["full"] == pytest.approx(runs["plain"], abs=EXACT)
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, monkeypatch):
