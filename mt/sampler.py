@@ -42,12 +42,12 @@ from pathlib import Path
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from tqdm import tqdm
 
 from mt import chat, checkpoint, dist
 from mt.config import ConfigError, SamplingConfig, check_sampling, opt, parse
 from mt.data import read_prompts, write_jsonl
 from mt.model import KVCache, Transformer
+from mt.progress import progress as progress_bar
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward; bounds the prefill's activation memory
 WINDOW = 64  # decode attends over the cache's first positions, rounded up to this many (fewer shapes)
@@ -530,7 +530,7 @@ class _Engine:
 
     def run(self, progress: bool) -> list[list[Completion]]:
         every = _check_every(self.cfg, self.dev)
-        bar = _progress(len(self.jobs), progress)
+        bar = progress_bar(len(self.jobs), "sampling", progress, unit="resp")  # lines in a log
         self.refill(list(range(self.S)))
         while any(job is not None for job in self.rows.slot_job[: self.m]):
             # no row is past hi, and none moves more than one per step
@@ -588,10 +588,6 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
     if not prompts or n == 0:
         return [[] for _ in prompts]
     return _Engine(model, prompts, n, cfg, keys, stop_ids, return_logps).run(progress)
-
-
-def _progress(total: int, enabled: bool):
-    return tqdm(total=total, desc="sampling", unit="resp", disable=not enabled, dynamic_ncols=True)
 
 
 # ---- prompts in, samples.jsonl rows out

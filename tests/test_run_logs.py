@@ -33,11 +33,11 @@ def logged(inputs, tmp_path_factory):  # noqa: F811
 def test_progress_is_lines_in_a_log_file(logged):
     _, _, p = logged
     lines = p.stdout.splitlines()
-    for desc in ("DPO (dpo)", "RM (Bradley-Terry)", "reference log-probs", "scoring"):
+    for desc in ("DPO (dpo)", "RM (Bradley-Terry)", "reference log-probs", "scoring", "sampling"):
         ours = [x for x in lines if x.startswith(f"[{desc}] ")]
         assert ours and all(" elapsed " in x and "/s" in x for x in ours), desc
     assert any("ETA" in x for x in lines if x.startswith("[DPO (dpo)] "))
-    assert "\r" not in p.stdout
+    assert "\r" not in p.stdout and "\r" not in p.stderr  # no bar redraws in a log file, sampling's too
     # no tqdm bar of ours on stderr, and each stage's one-line summary stays
     assert "DPO (dpo):" not in p.stderr and "reference log-probs:" not in p.stderr
     assert sum(x.startswith("dpo: ") for x in lines) == 2
