@@ -44,7 +44,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
-from mt import chat, checkpoint, dist
+from mt import chat, checkpoint, dist, hub
 from mt.config import ConfigError, SamplingConfig, check_sampling, opt, parse
 from mt.data import read_prompts, write_jsonl
 from mt.model import KVCache, Transformer
@@ -736,7 +736,7 @@ def parse_args(argv: list[str] | None = None) -> SamplerArgs:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    a = parse_args(argv)
+    a = hub.resolve_flags(parse_args(argv), "model")  # a Hub id -> its cached snapshot
     d = dist.init_distributed(None if a.device == "auto" else a.device)
     prompts = read_prompts(a.prompts)
     tok = chat.load_tokenizer(a.model)
