@@ -304,10 +304,11 @@ def _raw_rows(path: Path, columns: tuple[str, ...] | None = None) -> Iterator[tu
             raise DataError(f"{path}: reading parquet needs pyarrow. Fix: pip install pyarrow, "
                             "or convert the file to JSONL") from None
         try:
-            if columns is not None:  # a parquet file's other columns are never decoded
+            if columns is None:
+                rows = pq.read_table(path).to_pylist()
+            else:  # a parquet file's other columns are never decoded
                 names = set(pq.read_schema(path).names)
-                columns = [c for c in columns if c in names]
-            rows = pq.read_table(path, columns=columns).to_pylist()
+                rows = pq.read_table(path, columns=[c for c in columns if c in names]).to_pylist()
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e}). Fix: "
                             "download the file again (it may be truncated), or convert it to "
