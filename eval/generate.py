@@ -42,7 +42,7 @@ ANSWER_FORMATS = ("current", "v0.1")  # Arena-Hard: arena-hard-auto since 2025-0
 @dataclass
 class GenerateArgs:
     """python eval/generate.py: one answer per benchmark prompt, in the judge's file format."""
-    policy: str = ""  # (required) the policy: a Hugging Face causal-LM directory
+    policy: str = ""  # (required) the policy: a causal-LM directory or Hub id (org/name)
     format: str = ""  # (required) alpacaeval | arenahard
     prompts: str = ""  # (required) AlpacaEval eval set (.json/.jsonl) or Arena-Hard question.jsonl
     out: str = ""  # (required) model_outputs.json (alpacaeval) or model_answer/NAME.jsonl (arenahard)

@@ -35,7 +35,7 @@ from mt.scoring import load_rm, score_conversations  # noqa: E402
 @dataclass
 class RewardBenchArgs:
     """python eval/rewardbench.py: an RM's RewardBench sections, average and score."""
-    rm: str = ""  # (required) reward model: a Hugging Face sequence-classification directory
+    rm: str = ""  # (required) reward model: a sequence-classification directory or Hub id (org/name)
     data: str = ""  # (required) RewardBench filtered split (.jsonl/.json/.parquet)
     # optional prior test sets (anthropic_helpful, anthropic_hhh, shp, summarize, ...), same format
     prior: str = ""

@@ -31,7 +31,7 @@ from mt.scoring import score_conversations  # noqa: E402
 @dataclass
 class WinrateArgs:
     """python eval/winrate.py: one of three modes, --new/--old, --new_policy/--old_policy/--prompts, --pairs."""
-    rm: str = ""  # (required) the judge: a Hugging Face sequence-classification directory
+    rm: str = ""  # (required) the judge: a sequence-classification directory or Hub id (org/name)
     new: str = ""  # samples file of the new policy (with --old)
     old: str = ""  # samples file of the old policy (with --new)
     new_policy: str = ""  # new policy directory, sampled on --prompts

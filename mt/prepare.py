@@ -106,16 +106,25 @@ def prompt_text(row: Any, where: str) -> tuple[str, bool]:
 
 def _text_or_chat(v: Any, where: str, key: str) -> tuple[str, bool]:
     if isinstance(v, str):
-        return v, False
+        return _utf8(v, where, key), False
     if isinstance(v, list) and all(isinstance(m, dict) for m in v):
         users = [m.get("content") for m in v if m.get("role") == "user"]
         if not users or not isinstance(users[0], str):
             raise _bad(where, f"field {key!r} has no user message with text content",
                        "give the chat a {\"role\": \"user\", \"content\": \"...\"} message")
         # cut: more than one user turn, or a system message the prompt leaves out
-        return users[0], len(users) > 1 or any(m.get("role") == "system" for m in v)
+        return _utf8(users[0], where, key), len(users) > 1 or any(m.get("role") == "system" for m in v)
     raise _bad(where, f"field {key!r} is a {type(v).__name__}, not text or a chat",
                f"write {key!r} as a string (or a list of {{\"role\", \"content\"}} messages)")
+
+
+def _utf8(text: str, where: str, key: str) -> str:
+    try:  # JSON's "\ud800" escapes decode to lone surrogates no tokenizer (or UTF-8 file) takes
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _bad(where, f"field {key!r} holds a lone UTF-16 surrogate at character {e.start}",
+                   "write the character as one escape pair or as UTF-8 text") from None
+    return text
 
 
 def row_id(row: dict, where: str) -> str | None:

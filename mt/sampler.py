@@ -706,7 +706,7 @@ def summary_line(s: dict) -> str:
 @dataclass
 class SamplerArgs:
     """python -m mt.sampler: responses for every prompt of a prompt file, as samples.jsonl."""
-    model: str = ""  # (required) Hugging Face causal-LM directory (weights + tokenizer)
+    model: str = ""  # (required) causal-LM directory (weights + tokenizer) or Hub id (org/name)
     prompts: str = ""  # (required) prompt file (.jsonl / .json / .parquet)
     out: str = ""  # (required) samples.jsonl to write
     n: int = opt(5, min=1)  # responses per prompt (M)

@@ -148,7 +148,10 @@ def bad_inputs(tmp_path) -> dict:
     write(no_prompt, [OPENBMB[1], {"source": "x", "completions": []}])
     not_json = tmp_path / "not_json.jsonl"
     not_json.write_text(json.dumps(OPENBMB[1]) + "\n{\"instruction\": \"cut\n")
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"instruction": "ok"}\n{"instruction": "bad \\ud800"}\n')
     return {  # file -> what the error must say
+        surrogate: "surrogate.jsonl:2: field 'instruction' holds a lone UTF-16 surrogate",
         tmp_path / "missing.jsonl": "missing.jsonl: no such file",
         cut: "cut.parquet: not a readable parquet file",
         no_prompt: "no_prompt.jsonl:2: no prompt field",
