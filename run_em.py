@@ -24,7 +24,7 @@ import train_policy
 import train_rm
 from mt import chat
 from mt import config as C
-from mt import dist, em, gold, sandbox, track
+from mt import dist, em, gold, hub, sandbox, track
 from mt.checkpoint import read_config
 from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples,
                      read_scores, write_json, write_jsonl)
@@ -619,6 +619,8 @@ def stage_main(name: str, argv: list[str]):
     if missing:
         raise C.ConfigError(f"python run_em.py {name}: missing --{', --'.join(missing)} ({what})")
     dist.init_from(cfg)
+    models = ("model", "rm", "policy", "prev", "new", "init")  # the flags naming a model
+    hub.resolve_flags(cfg, *(k for k in files if k in models))  # a Hub id -> its cached snapshot
     a = {k: Path(getattr(cfg, k)) for k in files}
     # --log.*: a file output's directory stands for the run
     track.start(cfg.log, a["out"].parent if a["out"].suffix else a["out"], C.to_dict(cfg))
@@ -660,7 +662,7 @@ def resolve_inputs(cfg: C.Config) -> C.Config:
         if missing:
             raise C.ConfigError(f"missing --{', --'.join(missing)} (or give none of "
                                 "--policy/--rm/--prompts to run the gold-reward sandbox)")
-        return cfg
+        return hub.resolve_flags(cfg, "policy", "rm")  # a Hub id -> its cached snapshot
     world = sandbox.build_world(seed=cfg.seed, world=cfg.sandbox.world)
     cfg.policy, cfg.rm, cfg.prompts = (str(world.policy_dir), str(world.rm_dir),
                                        str(world.prompts_path))

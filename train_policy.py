@@ -25,7 +25,7 @@ import torch
 
 from mt import chat
 from mt import config as C
-from mt import dist, track
+from mt import dist, hub, track
 from mt.chat import Example
 from mt.checkpoint import load_for_training, load_model
 from mt.data import (DataError, read_pairs, read_prompts, read_samples, read_scores, write_json,
@@ -236,6 +236,7 @@ def summary(train_dir) -> dict:
 def main(cfg: C.StageConfig) -> dict:
     """The whole E-step (or, with --pairs, offline DPO / IPO / SimPO on ready pairs)."""
     dist.init_from(cfg)
+    hub.resolve_flags(cfg, "policy", "rm")  # a Hub id (org/name) -> its cached snapshot
     need = ["policy", "out"] + ([] if cfg.pairs else ["rm", "prompts"])
     missing = [k for k in need if not getattr(cfg, k)]
     if missing:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mt import config as C
-from mt import dist, track
+from mt import dist, hub, track
 from mt.chat import load_tokenizer, rm_examples
 from mt.checkpoint import load_for_training
 from mt.data import read_pairs
@@ -87,6 +87,7 @@ def summary(rm_dir) -> dict:
 
 def main(cfg: C.StageConfig) -> dict:
     dist.init_from(cfg)
+    hub.resolve_flags(cfg, "rm")  # a Hub id (org/name) -> its cached snapshot
     pair_files = [Path(f) for f in cfg.pairs.split(",") if f]
     if not cfg.rm or not pair_files or not cfg.out:
         raise C.ConfigError("train_rm.py needs --rm DIR (an RM or a causal LM), --pairs "

@@ -30,7 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/generate.py`: make `mt` and `eval` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mt import chat, checkpoint, dist  # noqa: E402
+from mt import chat, checkpoint, dist, hub  # noqa: E402
 from mt.config import ConfigError, SamplingConfig, opt, parse  # noqa: E402
 from mt.data import iter_rows, read_samples, write_json, write_jsonl  # noqa: E402
 from mt.sampler import check_sampling, require, sample_to_file, summary_line  # noqa: E402
@@ -42,7 +42,7 @@ ANSWER_FORMATS = ("current", "v0.1")  # Arena-Hard: arena-hard-auto since 2025-0
 @dataclass
 class GenerateArgs:
     """python eval/generate.py: one answer per benchmark prompt, in the judge's file format."""
-    policy: str = ""  # (required) the policy: a Hugging Face causal-LM directory
+    policy: str = ""  # (required) the policy: a causal-LM directory or Hub id (org/name)
     format: str = ""  # (required) alpacaeval | arenahard
     prompts: str = ""  # (required) AlpacaEval eval set (.json/.jsonl) or Arena-Hard question.jsonl
     out: str = ""  # (required) model_outputs.json (alpacaeval) or model_answer/NAME.jsonl (arenahard)
@@ -303,6 +303,7 @@ def parse_args(argv=None) -> GenerateArgs:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     name, out = model_name(a), Path(a.out)
+    hub.resolve_flags(a, "policy")  # a Hub id -> its cached snapshot (the name is the id's)
     # read (and validate) the prompt file before loading any model
     rows = read_alpacaeval(a.prompts) if a.format == "alpacaeval" else read_arenahard(a.prompts)
     texts = [r["instruction"] if a.format == "alpacaeval" else r["content"] for r in rows]

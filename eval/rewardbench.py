@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 if __package__ in (None, ""):  # `python eval/rewardbench.py`: make `mt` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mt import chat, dist  # noqa: E402
+from mt import chat, dist, hub  # noqa: E402
 from mt.config import ConfigError, opt, parse  # noqa: E402
 from mt.data import DataError, atomic_write_text, iter_rows, write_json, write_jsonl  # noqa: E402
 from mt.scoring import load_rm, score_conversations  # noqa: E402
@@ -35,7 +35,7 @@ from mt.scoring import load_rm, score_conversations  # noqa: E402
 @dataclass
 class RewardBenchArgs:
     """python eval/rewardbench.py: an RM's RewardBench sections, average and score."""
-    rm: str = ""  # (required) reward model: a Hugging Face sequence-classification directory
+    rm: str = ""  # (required) reward model: a sequence-classification directory or Hub id (org/name)
     data: str = ""  # (required) RewardBench filtered split (.jsonl/.json/.parquet)
     # optional prior test sets (anthropic_helpful, anthropic_hhh, shp, summarize, ...), same format
     prior: str = ""
@@ -46,7 +46,7 @@ class RewardBenchArgs:
     dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU
     # 0 = score every chat whole; 2048 = the official run_rm.py: keep each chat's last 2,048 tokens
     max_length: int = opt(0, min=0)
-    name: str = ""  # ORG/MODEL in the official files; "" = local/<the --rm directory's name>
+    name: str = ""  # ORG/MODEL in the official files; "" = the --rm Hub id, or local/<its directory name>
     # the official results/ tree (eval-set/, eval-set-scores/, pref-sets*/); "" = results/
     # beside --out (none without --out)
     official_dir: str = ""
@@ -327,7 +327,9 @@ def official_scores(name: str, rows: list[BenchRow], chosen, rejected, texts) ->
 
 def official_name(a: RewardBenchArgs) -> str:
     """ORG/MODEL: the official readers list results/<set>/*/ (one folder per organisation)."""
-    name = a.name or f"local/{Path(a.rm).resolve().name}"
+    # a Hub id (org/name) names itself; a directory is local/<its name>
+    hub_id = hub.is_repo_id(a.rm) and not Path(a.rm).is_dir()
+    name = a.name or (a.rm if hub_id else f"local/{Path(a.rm).resolve().name}")
     parts = PurePosixPath(name).parts
     if len(parts) != 2 or any(p in ("", ".", "..") for p in parts) or name.startswith("/"):
         raise ConfigError(f"--name={name!r}: must be ORG/MODEL (the official files are "
@@ -361,8 +363,8 @@ def parse_args(argv=None) -> RewardBenchArgs:
     missing = [k for k in ("rm", "data") if not getattr(a, k)]
     if missing:
         raise ConfigError(f"missing --{', --'.join(missing)} (--help lists every key)")
-    official_name(a)
-    return a
+    a.name = official_name(a)  # fixed before --rm becomes a cache path
+    return hub.resolve_flags(a, "rm")  # a Hub id -> its cached snapshot
 
 
 def main(argv=None) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/winrate.py`: make `mt` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mt import chat, checkpoint, dist  # noqa: E402
+from mt import chat, checkpoint, dist, hub  # noqa: E402
 from mt.config import ConfigError, SamplingConfig, opt, parse  # noqa: E402
 from mt.data import ReadReport, read_pairs, read_prompts, read_samples, write_json  # noqa: E402
 from mt.em import win_rate  # noqa: E402  (Eq. 6, shared with model selection)
@@ -31,7 +31,7 @@ from mt.scoring import score_conversations  # noqa: E402
 @dataclass
 class WinrateArgs:
     """python eval/winrate.py: one of three modes, --new/--old, --new_policy/--old_policy/--prompts, --pairs."""
-    rm: str = ""  # (required) the judge: a Hugging Face sequence-classification directory
+    rm: str = ""  # (required) the judge: a sequence-classification directory or Hub id (org/name)
     new: str = ""  # samples file of the new policy (with --old)
     old: str = ""  # samples file of the old policy (with --new)
     new_policy: str = ""  # new policy directory, sampled on --prompts
@@ -175,7 +175,7 @@ def parse_args(argv=None) -> WinrateArgs:
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
+    a = hub.resolve_flags(parse_args(argv), "rm", "new_policy", "old_policy")  # Hub ids -> snapshots
     dist.init_distributed(None if a.device == "auto" else a.device)
     if a.pairs:
         res = {"mode": "accuracy", "rm": a.rm, "pairs": a.pairs,

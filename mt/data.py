@@ -258,9 +258,9 @@ def _parse_scores(row: dict) -> dict:
 
 # ---- file reading: locate every row, parse it, check ids are unique
 
-def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def _raw_rows(path: Path, columns: tuple[str, ...] | None = None) -> Iterator[tuple[int, Any]]:
     """Yield (1-based line or row number, JSON value or _Bad);
-    file-level problems raise DataError."""
+    file-level problems raise DataError. `columns`: read only these parquet columns (if present)."""
     if path.suffix == ".jsonl":
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
@@ -303,7 +303,16 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
         except ImportError:
             raise DataError(f"{path}: reading parquet needs pyarrow. Fix: pip install pyarrow, "
                             "or convert the file to JSONL") from None
-        rows = pq.read_table(path).to_pylist()
+        try:
+            if columns is None:
+                rows = pq.read_table(path).to_pylist()
+            else:  # a parquet file's other columns are never decoded
+                names = set(pq.read_schema(path).names)
+                rows = pq.read_table(path, columns=[c for c in columns if c in names]).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e}). Fix: "
+                            "download the file again (it may be truncated), or convert it to "
+                            "JSONL") from None
     yield from enumerate(rows, 1)
 
 
@@ -323,12 +332,20 @@ def iter_rows(path) -> Iterator[tuple[str, Any]]:
 
     The location is 'file:line' (JSONL) or 'file[row n]'; unreadable rows raise DataError there.
     """
+    for _, where, row in numbered_rows(path):
+        yield where, row
+
+
+def numbered_rows(path, columns: tuple[str, ...] | None = None
+                  ) -> Iterator[tuple[int, str, Any]]:
+    """(1-based line or row number, location, JSON row) of a .jsonl / .json / .parquet file;
+    `columns` limits what is read of a parquet file. Unreadable rows raise DataError there."""
     path = _check_path(path)
-    for n, row in _raw_rows(path):
+    for n, row in _raw_rows(path, columns):
         where = f"{path}:{n}" if path.suffix == ".jsonl" else f"{path}[row {n}]"
         if isinstance(row, _Bad):
             raise DataError(f"{where}: {row.problem}. Fix: {row.fix}")
-        yield where, row
+        yield n, where, row
 
 
 def _read(path, parse: Callable[[dict], Any], key: Callable[[Any], Any], dup: str,

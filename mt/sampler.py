@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from mt import chat, checkpoint, dist
+from mt import chat, checkpoint, dist, hub
 from mt.config import ConfigError, SamplingConfig, check_sampling, opt, parse
 from mt.data import read_prompts, write_jsonl
 from mt.model import KVCache, Transformer
@@ -702,7 +702,7 @@ def summary_line(s: dict) -> str:
 @dataclass
 class SamplerArgs:
     """python -m mt.sampler: responses for every prompt of a prompt file, as samples.jsonl."""
-    model: str = ""  # (required) Hugging Face causal-LM directory (weights + tokenizer)
+    model: str = ""  # (required) causal-LM directory (weights + tokenizer) or Hub id (org/name)
     prompts: str = ""  # (required) prompt file (.jsonl / .json / .parquet)
     out: str = ""  # (required) samples.jsonl to write
     n: int = opt(5, min=1)  # responses per prompt (M)
@@ -732,7 +732,7 @@ def parse_args(argv: list[str] | None = None) -> SamplerArgs:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    a = parse_args(argv)
+    a = hub.resolve_flags(parse_args(argv), "model")  # a Hub id -> its cached snapshot
     d = dist.init_distributed(None if a.device == "auto" else a.device)
     prompts = read_prompts(a.prompts)
     tok = chat.load_tokenizer(a.model)

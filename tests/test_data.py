@@ -306,6 +306,16 @@ def test_parquet_rows_are_located_by_row_index(tmp_path, monkeypatch):
         read_prompts(path)
 
 
+def test_cut_parquet_file_is_a_data_error(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist([{"prompt_id": str(i), "prompt": "x" * i} for i in range(1, 50)]),
+                   tmp_path / "p.parquet")
+    cut = _write(tmp_path / "cut.parquet", (tmp_path / "p.parquet").read_bytes()[:300])
+    with pytest.raises(DataError, match=r"cut\.parquet: not a readable parquet file .*Fix: download"):
+        read_prompts(cut)
+
+
 def test_parquet_with_real_pyarrow(tmp_path):
     pa = pytest.importorskip("pyarrow")  # optional dependency; the error path above always runs
     import pyarrow.parquet as pq
