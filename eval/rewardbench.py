@@ -29,13 +29,16 @@ if __package__ in (None, ""):  # `python eval/rewardbench.py`: make `mt` importa
 from mt import chat, dist  # noqa: E402
 from mt.config import ConfigError, opt, parse  # noqa: E402
 from mt.data import DataError, atomic_write_text, iter_rows, write_json, write_jsonl  # noqa: E402
+from mt.runs import resolve_model  # noqa: E402
 from mt.scoring import load_rm, score_conversations  # noqa: E402
 
 
 @dataclass
 class RewardBenchArgs:
     """python eval/rewardbench.py: an RM's RewardBench sections, average and score."""
-    rm: str = ""  # (required) reward model: a Hugging Face sequence-classification directory
+    # (required) reward model: a Hugging Face sequence-classification directory, or a finished run
+    # directory (its final RM, from summary.json)
+    rm: str = ""
     data: str = ""  # (required) RewardBench filtered split (.jsonl/.json/.parquet)
     # optional prior test sets (anthropic_helpful, anthropic_hhh, shp, summarize, ...), same format
     prior: str = ""
@@ -370,9 +373,10 @@ def main(argv=None) -> dict:
     dist.init_distributed(None if args.device == "auto" else args.device)
     core, prior = read_bench(args.data), read_bench(args.prior) if args.prior else []
     rows = core + prior
-    chosen, rejected = score_rows(args.rm, rows, args.batch_size, args.dtype, args.max_length)
+    rm = resolve_model(args.rm, "rm")  # a run directory: its final RM
+    chosen, rejected = score_rows(rm, rows, args.batch_size, args.dtype, args.max_length)
     summary, records = results(rows, chosen, rejected)
-    result = {"rm": str(args.rm), "data": str(args.data), "prior": args.prior or None,
+    result = {"rm": str(args.rm), "rm_dir": str(rm), "data": str(args.data), "prior": args.prior or None,
               "max_length": args.max_length, **summary}
     official = args.official_dir or (Path(args.out).parent / "results" if args.out else None)
     if dist.get().is_main:
@@ -385,7 +389,7 @@ def main(argv=None) -> dict:
         if args.scores_out:
             write_jsonl(args.scores_out, records)
         if official:
-            texts = chat_texts(args.rm, rows)
+            texts = chat_texts(rm, rows)
             paths = write_official(official, official_name(args), core, prior, chosen, rejected,
                                    texts)
             print(f"official run_rm.py files: {', '.join(map(str, paths))}", flush=True)
