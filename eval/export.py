@@ -84,21 +84,21 @@ def base_model(path: str) -> Base:
     return Base(path, cfg.get("model_type"), cfg.get("_name_or_path") or None, lic)
 
 
-def check_license(base: Base, name: str, flag: str, license_file: str) -> list[Path]:
-    """The license files to copy; refuses what Llama 3's license forbids (its §1.b.i: a derivative's
-    name begins with "Llama 3"; §1.b.i also: the license goes with it)."""
-    files = list(base.licenses)
+def check_license(base: Base, name: str, flag: str, license_file: str) -> dict[str, Path]:
+    """The license files to copy, {name in the export: source}; refuses what Llama 3's license
+    forbids (§1.b.i: the license goes with the model, and its name begins with "Llama 3")."""
+    files = {f.name: f for f in base.licenses}
     if license_file:
         if not Path(license_file).is_file():
             raise ConfigError(f"--license_file {license_file}: does not exist")
-        if not any(f.name == Path(license_file).name for f in files):
-            files.append(Path(license_file))
+        if not any(n.startswith("LICENSE") for n in files):  # the base's own license comes first
+            files["LICENSE"] = Path(license_file)
     if base.llama3:
         if not name.startswith("Llama-3"):
             raise ConfigError(f"{flag} {name}: the base model {base.path} is Llama 3, whose license "
                               "requires a derived model's name to begin with \"Llama 3\". Fix: "
                               f"{flag} Llama-3-{name} (e.g. Llama-3-8B-Instruct-MT)")
-        if not any(f.name.startswith("LICENSE") for f in files):
+        if not any(n.startswith("LICENSE") for n in files):
             raise ConfigError(f"{base.path}: a Llama 3 base model with no LICENSE file, and the "
                               "Meta Llama 3 Community License must go with the model. Fix: put "
                               "Meta's LICENSE file (from the base model's repository) in "
@@ -154,7 +154,7 @@ def _inside(model: Path, run: Path) -> str:
 
 
 def model_card(role: str, name: str, other: str, run: Path, model: Path, cfg: dict, bases: dict,
-               licenses: list[Path], results: dict) -> str:
+               licenses: dict[str, Path], results: dict) -> str:
     base = bases[role]
     hub = [b.hub_id for b in bases.values() if b.hub_id]
     front = ["---", "library_name: transformers",
@@ -205,7 +205,7 @@ def model_card(role: str, name: str, other: str, run: Path, model: Path, cfg: di
               *(f"| {k} | `{_md(v)}` |" for k, v in flatten(cfg).items()), "", "## License", ""]
     if licenses:
         lines.append(f"Derived from `{base.path}`; its license files are copied here "
-                     f"({', '.join(f.name for f in licenses)}) and their terms apply to this model.")
+                     f"({', '.join(licenses)}) and their terms apply to this model.")
         if base.llama3:
             lines.append("It is a Llama 3 derivative: the Meta Llama 3 Community License applies "
                          "(its name begins with \"Llama 3\", \"Built with Meta Llama 3\" is shown, "
@@ -221,15 +221,15 @@ def model_card(role: str, name: str, other: str, run: Path, model: Path, cfg: di
 # ---- writing
 
 
-def export_model(model: Path, out: Path, card: str, licenses: list[Path]):
+def export_model(model: Path, out: Path, card: str, licenses: dict[str, Path]):
     """Every file of the checkpoint, the licenses and the card, swapped into out atomically."""
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     for f in sorted(model.iterdir()):
         if f.is_file():
             shutil.copy2(f, tmp / f.name)
-    for f in licenses:
-        shutil.copy2(f, tmp / f.name)
+    for name, f in licenses.items():
+        shutil.copy2(f, tmp / name)
     (tmp / "README.md").write_text(card)
     replace_dir(tmp, out)
 
