@@ -1,6 +1,6 @@
 """RewardBench (Lambert et al., 2024) for one of our reward models: the paper's Table 2.
 
-    python eval/rewardbench.py --rm runs/mt/iter2/rm --data reward-bench-filtered.jsonl --out rb.json
+    python eval/rewardbench.py --rm runs/mt --data reward-bench-filtered.jsonl --out runs/mt/eval/rewardbench.json
     python eval/rewardbench.py --rm DIR --data filtered.parquet --prior pref-test-sets.jsonl --out rb.json
     torchrun --nproc_per_node 8 eval/rewardbench.py --rm DIR --data filtered.jsonl --out rb.json
 
