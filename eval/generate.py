@@ -1,13 +1,13 @@
 r"""Answers for external judges: AlpacaEval 2 model_outputs.json and Arena-Hard answer files.
 
-    python eval/generate.py --policy runs/mt/iter2/policy --format alpacaeval \
-        --prompts alpaca_eval.json --out results/mt-iter2/model_outputs.json --name mt-iter2
-    python eval/generate.py --policy runs/mt/iter2/policy --format arenahard --name mt-iter2 \
-        --prompts data/arena-hard-v2.0/question.jsonl \
-        --out data/arena-hard-v2.0/model_answer/mt-iter2.jsonl
+    python eval/generate.py --policy runs/mt --format alpacaeval \
+        --prompts alpaca_eval.json --out runs/mt/eval/alpacaeval/model_outputs.json
+    python eval/generate.py --policy runs/mt --format arenahard \
+        --prompts data/arena-hard-v2.0/question.jsonl --out data/arena-hard-v2.0/model_answer/mt.jsonl
     torchrun --nproc_per_node 8 eval/generate.py ...        # data-parallel sampling, same files
 
---prompts is the benchmark's own file: AlpacaEval's eval set (a JSON array or JSONL of rows with
+--policy is a model directory or a finished run directory (its selected policy, summary.json; the
+answers are named after the run). --prompts is the benchmark's own file: AlpacaEval's eval set (a JSON array or JSONL of rows with
 "instruction", optional "dataset") or Arena-Hard's question.jsonl in either official layout
 (today's, arena-hard-auto since 2025-04-18: "uid", "category", "prompt"; v0.1's before:
 "question_id", "turns": [{"content"}]). Arena-Hard answers are written in today's layout ("uid",
@@ -33,6 +33,8 @@ if __package__ in (None, ""):  # `python eval/generate.py`: make `mt` and `eval`
 from mt import chat, checkpoint, dist, hub  # noqa: E402
 from mt.config import ConfigError, SamplingConfig, opt, parse  # noqa: E402
 from mt.data import iter_rows, read_samples, write_json, write_jsonl  # noqa: E402
+from mt.errors import UserError  # noqa: E402
+from mt.runs import resolve_model  # noqa: E402
 from mt.sampler import check_sampling, require, sample_to_file, summary_line  # noqa: E402
 
 FORMATS = ("alpacaeval", "arenahard")
@@ -42,7 +44,9 @@ ANSWER_FORMATS = ("current", "v0.1")  # Arena-Hard: arena-hard-auto since 2025-0
 @dataclass
 class GenerateArgs:
     """python eval/generate.py: one answer per benchmark prompt, in the judge's file format."""
-    policy: str = ""  # (required) the policy: a causal-LM directory or Hub id (org/name)
+    # (required) the policy: a causal-LM directory, a Hub id (org/name), or a finished run directory
+    # (its selected policy, from summary.json)
+    policy: str = ""
     format: str = ""  # (required) alpacaeval | arenahard
     prompts: str = ""  # (required) AlpacaEval eval set (.json/.jsonl) or Arena-Hard question.jsonl
     out: str = ""  # (required) model_outputs.json (alpacaeval) or model_answer/NAME.jsonl (arenahard)
@@ -60,7 +64,7 @@ class GenerateArgs:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError):
     """A benchmark prompt file we cannot use; the message names file, row, field and the fix."""
 
 
@@ -284,6 +288,9 @@ def check(a: GenerateArgs) -> GenerateArgs:
     if a.format not in FORMATS:
         raise ConfigError(f"--format={a.format!r}: must be one of {', '.join(FORMATS)}")
     name, out = model_name(a), Path(a.out)
+    if out.is_dir():
+        fix = out / ("model_outputs.json" if a.format == "alpacaeval" else f"{name}.jsonl")
+        raise ConfigError(f"--out {out}: is a directory; it names the answer file. Fix: --out {fix}")
     if a.format == "arenahard" and out.name != f"{name}.jsonl":
         # gen_judgment takes the model name from the answer file's name, show_result from "model"
         raise ConfigError(f"--out {out}: Arena-Hard reads the model name from the file name, so it must "
@@ -311,7 +318,9 @@ def main(argv=None) -> dict:
                for i, t in enumerate(texts)]
     samples_out = Path(a.samples_out) if a.samples_out else default_samples_path(out, a.format)
     device = None if a.device == "auto" else a.device
-    samples = sample_answers(a.policy, prompts, a.sampling, samples_out, a.seed, device, a.dtype)
+    dist.init_distributed(device)
+    policy = resolve_model(a.policy, "policy")  # a run directory: its selected checkpoint
+    samples = sample_answers(policy, prompts, a.sampling, samples_out, a.seed, device, a.dtype)
     first = [s["responses"][0] for s in samples]
     answers = first if a.no_strip else [y.strip() for y in first]
     truncated = sum(s["finish_reasons"][0] == "length" for s in samples)

@@ -1,6 +1,6 @@
 """RewardBench (Lambert et al., 2024) for one of our reward models: the paper's Table 2.
 
-    python eval/rewardbench.py --rm runs/mt/iter2/rm --data reward-bench-filtered.jsonl --out rb.json
+    python eval/rewardbench.py --rm runs/mt --data reward-bench-filtered.jsonl --out runs/mt/eval/rewardbench.json
     python eval/rewardbench.py --rm DIR --data filtered.parquet --prior pref-test-sets.jsonl --out rb.json
     torchrun --nproc_per_node 8 eval/rewardbench.py --rm DIR --data filtered.jsonl --out rb.json
 
@@ -29,13 +29,16 @@ if __package__ in (None, ""):  # `python eval/rewardbench.py`: make `mt` importa
 from mt import chat, dist, hub  # noqa: E402
 from mt.config import ConfigError, opt, parse  # noqa: E402
 from mt.data import DataError, atomic_write_text, iter_rows, write_json, write_jsonl  # noqa: E402
+from mt.runs import resolve_model  # noqa: E402
 from mt.scoring import load_rm, score_conversations  # noqa: E402
 
 
 @dataclass
 class RewardBenchArgs:
     """python eval/rewardbench.py: an RM's RewardBench sections, average and score."""
-    rm: str = ""  # (required) reward model: a sequence-classification directory or Hub id (org/name)
+    # (required) reward model: a sequence-classification directory, a Hub id (org/name), or a finished
+    # run directory (its final RM, from summary.json)
+    rm: str = ""
     data: str = ""  # (required) RewardBench filtered split (.jsonl/.json/.parquet)
     # optional prior test sets (anthropic_helpful, anthropic_hhh, shp, summarize, ...), same format
     prior: str = ""
@@ -372,9 +375,10 @@ def main(argv=None) -> dict:
     dist.init_distributed(None if args.device == "auto" else args.device)
     core, prior = read_bench(args.data), read_bench(args.prior) if args.prior else []
     rows = core + prior
-    chosen, rejected = score_rows(args.rm, rows, args.batch_size, args.dtype, args.max_length)
+    rm = resolve_model(args.rm, "rm")  # a run directory: its final RM
+    chosen, rejected = score_rows(rm, rows, args.batch_size, args.dtype, args.max_length)
     summary, records = results(rows, chosen, rejected)
-    result = {"rm": str(args.rm), "data": str(args.data), "prior": args.prior or None,
+    result = {"rm": str(args.rm), "rm_dir": str(rm), "data": str(args.data), "prior": args.prior or None,
               "max_length": args.max_length, **summary}
     official = args.official_dir or (Path(args.out).parent / "results" if args.out else None)
     if dist.get().is_main:
@@ -387,7 +391,7 @@ def main(argv=None) -> dict:
         if args.scores_out:
             write_jsonl(args.scores_out, records)
         if official:
-            texts = chat_texts(args.rm, rows)
+            texts = chat_texts(rm, rows)
             paths = write_official(official, official_name(args), core, prior, chosen, rejected,
                                    texts)
             print(f"official run_rm.py files: {', '.join(map(str, paths))}", flush=True)

@@ -3,7 +3,7 @@ r"""RM-judged comparisons: one policy's win rate against another (Eq. 6), and an
     # two samples files (e.g. from `python -m mt.sampler`), first response of each prompt
     python eval/winrate.py --rm DIR --new new.samples.jsonl --old old.samples.jsonl --out wr.json
     # sample one response per prompt from both policies first (written to --samples_dir)
-    python eval/winrate.py --rm DIR --new_policy iter2/policy --old_policy base --prompts test.jsonl \
+    python eval/winrate.py --rm runs/mt --new_policy runs/mt --old_policy base --prompts test.jsonl \
         --samples_dir wr/ --out wr.json
     # accuracy of an RM on a pairs file (e.g. held-out pseudo-pairs; --kept_only drops filtered ones)
     python eval/winrate.py --rm DIR --pairs iter1/pseudo_pairs.jsonl --out acc.json
@@ -24,6 +24,7 @@ from mt import chat, checkpoint, dist, hub  # noqa: E402
 from mt.config import ConfigError, SamplingConfig, opt, parse  # noqa: E402
 from mt.data import ReadReport, read_pairs, read_prompts, read_samples, write_json  # noqa: E402
 from mt.em import win_rate  # noqa: E402  (Eq. 6, shared with model selection)
+from mt.runs import resolve_model  # noqa: E402
 from mt.sampler import check_sampling, require, sample_to_file, summary_line  # noqa: E402
 from mt.scoring import score_conversations  # noqa: E402
 
@@ -31,11 +32,12 @@ from mt.scoring import score_conversations  # noqa: E402
 @dataclass
 class WinrateArgs:
     """python eval/winrate.py: one of three modes, --new/--old, --new_policy/--old_policy/--prompts, --pairs."""
-    rm: str = ""  # (required) the judge: a sequence-classification directory or Hub id (org/name)
+    # (required) the judge: an RM directory, a Hub id (org/name), or a run directory (its final RM)
+    rm: str = ""
     new: str = ""  # samples file of the new policy (with --old)
     old: str = ""  # samples file of the old policy (with --new)
-    new_policy: str = ""  # new policy directory, sampled on --prompts
-    old_policy: str = ""  # old policy directory, sampled on --prompts
+    new_policy: str = ""  # new policy directory (or a run: its selected policy), sampled on --prompts
+    old_policy: str = ""  # old policy directory (or a run: its selected policy), sampled on --prompts
     prompts: str = ""  # prompt file for --new_policy/--old_policy
     samples_dir: str = "winrate_samples"  # where sampled responses are written
     pairs: str = ""  # pairs file: report the RM's accuracy instead of a win rate
@@ -177,18 +179,20 @@ def parse_args(argv=None) -> WinrateArgs:
 def main(argv=None) -> dict:
     a = hub.resolve_flags(parse_args(argv), "rm", "new_policy", "old_policy")  # Hub ids -> snapshots
     dist.init_distributed(None if a.device == "auto" else a.device)
+    rm = resolve_model(a.rm, "rm")  # a run directory: its final RM
     if a.pairs:
         res = {"mode": "accuracy", "rm": a.rm, "pairs": a.pairs,
-               **accuracy_on_pairs(a.rm, a.pairs, a.kept_only, a.skip_bad_rows, a.batch_size, a.dtype)}
+               **accuracy_on_pairs(rm, a.pairs, a.kept_only, a.skip_bad_rows, a.batch_size, a.dtype)}
         line = (f"accuracy {100 * res['accuracy']:.1f}% ({res['correct']}/{res['n']} correct, "
                 f"{res['ties']} ties, {res['wrong']} wrong)")
     else:
         new, old = a.new, a.old
         if a.new_policy:
-            new, old = sample_policies(a.new_policy, a.old_policy, a.prompts, a.samples_dir, a.sampling,
+            new, old = sample_policies(resolve_model(a.new_policy, "policy"),
+                                       resolve_model(a.old_policy, "policy"), a.prompts, a.samples_dir, a.sampling,
                                        a.seed, a.dtype)
         res = {"mode": "win_rate", "rm": a.rm, "new": str(new), "old": str(old),
-               **compare_samples(a.rm, new, old, a.batch_size, a.dtype)}
+               **compare_samples(rm, new, old, a.batch_size, a.dtype)}
         line = (f"win rate {100 * res['win_rate']:.1f}% ({res['wins']} wins, {res['ties']} ties, "
                 f"{res['losses']} losses of {res['n']}; strict r(new) > r(old), Eq. 6)")
     if dist.get().is_main:

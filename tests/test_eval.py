@@ -116,6 +116,7 @@ def test_rewardbench_main_with_controlled_scores(tmp_path, monkeypatch):
         return [float(len(r.chosen)) for r in rows], [float(len(r.rejected)) for r in rows]
 
     monkeypatch.setattr(rewardbench, "score_rows", stub)
+    monkeypatch.setattr(rewardbench, "resolve_model", lambda path, role: Path(path))  # the stub RM
     monkeypatch.setattr(rewardbench, "chat_texts",
                         lambda rm, rows: [(f"<{r.chosen}>", f"<{r.rejected}>") for r in rows])
     res = rewardbench.main(["--rm", "unused", "--data", str(data), "--prior", str(prior_file),
@@ -206,6 +207,7 @@ def len_score(rm_dir, prompts, responses, batch_size=64, dtype="auto"):
 
 def test_winrate_from_samples_files(tmp_path, monkeypatch):
     monkeypatch.setattr(winrate, "score", len_score)
+    monkeypatch.setattr(winrate, "resolve_model", lambda path, role: Path(path))  # the stub RM "u"
     new = _samples(tmp_path / "new.jsonl", ["aaaa", "bb", "c", "dddd", "e"], reasons={3: "length"})
     old = _samples(tmp_path / "old.jsonl", ["a", "bb", "cc", "d", "eeeeee"])
     res = winrate.main(["--rm", "unused", "--new", str(new), "--old", str(old), "--out", str(tmp_path / "wr.json")])
@@ -223,6 +225,7 @@ def test_winrate_from_samples_files(tmp_path, monkeypatch):
 
 def test_accuracy_on_pairs_file(tmp_path, monkeypatch):
     monkeypatch.setattr(winrate, "score", len_score)
+    monkeypatch.setattr(winrate, "resolve_model", lambda path, role: Path(path))  # the stub RM "u"
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
         {"prompt_id": "a", "prompt": "Q", "chosen": "long", "rejected": "s", "kept": True},
         {"prompt_id": "b", "prompt": "Q", "chosen": "ab", "rejected": "cd", "kept": True},  # tie: wrong
@@ -237,6 +240,7 @@ def test_accuracy_on_pairs_file(tmp_path, monkeypatch):
 def test_winrate_samples_both_policies(tmp_path, monkeypatch, tiny_llama_dir):
     """--new-policy/--old-policy: both sampled (same policy, independent streams), then judged."""
     monkeypatch.setattr(winrate, "score", len_score)
+    monkeypatch.setattr(winrate, "resolve_model", lambda path, role: Path(path))  # the stub RM "u"
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt_id": f"p{i}", "prompt": f"Hello {i}"}
                                                        for i in range(3)])
     res = winrate.main(["--rm", "u", "--new-policy", str(tiny_llama_dir), "--old-policy", str(tiny_llama_dir),
