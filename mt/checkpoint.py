@@ -12,6 +12,7 @@ the token we trained on. config.json, tokenizer_config.json and special_tokens_m
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict)
 
 from mt import chat, dist
+from mt.data import FILE_MODE
 from mt.dist import resolve_dtype
 from mt.errors import UserError
 from mt.model import ConfigError, ModelConfig, Transformer
@@ -321,6 +323,23 @@ def warn_pad_is_eos(path, config: dict):
         "pad id of its own (mt.checkpoint.save_model).", stacklevel=3)
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):
+    """safetensors' save_file, with the mode open() would give (it creates files 0600) and a full
+    disk as a user error naming the path and the space needed."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:
+        if "No space left" not in str(e) and getattr(e, "errno", None) != errno.ENOSPC:
+            raise
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        free = shutil.disk_usage(path.parent).free
+        raise UserError(f"{path}: the disk is full ({need / 2**30:.2f} GiB to write, "
+                        f"{free / 2**30:.2f} GiB free). Nothing already saved was changed. Fix: free "
+                        "space there (or give --out on a larger disk) and rerun the same command: it "
+                        "resumes") from None
+    os.chmod(path, FILE_MODE)
+
+
 def _write_shards(state: dict, out: Path, max_shard_bytes: int):
     shards, cur, size = [], {}, 0
     for k, v in state.items():
@@ -332,12 +351,12 @@ def _write_shards(state: dict, out: Path, max_shard_bytes: int):
     shards.append(cur)
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
+        save_tensors(shards[0], out / "model.safetensors", meta)
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata=meta)
+        save_tensors(shard, out / name, meta)
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -354,6 +373,21 @@ def replace_dir(tmp: Path, out: Path):
     _fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_replaced(out: Path, complete) -> Path | None:
+    """Undo a kill between replace_dir's two renames: `out` is gone, the new directory waits complete
+    in its temp name and the old one is renamed aside. Put back the newest complete one (the new, else
+    the old) and return it; None when `out` exists or nothing complete is left."""
+    if out.exists():
+        return None
+    new = sorted(out.parent.glob(f".{out.name}.tmp-*"), key=lambda q: q.stat().st_mtime, reverse=True)
+    for q in new + sorted(out.parent.glob(f".{out.name}.old-*")):
+        if complete(q):
+            os.replace(q, out)
+            _fsync_dir(out.parent)
+            return q
+    return None
 
 
 def _fsync_dir(path: Path):

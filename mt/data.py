@@ -470,6 +470,7 @@ def _umask() -> int:
 
 
 _UMASK = _umask()  # read once at import: os.umask can only be read by setting it
+FILE_MODE = 0o666 & ~_UMASK  # the mode open() gives a new file; what every file we write gets
 
 
 def atomic_write_text(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
@@ -484,7 +485,7 @@ def atomic_write_text(path: str | os.PathLike, write: Callable[[Any], None]) -> 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp makes 0600; a written file gets the mode open() would give
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             write(f)
             f.flush()

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from mt import dist, track
 from mt.chat import Example
-from mt.checkpoint import replace_dir, save_hf
+from mt.checkpoint import recover_replaced, replace_dir, save_hf, save_tensors
 from mt.config import TrainConfig
 from mt.data import pad_sequences, read_json, read_jsonl_rows, write_json, write_jsonl
 from mt.errors import UserError
@@ -332,6 +332,9 @@ class TrainerState:
         self.meta = {}
         self.checkpoints: list[Path] = []
         self.elapsed0, self.t0 = 0.0, time.perf_counter()
+        if dist.get().is_main:  # a kill between the two renames of save(): keep a complete state
+            recover_replaced(self.dir, lambda q: (q / "meta.json").is_file())  # meta.json: written last
+        dist.barrier()
         if (self.dir / "meta.json").is_file():
             self.meta = read_json(self.dir / "meta.json")
             if (not isinstance(self.meta, dict)
@@ -369,7 +372,8 @@ class TrainerState:
             dist.print0(f"{self.out_dir}: resuming at step {start}/{self.total}")
         if dist.get().is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            for tmp in self.out_dir.glob(".*.tmp-*"):  # partial writes of a killed run
+            # partial writes of a killed run, and states a killed swap left aside
+            for tmp in [*self.out_dir.glob(".*.tmp-*"), *self.out_dir.glob(".*.old-*")]:
                 shutil.rmtree(tmp, ignore_errors=True)
             metrics = self.out_dir / "metrics.jsonl"
             if metrics.exists():  # keep the rows the saved state covers: later ones are redone
@@ -399,7 +403,7 @@ class TrainerState:
         osd = optimizer.state_dict()
         for i, st in osd["state"].items():
             tensors.update({f"optim/{i}/{name}": _local(v) for name, v in st.items()})
-        save_file(tensors, str(tmp / self._shard()), metadata={"format": "pt"})
+        save_tensors(tensors, tmp / self._shard(), {"format": "pt"})
         dist.barrier()
         if dist.get().is_main:
             meta["world_size"] = dist.get().world_size

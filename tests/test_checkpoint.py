@@ -2,6 +2,7 @@
 score head on a causal LM; bf16 loads; atomic saves; and one precise error per kind of bad directory."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import mt.checkpoint as ckpt
 from conftest import hf_model, ragged_batch
+from mt.errors import UserError
 from mt.checkpoint import CheckpointError, load_model, load_state_dict, read_config, read_weights, save_model
 
 TOL = 1e-5
@@ -290,3 +292,34 @@ def test_reward_model_has_no_lm_head(tiny_rm_dir):
 def test_unknown_dtype(tiny_llama_dir):
     with pytest.raises(ValueError, match="dtype 'int8' is not supported; use one of float32, fp32, bfloat16"):
         load_model(tiny_llama_dir, dtype="int8")
+
+
+def test_weights_follow_the_umask(tiny_llama_dir, tmp_path):
+    """safetensors creates files 0600; every file of a saved directory gets the mode open() gives."""
+    mask = os.umask(0o027)
+    try:
+        want = 0o666 & ~0o027
+        old = ckpt.FILE_MODE
+        ckpt.FILE_MODE = want  # FILE_MODE is read at import; this process's umask changed after it
+        save_model(load_model(tiny_llama_dir), tmp_path / "m", tokenizer_dir=tiny_llama_dir)
+    finally:
+        os.umask(mask)
+        ckpt.FILE_MODE = old
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == want, modes
+
+
+def test_a_full_disk_is_one_user_error_and_the_saved_directory_is_untouched(tiny_llama_dir, tmp_path,
+                                                                          monkeypatch):
+    save_model(load_model(tiny_llama_dir), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+
+    def full(*a, **k):  # what safetensors raises when a write hits ENOSPC
+        raise Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                        'message: "No space left on device" })')
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(UserError, match=r"model\.safetensors: the disk is full \(0\.\d\d GiB to write, "
+                                        r"[\d.]+ GiB free\).*Fix: free space"):
+        save_model(load_model(tiny_llama_dir), tmp_path / "m")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp directory left

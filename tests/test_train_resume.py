@@ -39,6 +39,16 @@ def job(out, kill: str = ""):
                 die()
             return real(*a)
         objective = dataclasses.replace(objective, step=step)
+    elif kill == "state-4-between-renames":  # the old state renamed aside, the new one not yet in place
+        import mt.checkpoint as C
+        real_replace = C.replace_dir
+
+        def replace(tmp, dst):
+            if dst.name == "trainer_state" and "tmp-4" in tmp.name:
+                os.replace(dst, dst.parent / f".{dst.name}.old-deadbeef")
+                die()
+            return real_replace(tmp, dst)
+        C.replace_dir = T.replace_dir = replace
     elif kill in ("ckpt-4-rename", "state-4-rename"):  # after the files are written, before the swap into place
         import mt.checkpoint as C
         target = "ckpt-4" if kill == "ckpt-4-rename" else "trainer_state"
@@ -95,3 +105,16 @@ def test_rerun_after_sigkill_matches_an_uninterrupted_run(tmp_path, reference, k
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-2", "ckpt-4", "ckpt-6"]
     assert [r["loss"] for r in metrics(tmp_path)] == [r["loss"] for r in metrics(reference)]  # no duplicate rows
     assert not list(tmp_path.glob(".*tmp*"))  # the killed run's partial temp directories were cleared
+
+
+def test_kill_between_the_two_renames_of_a_state_swap_resumes_from_the_new_state(tmp_path, reference):
+    """Neither saved state is lost: the complete new one (step 4) is put back, the old one cleared."""
+    _killed(tmp_path, "state-4-between-renames")
+    assert not (tmp_path / "trainer_state").exists()
+    assert (tmp_path / ".trainer_state.old-deadbeef" / "meta.json").is_file()
+    assert (tmp_path / ".trainer_state.tmp-4" / "meta.json").is_file()
+    assert job(tmp_path).resumed_from == 4  # not 0: hours at 8B
+    want, got = load_state_dict(reference / "final"), load_state_dict(tmp_path / "final")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert [r["loss"] for r in metrics(tmp_path)] == [r["loss"] for r in metrics(reference)]
+    assert not list(tmp_path.glob(".*tmp*")) and not list(tmp_path.glob(".*old*"))
