@@ -126,9 +126,11 @@ def worst_batch(micro: int, length: int, refs: bool):
     return collate(ex, True, 0, "cpu", refs={str(i): (0.0, 0.0) for i in range(micro)} if refs else None)
 
 
-def measure_step(mcfg: ModelConfig, kind: str, tcfg: C.TrainConfig, micro: int, length: int) -> dict:
+def measure_step(mcfg: ModelConfig, kind: str, tcfg: C.TrainConfig, micro: int, length: int,
+                 fake: bool = True) -> dict:
     """Peak bytes per rank of one training step (kind "dpo" | "rm") or reference forward ("ref"), by
-    category, under the current (fake) process group: two steps, so the second holds AdamW's moments."""
+    category, under the current process group: two steps, so the second holds AdamW's moments. fake=False
+    runs it on real CPU tensors (what tests/test_plan.py compares against)."""
     tcfg = dataclasses.replace(tcfg, micro_batch_size=micro,
                                dtype="bf16" if tcfg.dtype == "auto" else tcfg.dtype)  # as on a GPU
     objective = BRADLEY_TERRY if kind == "rm" else preference_objective(getattr(tcfg, "loss", "dpo"))
@@ -136,11 +138,13 @@ def measure_step(mcfg: ModelConfig, kind: str, tcfg: C.TrainConfig, micro: int, 
     n_rows = int(batch.loss_mask[:, 1:].sum())  # response positions: nonzero's output size
     with torch.device("meta"):
         model = Transformer(mcfg)
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with mode:
         dist.prepare_model(model, tcfg, torch.device("cpu"), fsdp=True)
         opt = make_optimizer(model, tcfg) if kind != "ref" else None
-        batch = dataclasses.replace(batch, **{k: fake.from_tensor(v) for k, v in vars(batch).items()
-                                              if isinstance(v, torch.Tensor)})
+        if fake:
+            batch = dataclasses.replace(batch, **{k: mode.from_tensor(v) for k, v in vars(batch).items()
+                                                  if isinstance(v, torch.Tensor)})
         tracker = FSDPMemTracker(model, opt)
         tracker.track_inputs((batch.ids,))
         with tracker, _BoundNonzero(n_rows):
@@ -181,9 +185,9 @@ def plan_step(mcfg: ModelConfig, kind: str, tcfg: C.TrainConfig, micro: int, len
     with _fake_world(world):
         if exact or L <= 5:
             out = measure_step(mcfg, kind, tcfg, micro, length)
-        else:  # only the total is affine: the peak's make-up differs with depth
-            a, b = (measure_step(_depth(mcfg, d), kind, tcfg, micro, length)["Total"] for d in (3, 5))
-            out = {"Total": round(a + (b - a) * (L - 3) / 2)}
+        else:  # the total is affine in depth; a category only while the peak stays at the same point
+            a, b = (measure_step(_depth(mcfg, d), kind, tcfg, micro, length) for d in (3, 5))
+            out = {k: round(a[k] + (b[k] - a[k]) * (L - 3) / 2) for k in a.keys() & b.keys()}
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out))
@@ -193,19 +197,20 @@ def plan_step(mcfg: ModelConfig, kind: str, tcfg: C.TrainConfig, micro: int, len
 # ---- sampling and scoring, from the sampler's own allocation
 
 
-def sampling_bytes(mcfg: ModelConfig, s: C.SamplingConfig, slots: int | None = None) -> dict[str, int]:
+def sampling_bytes(mcfg: ModelConfig, s: C.SamplingConfig, slots: int | None = None,
+                   dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
     """Bytes per rank of a sampling pass at the run's caps (a prompt of max_prompt_tokens, every slot
     busy): bf16 weights (every rank holds them whole: sampler.gathered), the KV caches the engine
     allocates (sampler.cache_sizes, KVCache built on meta), its per-row state, one step's logits."""
     s = dataclasses.replace(s, slots=slots or s.slots)
     sizes = sampler.cache_sizes(s, s.slots, s.max_prompt_tokens, s.max_prompt_tokens - 1)
     kv = sum(b.numel() * b.element_size() for rows, length in sizes.values()
-             for b in KVCache(mcfg, rows, length, torch.bfloat16, "meta").buffers())
+             for b in KVCache(mcfg, rows, length, dtype, "meta").buffers())
     state = sampler._Rows.new(sizes["cache"][0], s.max_new_tokens, False, "meta")
     rows = sum(t.numel() * t.element_size() for t in vars(state).values() if isinstance(t, torch.Tensor))
     # _Engine.step: the model's bf16 logits (slots, 1, V) and their fp32 copy
     logits = sizes["cache"][0] * mcfg.vocab_size * (2 + 4)
-    w = 2 * num_params(mcfg)
+    w = dtype.itemsize * num_params(mcfg)
     return {"weights": w, "kv_cache": kv, "rows": rows, "logits": logits, "Total": w + kv + rows + logits}
 
 
@@ -244,7 +249,7 @@ def _hms(s: float) -> str:
 
 
 def _count(x: float) -> str:
-    for unit, k in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, k in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if x >= k:
             return f"{x / k:.3g}{unit}"
     return f"{x:.3g}"
@@ -300,7 +305,7 @@ def plan(cfg: PlanArgs, out=print) -> int:
         "rank 0 reads them to train and gathers fp32 + a bf16 copy to save)")
     slots = max_slots(pol, S, gpu)
     out(f"largest --sampling.slots at the caps ({S.max_prompt_tokens}+{S.max_new_tokens}): {slots} "
-        f"({_gib(sampling_bytes(pol, S, 2)['kv_cache'] - sampling_bytes(pol, S, 1)['kv_cache'])} of KV per slot)")
+        f"({(sampling_bytes(pol, S, 2)['kv_cache'] - sampling_bytes(pol, S, 1)['kv_cache']) / GiB:.2f} GiB of KV per slot)")
     if samp["Total"] > gpu:
         fixes.append(f"sampling: {_gib(samp['Total'])} > {_gib(gpu)}. Fix: --sampling.slots {slots}"
                      if slots else "sampling: the weights alone do not fit. Fix: a GPU with more memory")
@@ -310,20 +315,23 @@ def plan(cfg: PlanArgs, out=print) -> int:
     # ---- micro-batch search: 1, 2, 4, ... with and without activation checkpointing, within the budget
     out(f"\nmicro-batch sizes per rank that fit (measured; search budget {P.budget_s:g}s, cached in "
         f"{P.cache_dir}):")
-    for name, mcfg, kind, t in (("dpo", pol, "dpo", cfg.dpo), ("rm_train", rm, "rm", cfg.rm_train)):
-        for ac in (True, False):
-            got, b, cap = [], 1, max(1, t.batch_size // W)
-            while b <= cap:
-                if time.perf_counter() - t0 > P.budget_s and (b, ac) != (t.micro_batch_size,
-                                                                        t.activation_checkpointing):
-                    got.append(f"{b}: not tried (budget)")
-                    break
-                peak = step(mcfg, kind, t, b, ac)
-                got.append(f"{b}: {_gib(peak)}{'' if peak <= gpu else ' NO'}")
-                if peak > gpu:
-                    break
-                b *= 2
-            out(f"  --{name}.micro_batch_size, AC {'on ' if ac else 'off'}: " + ", ".join(got))
+    search = {(name, ac): (mcfg, kind, t, []) for name, mcfg, kind, t in
+              (("dpo", pol, "dpo", cfg.dpo), ("rm_train", rm, "rm", cfg.rm_train)) for ac in (True, False)}
+    b, open_ = 1, set(search)
+    while open_:  # breadth first: every setting gets its 1 before any gets its 2
+        for key in sorted(open_, key=list(search).index):
+            mcfg, kind, t, got = search[key]
+            if b > max(1, t.batch_size // W) or time.perf_counter() - t0 > P.budget_s:
+                got.append(f"{b}: not tried (budget)" if b <= t.batch_size // W else "")
+                open_.discard(key)
+                continue
+            peak = step(mcfg, kind, t, b, key[1])
+            got.append(f"{b}: {_gib(peak)}{'' if peak <= gpu else ' NO'}")
+            if peak > gpu:
+                open_.discard(key)
+        b *= 2
+    for (name, ac), (_, _, _, got) in search.items():
+        out(f"  --{name}.micro_batch_size, AC {'on ' if ac else 'off'}: " + ", ".join(g for g in got if g))
     for name, b, t in (("dpo", dpo, cfg.dpo), ("rm_train", rmt, cfg.rm_train)):
         if b > gpu:
             ac_on = dataclasses.replace(t, activation_checkpointing=True)
