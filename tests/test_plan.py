@@ -115,15 +115,19 @@ def test_planned_kv_bytes_equal_sampler_allocation(monkeypatch):
 def test_llama3_8b_steps_on_8_fake_ranks(tmp_path):
     mc = shape(**LLAMA3_8B)
     mc.rope_theta = 500000.0
-    n = sum(p.numel() for p in plan._meta_params(mc))
+    params = plan._meta_params(mc)
+    n = sum(p.numel() for p in params)
     dpo = plan.plan_step(mc, "dpo", C.DPOConfig(activation_checkpointing=True), 1, 2048, 8)
-    assert dpo["OptState"] == 2 * 4 * n // 8  # AdamW's two fp32 moments, this rank's eighth
+    # AdamW's two fp32 moments, this rank's eighth, plus its fp32 `step` count per parameter tensor
+    assert dpo["OptState"] == 2 * 4 * n // 8 + 4 * len(params)
     assert dpo["Total"] < 30 * GiB
     no_ac = plan.plan_step(mc, "dpo", C.DPOConfig(activation_checkpointing=False), 1, 2048, 8)
     assert no_ac["Total"] > 30 * GiB  # checkpointing is what keeps it under
     rm = shape(**LLAMA3_8B)
     rm.head, rm.rope_theta = "score", 500000.0
-    n_rm = sum(p.numel() for p in plan._meta_params(rm))
+    params = plan._meta_params(rm)
     got = plan.plan_step(rm, "rm", C.RMConfig(activation_checkpointing=True), 1, 2048, 8)
-    assert got["OptState"] == 2 * 4 * n_rm // 8
+    # rank 0's shard is ceil(rows / 8) rows: the (1, 4096) score head is whole on rank 0, not an eighth
+    shard = sum(-(-p.shape[0] // 8) * p[0].numel() for p in params)
+    assert got["OptState"] == 2 * 4 * shard + 4 * len(params)
     assert got["Total"] < 30 * GiB
