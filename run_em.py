@@ -25,6 +25,7 @@ import train_rm
 from mt import chat
 from mt import config as C
 from mt import dist, em, gold, hub, sandbox, track
+from mt import plan as mt_plan
 from mt.checkpoint import read_config
 from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples,
                      read_scores, write_json, write_jsonl)
@@ -673,6 +674,14 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "status":
         return status_main(argv[1:])
+    if argv and argv[0] == "plan":  # memory, time and disk before launch (mt/plan.py); exit 3: won't fit
+        cfg = mt_plan.parse(argv[1:])
+        preflight(resolve_inputs(cfg))
+        print("preflight: ok (prompt rows and splits, --policy/--rm heads, every prompt within "
+              "--sampling.max_prompt_tokens, batch sizes)", flush=True)
+        if mt_plan.plan(cfg):
+            raise SystemExit(mt_plan.NOT_FIT)
+        return {}
     if argv and argv[0] in STAGES:
         try:
             return stage_main(argv[0], argv[1:])

@@ -161,10 +161,15 @@ class KVCache(nn.Module):
 
     def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, dtype, device=None):
         super().__init__()
-        shape = (cfg.num_hidden_layers, n_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        shape = self.shape(cfg, n_slots, max_len)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
+
+    @staticmethod
+    def shape(cfg: ModelConfig, n_slots: int, max_len: int) -> tuple[int, ...]:
+        """k's (and v's) shape: (layers, n_slots, kv heads, max_len, head_dim); mt/plan.py sizes it too."""
+        return (cfg.num_hidden_layers, n_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
 
 
 # ---- the transformer

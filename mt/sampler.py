@@ -334,6 +334,18 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
+def cache_sizes(cfg: SamplingConfig, jobs: int, longest_prompt: int, shared: int) -> dict[str, tuple[int, int]]:
+    """(rows, positions) of each KVCache a pass allocates: `cache` (the slots), `stage` (one prompt's prefix
+    kept across refills), `common` (the prefix every prompt shares). The engine allocates these and
+    mt/plan.py sizes them, so the plan cannot drift from the sampler."""
+    prefix_max = longest_prompt - 1  # the last prompt token is fed by the first decode step
+    slots = cfg.slots if cfg.compile else min(cfg.slots, jobs)
+    max_len = prefix_max + 1 + cfg.max_new_tokens
+    if cfg.compile:  # one cache shape for every pass of this config
+        max_len = max(max_len, cfg.max_prompt_tokens + cfg.max_new_tokens)
+    return {"cache": (slots, max_len), "stage": (1, max(prefix_max, 1)), "common": (1, max(shared, 1))}
+
+
 class _Engine:
     """One sampling pass: jobs (prompt i, sample j) flow through a fixed set of cache slots.
 
@@ -355,18 +367,16 @@ class _Engine:
         dev, dtype = param.device, param.dtype
         self.dev = dev
         self.static = cfg.compile
-        S = self.S = cfg.slots if self.static else min(cfg.slots, len(self.jobs))
-        prefix_max = max(len(p) for p in prompts) - 1  # the last prompt token is fed by the first decode step
-        self.max_len = prefix_max + 1 + cfg.max_new_tokens
-        if self.static:  # one cache shape for every pass of this config
-            self.max_len = max(self.max_len, cfg.max_prompt_tokens + cfg.max_new_tokens)
-        self.cache = KVCache(model.cfg, S, self.max_len, dtype, dev)
-        self.stage = KVCache(model.cfg, 1, max(prefix_max, 1), dtype, dev)  # a prompt whose samples span refills
-        self.staged = None  # which prompt's prefix `stage` holds
         # the prefix all prompts start with (a chat template's system turn): prefilled once, copied
         share = SHARE_PREFIX and len(prompts) > 1
         self.shared = _common_prefix([p[:-1] for p in prompts]) if share else 0
-        self.common = KVCache(model.cfg, 1, max(self.shared, 1), dtype, dev)
+        sizes = cache_sizes(cfg, len(self.jobs), max(len(p) for p in prompts), self.shared)
+        (S, self.max_len), stage, common = sizes["cache"], sizes["stage"], sizes["common"]
+        self.S = S
+        self.cache = KVCache(model.cfg, S, self.max_len, dtype, dev)
+        self.stage = KVCache(model.cfg, *stage, dtype, dev)  # a prompt whose samples span refills
+        self.staged = None  # which prompt's prefix `stage` holds
+        self.common = KVCache(model.cfg, *common, dtype, dev)
         if self.shared:
             ids = torch.tensor([prompts[0][: self.shared]], device=dev)
             at = torch.arange(self.shared, device=dev)[None]
