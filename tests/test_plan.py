@@ -131,3 +131,27 @@ def test_llama3_8b_steps_on_8_fake_ranks(tmp_path):
     shard = sum(-(-p.shape[0] // 8) * p[0].numel() for p in params)
     assert got["OptState"] == 2 * 4 * shard + 4 * len(params)
     assert got["Total"] < 30 * GiB
+
+
+# ---- the command: the verdict and its exit status
+
+def test_plan_command_verdict_and_exit_status(tmp_path):
+    """`run_em.py plan` on the tiny preset: 0 and "everything fits" on ample memory; on too little, exit 3
+    and a verdict naming each stage that does not fit with the flag that fixes it; no run directory made."""
+    from test_run_em import args, run_em
+    from conftest import make_tiny_checkpoint
+    for name, head, seed in (("policy", "lm", 0), ("rm", "score", 1)):
+        make_tiny_checkpoint(tmp_path / name, "llama", head, seed=seed, tokenizer_style="chatml")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"hello {i}"}) + "\n"
+                                                    for i in range(32)))
+    out = tmp_path / "run"
+    base = ["plan", *args(tmp_path, out)[:-2], "--plan.gpus", "1", "--plan.budget_s", "5"]
+    ok = run_em(base + ["--plan.gpu_gib", "1000"])
+    assert "preflight: ok" in ok.stdout and "verdict: everything fits" in ok.stdout
+    tight = run_em(base + ["--plan.gpu_gib", "0.0001", "--plan.reserve_gib", "0"], check=False)
+    assert tight.returncode == plan.NOT_FIT, tight.stderr[-2000:]
+    verdict = tight.stdout.split("verdict:")[1]
+    assert "will NOT fit" in verdict
+    assert "- sampling: the weights alone do not fit. Fix: a GPU with more memory" in verdict
+    assert "- reference pass:" in verdict and "Fix: a smaller --dpo.micro_batch_size" in verdict
+    assert not out.exists()  # a plan writes nothing into the run directory
