@@ -24,7 +24,6 @@ from mt import dist, em, gold, sandbox, track
 from mt.checkpoint import read_config
 from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples,
                      read_scores, write_json, write_jsonl)
-from mt.errors import UserError
 from mt.manifest import Manifest, iteration_dir, iteration_stages
 from mt.scoring import score_files
 from mt.status import status_main
