@@ -13,11 +13,7 @@ the keys) unless --force_config is given. `--help` lists every flag.
 """
 from __future__ import annotations
 
-import fcntl
-import json
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import train_policy
@@ -29,23 +25,22 @@ from mt import plan as mt_plan
 from mt.checkpoint import read_config
 from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples,
                      read_scores, write_json, write_jsonl)
-from mt.errors import UserError
-from mt.manifest import Manifest, iteration_dir, iteration_dirs
+from mt.manifest import Manifest, iteration_dir, iteration_stages
 from mt.scoring import score_files
+from mt.status import status_main
 
 # ---- Algorithm 1
 
 
 def run(cfg: C.Config) -> dict:
     d = dist.init_from(cfg)
-    run_dir, E = Path(cfg.out), cfg.em
+    run_dir, E, config = Path(cfg.out), cfg.em, C.to_dict(cfg)  # config: what config.json holds
     preflight(cfg)  # every check that can fail runs before config.json is written
     m = Manifest(run_dir, cfg, cfg.force_config)
-    track.start(cfg.log, run_dir, C.to_dict(cfg))  # --log.tensorboard / --log.wandb (rank 0)
-    pi0, r0 = Path(cfg.policy), Path(cfg.rm)
+    track.start(cfg.log, run_dir, config)  # --log.tensorboard / --log.wandb (rank 0)
+    pi0, r0 = Path(cfg.policy), Path(cfg.rm)  # line 1
 
-    # Alg. 1 line 2: partition D into D_1..D_T, D_R and the fixed D_MS
-    # (by prompt id, from the seed)
+    # line 2: partition D into D_1..D_T, D_R and the fixed D_MS (by prompt id, from the seed)
     split = {k: run_dir / "splits" / f"{k}.jsonl"
              for k in ["D_MS", "D_R"] + [f"D_{t}" for t in range(1, cfg.iters + 1)]}
     m.stage("splits", write_splits, list(split.values()), prompts_path=Path(cfg.prompts),
@@ -54,66 +49,37 @@ def run(cfg: C.Config) -> dict:
             seed=cfg.seed)
     D_ms, D_r = split["D_MS"], split["D_R"]
 
-    # a sandbox world knows the truth: measure what the paper can only estimate (mt/gold.py)
-    measure_gold = cfg.sandbox.diagnostics and sandbox.is_world_prompts(cfg.prompts)
-    pi0_on_d_ms = iteration_dir(run_dir, 1, 1, E.rounds) / "selection" / "prev.samples.jsonl"
+    # a sandbox world knows the truth: measure what the paper can only estimate (elsewhere a no-op)
+    gold_diag = gold.Diagnostics(m, cfg, gold.enabled(config), r0, D_ms)
     history = []
     gen_pi, gen_r = pi0, r0  # the models that generate and judge the data of the next iteration
     for rnd in range(1, E.rounds + 1):
         # Sec. 5.3: a new round starts both models from the base models; the previous round's
         # models only generate and judge its first iteration's data
         init_pi, st_pairs, stop = pi0, [], False
-        for t in range(1, cfg.iters + 1):
+        for t in range(1, cfg.iters + 1):  # line 3
             it = iteration_dir(run_dir, rnd, t, E.rounds)
             tag, D_t = it.relative_to(run_dir).as_posix(), split[f"D_{t}"]
 
-            # ---- E-step: sample M responses from π_{t-1}, score with r_{t-1},
-            # build pairs, DPO (Eq. 4)
-            m.stage(f"{tag}/sample", train_policy.sample, [it / "samples.jsonl"],
-                    policy_dir=gen_pi, prompts_path=D_t, out_path=it / "samples.jsonl",
-                    sampling=cfg.sampling, n=E.n_samples, seed=cfg.seed, stream=f"{tag}/e-step")
-            m.stage(f"{tag}/score", train_policy.score, [it / "scores.jsonl"], rm_dir=gen_r,
-                    samples_path=it / "samples.jsonl", out_path=it / "scores.jsonl")
-            m.stage(f"{tag}/pairs", train_policy.pairs, [it / "pairs.jsonl"],
-                    samples_path=it / "samples.jsonl", scores_path=it / "scores.jsonl",
-                    out_path=it / "pairs.jsonl", rule=E.pair_rule, keep_truncated=E.keep_truncated)
-            check_pairs(it / "pairs.jsonl", D_t)
+            # line 4, E-step: checkpoints {π'_t} by DPO (Eq. 4) from π_{t-1}'s samples on D_t,
+            # judged by r_{t-1}
+            e_step(m, cfg, tag, it, D_t, pi_prev=gen_pi, r_prev=gen_r, init_pi=init_pi)
             st_pairs.append(it / "pairs.jsonl")
-            m.stage(f"{tag}/ref_logps", train_policy.ref_logps, [it / "ref_logps.jsonl"],
-                    policy_dir=init_pi, pairs_path=it / "pairs.jsonl",
-                    out_path=it / "ref_logps.jsonl", **train_policy.reference_args(cfg.dpo))
-            m.stage(f"{tag}/dpo", train_policy.dpo, [it / "policy"], policy_dir=init_pi,
-                    pairs_path=it / "pairs.jsonl", ref_path=it / "ref_logps.jsonl",
-                    out_dir=it / "policy", cfg=cfg.dpo)
 
-            # ---- model selection (Eq. 6-7):
-            # every checkpoint vs π_{t-1} on D_MS, judged by r_{t-1}
+            # line 5, model selection (Eq. 6-7): every checkpoint vs π_{t-1} on D_MS, by r_{t-1}
             m.stage(f"{tag}/select", select, [it / "selection.json"],
                     out_path=it / "selection.json", candidates=it / "policy", pi_prev=gen_pi,
                     r_prev=gen_r, d_ms=D_ms, sampling=cfg.sampling, tau=E.tau, select=E.select,
                     seed=cfg.seed, stream=tag)
-            if measure_gold:  # the over-optimisation curve, before unselected checkpoints go
-                m.stage(f"{tag}/gold_curve", gold.curve, [it / "gold_curve.json"],
-                        out_path=it / "gold_curve.json", selection_path=it / "selection.json",
-                        candidates=it / "policy", pi_prev=gen_pi)
+            gold_diag.curve(tag, it, pi_prev=gen_pi)  # before unselected checkpoints go
             selection = read_json(it / "selection.json")
             metrics = {"round": rnd, "iter": t, "pairs": read_json(it / "pairs.stats.json"),
                        "dpo": train_policy.summary(it / "policy"), "selection": selection}
             history.append(metrics)
-
-            def measure(pi_t: Path, r_t: Path):  # Fig. 3 measured: the RMs' gold agreement on π_t
-                m.stage(f"{tag}/gold", gold.diagnose, [it / "gold.json"],
-                        out_path=it / "gold.json", pi_t=pi_t, pi_prev=gen_pi, r0=r0, r_prev=gen_r,
-                        r_t=r_t, d_ms=D_ms, pi0_samples=pi0_on_d_ms, sampling=cfg.sampling,
-                        n=E.n_samples, seed=cfg.seed, stream=tag)
-                metrics["gold"] = {**read_json(it / "gold_curve.json"),
-                                   **read_json(it / "gold.json")}
-            if selection["stop"]:
-                if measure_gold:  # the run keeps π_{t-1} and r_{t-1}: measure what it keeps
-                    measure(gen_pi, gen_r)
-                    if d.is_main:
-                        write_json(it / "metrics.json", metrics)
-                track.log_iteration(len(history), iteration_scalars(metrics))
+            if selection["stop"]:  # the run keeps π_{t-1} and r_{t-1}: measure what it keeps
+                metrics.update(gold_diag.diagnose(tag, it, pi_t=gen_pi, pi_prev=gen_pi,
+                                                  r_prev=gen_r, r_t=gen_r))
+                end_iteration(m, config, gold_diag.on, tag, it, metrics, len(history))
                 dist.print0(f"{tag}: best win rate {selection['win_rate']:.3f} < τ={E.tau}: stop, "
                             f"keep π_{t - 1}, r_{t - 1}")
                 stop = True
@@ -123,48 +89,95 @@ def run(cfg: C.Config) -> dict:
                 m.prune(f"{tag}/prune", [it / "policy" / k for k in selection["candidates"]
                                          if k != selection["chosen"]])
 
-            # ---- pseudo-pairs (Alg. 1 line 6), filtering (line 7), M-step (line 8, Eq. 5)
-            r_t = gen_r
+            # lines 6-8: pseudo-pairs on D_R, filtered by ε_t, M-step (Eq. 5)
+            r_t = gen_r  # without --em.update_rm r_0 judges every iteration (iterative DPO)
             if E.update_rm:
-                m.stage(f"{tag}/pseudo_pairs", pseudo_pairs, [it / "pseudo_pairs.jsonl"],
-                        out_path=it / "pseudo_pairs.jsonl", pi_t=pi_t, pi_prev=gen_pi,
-                        r_prev=gen_r, d_r=D_r, sampling=cfg.sampling, strategy=E.filter,
-                        eps_stat=E.eps_stat, eps_mult=E.eps_mult, keep_truncated=E.keep_truncated,
-                        seed=cfg.seed, stream=tag)
-                m.stage(f"{tag}/rm_data", rm_data,
-                        [it / "rm_train.jsonl", it / "rm_heldout.jsonl"],
-                        pseudo_path=it / "pseudo_pairs.jsonl", st_pairs=list(st_pairs), d_r=D_r,
-                        train_path=it / "rm_train.jsonl", heldout_path=it / "rm_heldout.jsonl",
-                        mode=E.rm_data, heldout=E.rm_heldout)
-                # appendix B: every RM iteration restarts from r0
-                rm_init = r0 if E.rm_restart else gen_r
-                m.stage(f"{tag}/rm", train_rm.train, [it / "rm"], init_dir=rm_init,
-                        pair_files=[it / "rm_train.jsonl"], out_dir=it / "rm", cfg=cfg.rm_train)
-                r_t = it / "rm" / "final"
-                m.stage(f"{tag}/rm_eval", rm_eval, [it / "rm_eval.json"],
-                        out_path=it / "rm_eval.json", r_new=r_t, r_prev=gen_r,
-                        heldout_path=it / "rm_heldout.jsonl")
+                r_t = m_step(m, cfg, tag, it, D_r, pi_t=pi_t, pi_prev=gen_pi, r_prev=gen_r,
+                             r0=r0, st_pairs=list(st_pairs))
                 metrics["pseudo_pairs"] = read_json(it / "pseudo_pairs.info.json")
                 metrics["rm"] = {**train_rm.summary(it / "rm"), **read_json(it / "rm_eval.json")}
-            if measure_gold:
-                measure(pi_t, r_t)
-            if d.is_main:
-                write_json(it / "metrics.json", metrics)
-            track.log_iteration(len(history), iteration_scalars(metrics))
+            metrics.update(gold_diag.diagnose(tag, it, pi_t=pi_t, pi_prev=gen_pi, r_prev=gen_r,
+                                              r_t=r_t))
+            end_iteration(m, config, gold_diag.on, tag, it, metrics, len(history))
             gen_pi, gen_r, init_pi = pi_t, r_t, pi_t
         if stop:
             break  # a τ stop ends the whole run
 
+    # line 10: output π_T and r_T
     summary = {"policy": str(gen_pi), "rm": str(gen_r), "iterations": history}
     if d.is_main:
         write_json(run_dir / "summary.json", summary)
-        print(table(history, cfg))
-        # the world's gold reward shows what the RM can only estimate
-        if sandbox.is_world_prompts(cfg.prompts):
-            print("\nGold view (mt/gold.py; mt/sandbox.py's gold reward, on D_MS):")
-            print(gold.gold_table(gold.gold_view(run_dir)))
+        print_report(history, cfg, run_dir)
     track.finish()
     return summary
+
+
+def e_step(m: Manifest, cfg: C.Config, tag: str, it: Path, D_t: Path, pi_prev: Path,
+           r_prev: Path, init_pi: Path):
+    """Alg. 1 line 4: M responses per prompt of D_t from π_{t-1}, scored by r_{t-1}, made into
+    pairs (--em.pair_rule); DPO (Eq. 4) from init_pi, which is also the reference."""
+    E = cfg.em
+    m.stage(f"{tag}/sample", train_policy.sample, [it / "samples.jsonl"],
+            policy_dir=pi_prev, prompts_path=D_t, out_path=it / "samples.jsonl",
+            sampling=cfg.sampling, n=E.n_samples, seed=cfg.seed, stream=f"{tag}/e-step")
+    m.stage(f"{tag}/score", train_policy.score, [it / "scores.jsonl"], rm_dir=r_prev,
+            samples_path=it / "samples.jsonl", out_path=it / "scores.jsonl")
+    m.stage(f"{tag}/pairs", train_policy.pairs, [it / "pairs.jsonl"],
+            samples_path=it / "samples.jsonl", scores_path=it / "scores.jsonl",
+            out_path=it / "pairs.jsonl", rule=E.pair_rule, keep_truncated=E.keep_truncated)
+    check_pairs(it / "pairs.jsonl", D_t)
+    m.stage(f"{tag}/ref_logps", train_policy.ref_logps, [it / "ref_logps.jsonl"],
+            policy_dir=init_pi, pairs_path=it / "pairs.jsonl",
+            out_path=it / "ref_logps.jsonl", **train_policy.reference_args(cfg.dpo))
+    m.stage(f"{tag}/dpo", train_policy.dpo, [it / "policy"], policy_dir=init_pi,
+            pairs_path=it / "pairs.jsonl", ref_path=it / "ref_logps.jsonl",
+            out_dir=it / "policy", cfg=cfg.dpo)
+
+
+def m_step(m: Manifest, cfg: C.Config, tag: str, it: Path, D_r: Path, pi_t: Path, pi_prev: Path,
+           r_prev: Path, r0: Path, st_pairs: list[Path]) -> Path:
+    """Alg. 1 lines 6-8: pseudo-pairs (y_t ~ π_t) ≻ (y_{t-1} ~ π_{t-1}) on D_R, filtered by ε_t
+    (Sec. 4.3), and the RM trained on them (Eq. 5; --em.rm_data mixes in the E-step pairs).
+    Returns r_t; rm_eval measures it beside r_{t-1} on held-out pseudo-pairs."""
+    E = cfg.em
+    m.stage(f"{tag}/pseudo_pairs", pseudo_pairs, [it / "pseudo_pairs.jsonl"],
+            out_path=it / "pseudo_pairs.jsonl", pi_t=pi_t, pi_prev=pi_prev,
+            r_prev=r_prev, d_r=D_r, sampling=cfg.sampling, strategy=E.filter,
+            eps_stat=E.eps_stat, eps_mult=E.eps_mult, keep_truncated=E.keep_truncated,
+            seed=cfg.seed, stream=tag)
+    m.stage(f"{tag}/rm_data", rm_data, [it / "rm_train.jsonl", it / "rm_heldout.jsonl"],
+            pseudo_path=it / "pseudo_pairs.jsonl", st_pairs=st_pairs, d_r=D_r,
+            train_path=it / "rm_train.jsonl", heldout_path=it / "rm_heldout.jsonl",
+            mode=E.rm_data, heldout=E.rm_heldout)
+    # appendix B: every RM iteration restarts from r0
+    m.stage(f"{tag}/rm", train_rm.train, [it / "rm"], init_dir=r0 if E.rm_restart else r_prev,
+            pair_files=[it / "rm_train.jsonl"], out_dir=it / "rm", cfg=cfg.rm_train)
+    r_t = it / "rm" / "final"
+    m.stage(f"{tag}/rm_eval", rm_eval, [it / "rm_eval.json"], out_path=it / "rm_eval.json",
+            r_new=r_t, r_prev=r_prev, heldout_path=it / "rm_heldout.jsonl")
+    return r_t
+
+
+def end_iteration(m: Manifest, config: dict, measured: bool, tag: str, it: Path, metrics: dict,
+                  step: int):
+    """Once per iteration, a τ stop's included: check that it recorded the stages `run_em.py
+    status` plans (mt/manifest.py iteration_stages), write its metrics.json, log its numbers."""
+    ran = [n.removeprefix(f"{tag}/") for n in m.reached if n.startswith(f"{tag}/")]
+    planned = iteration_stages(config, measured, stop=metrics["selection"]["stop"])
+    if ran != planned:  # a stage added to run() but not to the plan: status would misreport
+        raise RuntimeError(f"{tag} recorded the stages {ran}, but mt/manifest.py "
+                           f"iteration_stages lists {planned}: change both together")
+    if dist.get().is_main:
+        write_json(it / "metrics.json", metrics)
+    track.log_iteration(step, iteration_scalars(metrics))
+
+
+def print_report(history: list[dict], cfg: C.Config, run_dir: Path):
+    """The end-of-run table; on a sandbox world, the gold view of what the RM only estimates."""
+    print(table(history, cfg))
+    if sandbox.is_world_prompts(cfg.prompts):
+        print("\nGold view (mt/gold.py; mt/sandbox.py's gold reward, on D_MS):")
+        print(gold.gold_table(gold.gold_view(run_dir)))
 
 
 def preflight(cfg: C.Config):
@@ -386,202 +399,6 @@ def iteration_scalars(h: dict) -> dict[str, float]:
                    rm_heldout_acc_prev=rm.get("heldout_acc_prev"),
                    rm_heldout_acc_new=rm.get("heldout_acc_new"))
     return {k: v for k, v in out.items() if v is not None}
-
-
-# ---- `python run_em.py status --out RUN`: where a run stands, from its files (never its lock)
-
-E_STAGES = ("sample", "score", "pairs", "ref_logps", "dpo", "select")
-M_STAGES = ("pseudo_pairs", "rm_data", "rm", "rm_eval")  # with --em.update_rm only
-
-
-def stage_plan(cfg: dict) -> list[str]:
-    """Every stage `run` records, in order, for a run with no τ stop (from its config.json)."""
-    E = cfg["em"]
-    names = ["splits"]
-    for rnd in range(1, E["rounds"] + 1):
-        for t in range(1, cfg["iters"] + 1):
-            tag = iteration_dir(Path(), rnd, t, E["rounds"]).as_posix()
-            prune = ("prune",) if E.get("keep_checkpoints") == "selected" else ()
-            names += [f"{tag}/{s}"
-                      for s in E_STAGES + prune + (M_STAGES if E["update_rm"] else ())]
-    return names
-
-
-def lock_holder(run_dir: Path) -> str | None:
-    """Who runs in run_dir ('pid N on HOST'), or None: a non-blocking shared flock on its .lock,
-    released at once, tells a live holder (mt/manifest.py lock_run_dir) from a stale file."""
-    path = Path(run_dir) / ".lock"
-    if not path.is_file():
-        return None
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return f.read().strip() or "another process"
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return None
-
-
-def _hms(seconds: float) -> str:
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{seconds:.1f}s")
-
-
-def _last_row(path: Path) -> dict:
-    """The last complete row of a metrics.jsonl being appended to (a cut last line is skipped)."""
-    last = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            last = row if isinstance(row, dict) else last
-    return last
-
-
-def _training(run_dir: Path, name: str) -> str:
-    """A dpo / rm stage's progress on disk: its last logged step, or where it would resume."""
-    tag, _, stage = name.rpartition("/")
-    if stage not in ("dpo", "rm"):
-        return ""
-    d = run_dir / tag / ("policy" if stage == "dpo" else "rm")
-    meta = d / "trainer_state" / "meta.json"
-    total = read_json(meta).get("total") if meta.is_file() else None
-    row = _last_row(d / "metrics.jsonl")
-    if not row:
-        return ""
-    return (f"step {row.get('step')}{f'/{total}' if total else ''}, loss "
-            f"{row.get('loss', float('nan')):.4f}")
-
-
-def decisions(run_dir: Path, recorded: dict) -> list[str]:
-    """Each iteration's decisions so far (of the stages recorded done): the checkpoint chosen or
-    the τ stop, ε_t and the pseudo-pairs kept, the RM's accuracies."""
-    out = []
-    for it in iteration_dirs(run_dir):
-        tag, parts = it.relative_to(run_dir).as_posix(), []
-
-        def done(stage):
-            return recorded.get(f"{tag}/{stage}", {}).get("status") == "done"
-        if done("dpo") and (it / "policy" / "metrics.jsonl").is_file():
-            dpo = train_policy.summary(it / "policy")
-            if dpo:
-                parts.append(f"DPO {dpo['steps']} steps, loss {dpo['first_loss']:.4f} → "
-                             f"{dpo['loss']:.4f}, reward acc {dpo.get('reward_acc', 0):.2f}")
-        if done("select") and (it / "selection.json").is_file():
-            sel = read_json(it / "selection.json")
-            rates = ", ".join(f"{k} {v['win_rate']:.3f}"
-                              for k, v in sel.get("candidates", {}).items())
-            tau = sel.get("tau")
-            if sel["stop"]:
-                parts.append(f"τ stop: best win rate {sel['win_rate']:.3f} ({sel['best']}) < τ "
-                             f"{tau}, keeps the previous models [{rates}]")
-            else:
-                vs = f" ≥ τ {tau}" if tau is not None else " (no selection: the last one)"
-                parts.append(f"chosen {sel['chosen']}: win rate {sel['win_rate']:.3f}{vs} "
-                             f"[{rates}]")
-        if done("pseudo_pairs") and (it / "pseudo_pairs.info.json").is_file():
-            pp = read_json(it / "pseudo_pairs.info.json")
-            parts.append(f"ε_t {pp['eps_t']:.4g} ({pp['eps_mult']:g}×{pp['eps_stat']}, "
-                         f"{pp['strategy']}): kept {pp['kept_total']}/{pp['n']} pseudo-pairs")
-        rm = train_rm.summary(it / "rm") if done("rm") else {}
-        ev = read_json(it / "rm_eval.json") if done("rm_eval") else {}
-        if rm.get("train_acc") is not None:
-            acc = f"RM train acc {rm['train_acc']:.3f}"
-            if ev.get("heldout_pairs"):
-                acc += (f", held-out acc {ev['heldout_acc_prev']:.3f} → "
-                        f"{ev['heldout_acc_new']:.3f} ({ev['heldout_pairs']} pairs)")
-            parts.append(acc)
-        if parts:
-            out += [f"  {tag}:", *(f"    {p}" for p in parts)]
-    return out
-
-
-def status(run_dir) -> str:
-    """Which stages are done, running or left, their times, and the decisions so far, read from
-    the run's files without taking its lock (so it works beside a running run)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise UserError(f"{run_dir}: no config.json, so not a run directory (run_em.py writes "
-                        "config.json and manifest.json as it starts). Fix: pass a run's --out")
-    cfg = read_json(run_dir / "config.json")
-    manifest = run_dir / "manifest.json"
-    recorded = read_json(manifest)["stages"] if manifest.is_file() else {}
-    standalone = "samples" in cfg  # train_policy.py / train_rm.py: only their recorded stages
-    plan = list(recorded) if standalone else stage_plan(cfg)
-    plan += [n for n in recorded if n not in plan]
-    holder = lock_holder(run_dir)
-    stop = None
-    for it in [] if standalone else iteration_dirs(run_dir):
-        tag = it.relative_to(run_dir).as_posix()
-        if (f"{tag}/select" in recorded and (it / "selection.json").is_file()
-                and read_json(it / "selection.json").get("stop")):
-            stop = tag
-            break
-    # the running stage began when the last one was recorded (or when the run took its lock)
-    since = max((p.stat().st_mtime for p in (manifest, run_dir / ".lock") if p.is_file()),
-                default=time.time())
-    # a τ stop ends the run after its iteration's selection
-    end = plan.index(f"{stop}/select") if stop else len(plan)
-    lines, first_left = [], True
-    for i, name in enumerate(plan):
-        st = recorded.get(name)
-        if st and st.get("status") == "done":
-            state, note = "done", _hms(st.get("seconds", 0))
-        elif i > end:
-            state, note = "skipped", f"τ stop at {stop}"
-        elif first_left and holder:
-            state, note = "running", f"for {_hms(time.time() - since)}"
-            note += f"; {_training(run_dir, name)}" if _training(run_dir, name) else ""
-            first_left = False
-        else:
-            state, note = "left", ""
-            if first_left and _training(run_dir, name):
-                note = f"partial: {_training(run_dir, name)} (a rerun resumes it)"
-            first_left = False
-        lines.append(f"  {state:<8} {name:<24} {note}".rstrip())
-    done = sum(1 for n in plan if recorded.get(n, {}).get("status") == "done")
-    left = sum(line.split()[0] in ("left", "running") for line in lines)
-    skipped = sum(line.split()[0] == "skipped" for line in lines)
-    if holder:
-        head = f"running ({holder})"
-    elif not left:
-        head = "finished" + (f" (τ stop at {stop})" if stop else "")
-    else:
-        head = "stopped (rerun the same command to resume)"
-    secs = sum(st.get("seconds", 0) for st in recorded.values())
-    what = (f"preset {cfg.get('preset')}, T={cfg.get('iters')}"
-            + (f", {cfg['em']['rounds']} rounds" if cfg.get("em", {}).get("rounds", 1) > 1
-               else ""))
-    out = [f"{run_dir}: {head}; {done} of {len(plan) - skipped} stages done in {_hms(secs)}"
-           + (f", {skipped} skipped by the τ stop" if skipped else "") + f" ({what})",
-           *lines]
-    dec = decisions(run_dir, recorded) if not standalone else []
-    if dec:
-        out += ["decisions so far:", *dec]
-    if (run_dir / "summary.json").is_file() and not holder:
-        s = read_json(run_dir / "summary.json")
-        out.append(f"output: policy {s['policy']}, rm {s['rm']}")
-    return "\n".join(out)
-
-
-@dataclass
-class StatusConfig:
-    out: str = ""  # the run directory (a run_em.py --out)
-
-
-def status_main(argv: list[str]) -> str:
-    doc = ("Where a run stands: which stages are done, running or left, their times, and the "
-           "decisions so far (chosen checkpoint, τ stops, ε_t). Reads the run's files only; "
-           "never takes its lock, so it runs beside a live run.")
-    cfg = C.parse(argv, StatusConfig(), "python run_em.py status", doc)
-    if not cfg.out:
-        raise C.ConfigError("python run_em.py status: missing --out RUN (a run directory)")
-    text = status(Path(cfg.out))
-    print(text, flush=True)
-    return text
 
 
 # ---- each stage alone, on explicit files: `python run_em.py STAGE --file path ...

@@ -7,6 +7,10 @@
                    pseudo-pairs' gold accuracy, before and after the filter -> iter*/gold.json
     gold_view(run), gold_table(rows)   the per-iteration table run_em.py prints
 
+run_em.py calls them through one object, Diagnostics, at the two places of Algorithm 1 they
+measure (after model selection; after the M-step or at a τ stop); off a sandbox world it does
+nothing.
+
 Every number is computed from the run's files and the world's gold reward (mt/sandbox.py); the
 pure functions below (agreement, best_of_n, auc, pseudo_report) are checked against hand values
 in tests/test_gold.py.
@@ -20,13 +24,14 @@ from pathlib import Path
 import torch
 
 from mt import chat, dist
+from mt import config as C
 from mt.checkpoint import load_model
 from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples,
                      read_scores, write_json)
 from mt.losses import response_logps
-from mt.manifest import iteration_dirs
+from mt.manifest import Manifest, iteration_dir, iteration_dirs
 from mt.sampler import sample_to_file
-from mt.sandbox import gold_reward, gold_win_rate, pair_gold_accuracy, policy_gold
+from mt.sandbox import gold_reward, gold_win_rate, is_world_prompts, pair_gold_accuracy, policy_gold
 from mt.scoring import score_files
 from mt.train import collate, metrics_summary
 
@@ -212,6 +217,47 @@ def diagnose(out_path: Path, pi_t: Path, pi_prev: Path, r0: Path, r_prev: Path, 
     if dist.get().is_main:
         write_json(out_path, out)
     return out
+
+
+# ---- the two stages inside run_em.py's loop
+
+
+def enabled(cfg: dict) -> bool:
+    """Does a run measure gold? On a sandbox world's prompts (the gold reward applies) with
+    --sandbox.diagnostics. From the config as config.json holds it, so `run_em.py status` decides
+    as the run did."""
+    return bool(cfg.get("sandbox", {}).get("diagnostics")) and is_world_prompts(cfg["prompts"])
+
+
+class Diagnostics:
+    """The gold stages of one run: `curve` after model selection, `diagnose` after the M-step (or
+    at a τ stop, on the models the run keeps). Off a sandbox world (`on` false) both do nothing."""
+
+    def __init__(self, m: Manifest, cfg: C.Config, on: bool, r0: Path, d_ms: Path):
+        self.m, self.cfg, self.on, self.r0, self.d_ms = m, cfg, on, r0, d_ms
+        # π0's responses on D_MS: sampled once, by the first iteration's model selection
+        self.pi0_samples = (iteration_dir(Path(cfg.out), 1, 1, cfg.em.rounds) / "selection"
+                            / "prev.samples.jsonl")
+
+    def curve(self, tag: str, it: Path, pi_prev: Path):
+        """The over-optimisation curve, before the unselected checkpoints are pruned."""
+        if self.on:
+            self.m.stage(f"{tag}/gold_curve", curve, [it / "gold_curve.json"],
+                         out_path=it / "gold_curve.json", selection_path=it / "selection.json",
+                         candidates=it / "policy", pi_prev=pi_prev)
+
+    def diagnose(self, tag: str, it: Path, pi_t: Path, pi_prev: Path, r_prev: Path,
+                 r_t: Path) -> dict:
+        """Fig. 3 measured: the RMs' gold agreement on π_t. {"gold": ...} for the iteration's
+        metrics, or {} when off."""
+        if not self.on:
+            return {}
+        c = self.cfg
+        self.m.stage(f"{tag}/gold", diagnose, [it / "gold.json"], out_path=it / "gold.json",
+                     pi_t=pi_t, pi_prev=pi_prev, r0=self.r0, r_prev=r_prev, r_t=r_t,
+                     d_ms=self.d_ms, pi0_samples=self.pi0_samples, sampling=c.sampling,
+                     n=c.em.n_samples, seed=c.seed, stream=tag)
+        return {"gold": {**read_json(it / "gold_curve.json"), **read_json(it / "gold.json")}}
 
 
 # ---- the gold view of a run directory (what run_em.py prints after a sandbox run)

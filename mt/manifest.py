@@ -105,6 +105,34 @@ def iteration_dir(run_dir: Path, rnd: int, t: int, rounds: int) -> Path:
     return Path(run_dir) / (f"iter{t}" if rounds == 1 else f"round{rnd}/iter{t}")
 
 
+def iteration_stages(cfg: dict, gold: bool, stop: bool = False) -> list[str]:
+    """The one list of the stages an iteration of run_em.py records, in order (Algorithm 1, lines
+    4-8), from the config as config.json holds it: `run_em.py status` plans from it and run_em.py
+    checks every iteration against it. `gold`: the sandbox's diagnostics (mt/gold.py enabled)."""
+    e_step = ["sample", "score", "pairs", "ref_logps", "dpo"]  # line 4, Eq. 4
+    selection = ["select"] + (["gold_curve"] if gold else [])  # line 5, Eq. 6-7
+    diagnosis = ["gold"] if gold else []
+    if stop:  # a τ stop keeps π_{t-1} and r_{t-1}: no M-step
+        return e_step + selection + diagnosis
+    prune = ["prune"] if cfg["em"].get("keep_checkpoints") == "selected" else []
+    m_step = ["pseudo_pairs", "rm_data", "rm", "rm_eval"] if cfg["em"]["update_rm"] else []
+    return e_step + selection + prune + m_step + diagnosis  # lines 6-8, Eq. 5
+
+
+def run_stages(cfg: dict, gold: bool, stop: str | None = None) -> list[str]:
+    """Every stage a run records, in order: all of them, or up to a τ stop at iteration `stop`
+    (its tag, e.g. iter2), which ends the run."""
+    names = ["splits"]
+    rounds = cfg["em"]["rounds"]
+    for rnd in range(1, rounds + 1):
+        for t in range(1, cfg["iters"] + 1):
+            tag = iteration_dir(Path(), rnd, t, rounds).as_posix()
+            names += [f"{tag}/{s}" for s in iteration_stages(cfg, gold, stop=tag == stop)]
+            if tag == stop:
+                return names
+    return names
+
+
 def iteration_dirs(run_dir: Path) -> list[Path]:
     """Every iteration directory a run has made so far,
     in the order it made them (from its config)."""
@@ -131,6 +159,7 @@ class Manifest:
     def __init__(self, run_dir, cfg=None, force: bool = False):
         self.run_dir = Path(run_dir).resolve()
         self.path = self.run_dir / "manifest.json"
+        self.reached: list[str] = []  # every stage this process came to, done or run, in order
         err = None
         # rank 0 holds the lock for every rank; all ranks stop if it is taken
         if dist.get().is_main:
@@ -214,6 +243,7 @@ class Manifest:
         resume: the intent is recorded first, then the deletion, then every stage record that hashed a
         directory holding a victim is re-hashed, in one manifest write. A kill in between is finished
         at the next start."""
+        self.reached.append(name)
         if name in self.data["stages"]:
             dist.print0(f"[done] {name}")
             return
@@ -247,6 +277,7 @@ class Manifest:
 
         Returns fn's result, or the recorded info of a finished stage.
         """
+        self.reached.append(name)
         outputs = [Path(p) for p in outputs]
         # a path that is an output, lies inside one or holds one is where the stage writes,
         # not an input

@@ -250,17 +250,26 @@ def test_second_round_restarts_from_the_base_models(inputs, tmp_path):
     assert [(h["round"], h["iter"]) for h in summary["iterations"]] == [(1, 1), (2, 1)]
 
 
-def test_sandbox_preset_with_two_rounds_prints_the_gold_table(tmp_path):
-    """The run layout is named in one place (mt/manifest.py iteration_dir): with --em.rounds 2 the run
-    writes round{r}/iter{t} and the sandbox's gold view finds them (it once globbed iter* and failed)."""
-    from mt import gold, sandbox
-    w = sandbox.build_world(seed=5, cache_dir=tmp_path / "cache", n_prompts=40, sft_examples=640, sft_epochs=1,
+@pytest.fixture(scope="module")
+def sandbox_rounds2(tmp_path_factory):
+    """A small sandbox-preset run with two rounds of one iteration: gold diagnostics on."""
+    from mt import sandbox
+    root = tmp_path_factory.mktemp("sandbox_rounds2")
+    w = sandbox.build_world(seed=5, cache_dir=root / "cache", n_prompts=40, sft_examples=640, sft_epochs=1,
                             rm_prompts=40, rm_epochs=1, eval_prompts=16)
-    out = tmp_path / "run"
+    out = root / "run"
     p = run_em(["--preset", "sandbox", "--policy", str(w.policy_dir), "--rm", str(w.rm_dir), "--prompts",
                 str(w.prompts_path), "--out", str(out), "--iters", "1", "--em.rounds", "2", "--em.d_ms_size", "8",
                 "--em.tau", "0", "--dpo.batch_size", "8", "--dpo.micro_batch_size", "8", "--dpo.save_every", "1",
                 "--rm_train.batch_size", "8", "--rm_train.micro_batch_size", "8"])
+    return out, p
+
+
+def test_sandbox_preset_with_two_rounds_prints_the_gold_table(sandbox_rounds2):
+    """The run layout is named in one place (mt/manifest.py iteration_dir): with --em.rounds 2 the run
+    writes round{r}/iter{t} and the sandbox's gold view finds them (it once globbed iter* and failed)."""
+    from mt import gold, sandbox
+    out, p = sandbox_rounds2
     printed = p.stdout.split("Gold view")[1].strip().split("\n\n")[0]  # the per-iteration table
     rows = [line for line in printed.splitlines() if line.startswith("| round")]
     assert [r.split(" | ")[0] for r in rows] == ["| round1/iter1", "| round2/iter1"], printed
@@ -269,6 +278,20 @@ def test_sandbox_preset_with_two_rounds_prints_the_gold_table(tmp_path):
     chosen = json.loads((out / "round2" / "iter1" / "selection.json").read_text())["chosen"]
     new = [json.loads(x) for x in open(out / "round2" / "iter1" / "selection" / f"{chosen}.samples.jsonl")]
     assert view[1]["policy_gold"] == pytest.approx(sandbox.policy_gold(new))  # gold of the chosen π on D_MS
+
+
+def test_status_of_a_sandbox_run_lists_every_recorded_stage_in_order(sandbox_rounds2):
+    """`run_em.py status` plans from the stage list run() checks itself against (mt/manifest.py
+    iteration_stages), so the sandbox's gold stages appear where the run recorded them (they once were
+    missing from a hand-written plan and listed last, out of order)."""
+    out, _ = sandbox_rounds2
+    recorded = list(json.loads((out / "manifest.json").read_text())["stages"])
+    assert {"round1/iter1/gold_curve", "round2/iter1/gold"} <= set(recorded)
+    text = run_em(["status", "--out", str(out)]).stdout
+    stages = [tuple(line.split()[:2]) for line in text.splitlines()
+              if line.split()[0] in ("done", "running", "left", "skipped")]
+    assert stages == [("done", name) for name in recorded], text
+    assert text.splitlines()[0].startswith(f"{out}: finished; {len(recorded)} of {len(recorded)} stages done")
 
 
 def test_keep_only_the_selected_checkpoints_and_still_resume(inputs, reference, tmp_path):

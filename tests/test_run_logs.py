@@ -12,9 +12,11 @@ import pytest
 import run_em
 import train_rm
 from mt import config as C
-from mt import dist, track
+from mt import dist, gold, track
 from mt.data import read_json, read_jsonl_rows, read_pseudo_pairs
 from mt.errors import UserError
+from mt.manifest import run_stages
+from mt.status import status
 from test_run_em import args, inputs, run_em as run_em_cli  # noqa: F401 (a fixture)
 
 HAVE_TB = importlib.util.find_spec("tensorboard") is not None
@@ -152,7 +154,8 @@ def test_a_run_from_before_the_log_section_resumes():
 def test_status_of_a_finished_run(logged):
     out, _, _ = logged
     stages = read_json(out / "manifest.json")["stages"]
-    assert run_em.stage_plan(read_json(out / "config.json")) == list(stages)
+    cfg = read_json(out / "config.json")
+    assert not gold.enabled(cfg) and run_stages(cfg, False) == list(stages)
     p = run_em_cli(["status", "--out", str(out)])
     text = p.stdout
     assert text.splitlines()[0].startswith(f"{out}: finished; 21 of 21 stages done in ")
@@ -187,7 +190,7 @@ def test_status_beside_a_running_run_never_takes_its_lock(logged, tmp_path):
     holder.write("pid 4242 on testhost\n")
     holder.flush()
     try:
-        text = run_em.status(run)
+        text = status(run)
         lines = [line.split()[:2] for line in text.splitlines()]
         assert text.startswith(f"{run}: running (pid 4242 on testhost); 5 of 21 stages done")
         assert ["running", "iter1/dpo"] in lines and ["left", "iter1/select"] in lines
@@ -200,7 +203,7 @@ def test_status_beside_a_running_run_never_takes_its_lock(logged, tmp_path):
         assert (run / ".lock").read_text() == "pid 4242 on testhost\n"
     finally:
         holder.close()
-    text = run_em.status(run)  # the process is gone: stopped, resumable
+    text = status(run)  # the process is gone: stopped, resumable
     assert text.startswith(f"{run}: stopped (rerun the same command to resume); 5 of 21")
     assert ["left", "iter1/dpo"] in [line.split()[:2] for line in text.splitlines()]
 
@@ -214,7 +217,7 @@ def test_status_after_a_tau_stop(logged, tmp_path):
         (run / "iter1" / f).unlink()
     shutil.rmtree(run / "iter1" / "rm")
     shutil.rmtree(run / "iter2")
-    text = run_em.status(run)
+    text = status(run)
     lines = [line.split()[:2] for line in text.splitlines()]
     assert text.startswith(f"{run}: finished (τ stop at iter1); 7 of 7 stages done in ")
     assert ", 14 skipped by the τ stop" in text.splitlines()[0]
