@@ -104,12 +104,23 @@ def run(cfg: C.Config) -> dict:
             break  # a τ stop ends the whole run
 
     # line 10: output π_T and r_T
-    summary = {"policy": str(gen_pi), "rm": str(gen_r), "iterations": history}
+    # paths inside the run are relative to it, so a moved or copied run still names its own models
+    summary = {"policy": run_path(gen_pi, run_dir), "rm": run_path(gen_r, run_dir),
+               "iterations": history}
     if d.is_main:
         write_json(run_dir / "summary.json", summary)
         print_report(history, cfg, run_dir)
     track.finish()
     return summary
+
+
+def run_path(path: Path, run_dir: Path) -> str:
+    """A model's path as summary.json holds it: relative to the run directory when inside it (the
+    selected checkpoint), else absolute (a base model kept by a τ stop at iteration 1)."""
+    try:
+        return Path(path).relative_to(run_dir).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 def e_step(m: Manifest, cfg: C.Config, tag: str, it: Path, D_t: Path, pi_prev: Path,

@@ -71,6 +71,9 @@ def test_uninterrupted_run_is_complete(inputs, reference):
             assert stages[f"iter{t}/{s}"]["status"] == "done"
     summary = json.loads((reference / "summary.json").read_text())
     assert [h["iter"] for h in summary["iterations"]] == [1, 2]
+    # the selected policy and the final RM, relative to the run (a moved run still names its models)
+    sel2 = json.loads((reference / "iter2" / "selection.json").read_text())
+    assert summary["policy"] == f"iter2/policy/{sel2['chosen']}" and summary["rm"] == "iter2/rm/final"
     # the E-step of iteration 2 sampled from the selected π_1 and was judged by r_1
     sel = json.loads((reference / "iter1" / "selection.json").read_text())
     assert summary["iterations"][0]["selection"]["chosen"] == sel["chosen"]
