@@ -112,6 +112,26 @@ def decisions(run_dir: Path, recorded: dict) -> list[str]:
     return out
 
 
+def eta(left: list[str], recorded: dict, running: str | None = None,
+        running_for: float = 0.0) -> tuple[float, list[str]]:
+    """Seconds until the stages `left` are done, each estimated by the mean time of the stages of
+    the same kind already done (iter1/dpo for iter2/dpo: the same sizes); the running one less what
+    it has run. Returns the seconds and the stages no done stage of their kind can time."""
+    times: dict[str, list[float]] = {}
+    for name, st in recorded.items():
+        if st.get("status") == "done":
+            times.setdefault(name.rpartition("/")[2], []).append(st.get("seconds", 0.0))
+    total, unknown = 0.0, []
+    for name in left:
+        kind = times.get(name.rpartition("/")[2])
+        if not kind:
+            unknown.append(name)
+            continue
+        mean = sum(kind) / len(kind)
+        total += max(0.0, mean - running_for) if name == running else mean
+    return total, unknown
+
+
 def status(run_dir) -> str:
     """Which stages are done, running or left, their times, and the decisions so far, read from
     the run's files without taking its lock (so it works beside a running run)."""
@@ -139,7 +159,7 @@ def status(run_dir) -> str:
     # the running stage began when the last one was recorded (or when the run took its lock)
     since = max((p.stat().st_mtime for p in (manifest, run_dir / ".lock") if p.is_file()),
                 default=time.time())
-    lines, first_left = [], True
+    lines, first_left, running = [], True, None
     for name in plan + cut:
         st = recorded.get(name)
         if st and st.get("status") == "done":
@@ -147,7 +167,7 @@ def status(run_dir) -> str:
         elif name in cut:
             state, note = "skipped", f"τ stop at {stop}"
         elif first_left and holder:
-            state, note = "running", f"for {_hms(time.time() - since)}"
+            state, note, running = "running", f"for {_hms(time.time() - since)}", name
             note += f"; {_training(run_dir, name)}" if _training(run_dir, name) else ""
             first_left = False
         else:
@@ -172,6 +192,13 @@ def status(run_dir) -> str:
     out = [f"{run_dir}: {head}; {done} of {len(plan)} stages done in {_hms(secs)}"
            + (f", {skipped} skipped by the τ stop" if skipped else "") + f" ({what})",
            *lines]
+    todo = [line.split()[1] for line in lines if line.split()[0] in ("left", "running")]
+    if todo:
+        secs_left, unknown = eta(todo, recorded, running, time.time() - since)
+        out.append(f"ETA: {_hms(secs_left)} for {len(todo) - len(unknown)} of the {len(todo)} stages "
+                   "left, each timed by the done stages of its kind"
+                   + (f" ({len(unknown)} of kinds not yet run: {', '.join(unknown[:3])}"
+                      f"{', …' if len(unknown) > 3 else ''}; add their time)" if unknown else ""))
     dec = decisions(run_dir, recorded) if not standalone else []
     if dec:
         out += ["decisions so far:", *dec]

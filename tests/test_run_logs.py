@@ -16,7 +16,7 @@ from mt import dist, gold, track
 from mt.data import read_json, read_jsonl_rows, read_pseudo_pairs
 from mt.errors import UserError
 from mt.manifest import run_stages
-from mt.status import status
+from mt.status import _hms, eta, status
 from test_run_em import args, inputs, run_em as run_em_cli  # noqa: F401 (a fixture)
 
 HAVE_TB = importlib.util.find_spec("tensorboard") is not None
@@ -206,6 +206,22 @@ def test_status_beside_a_running_run_never_takes_its_lock(logged, tmp_path):
     text = status(run)  # the process is gone: stopped, resumable
     assert text.startswith(f"{run}: stopped (rerun the same command to resume); 5 of 21")
     assert ["left", "iter1/dpo"] in [line.split()[:2] for line in text.splitlines()]
+    # the ETA: iteration 2's sample, score, pairs and ref_logps timed by iteration 1's; 12 stages of
+    # kinds not yet run are named, not guessed
+    secs = read_json(run / "manifest.json")["stages"]
+    want = sum(secs[f"iter1/{k}"]["seconds"] for k in ("sample", "score", "pairs", "ref_logps"))
+    assert f"ETA: {_hms(want)} for 4 of the 16 stages left" in text
+    assert "(12 of kinds not yet run: iter1/dpo, iter1/select, iter1/pseudo_pairs, …; add their time)" in text
+
+
+def test_eta_by_hand():
+    rec = {"splits": {"status": "done", "seconds": 1.0},
+           "iter1/sample": {"status": "done", "seconds": 10.0},
+           "round2/iter1/sample": {"status": "done", "seconds": 30.0},
+           "iter1/dpo": {"status": "running"}}
+    assert eta(["iter2/sample", "iter1/dpo"], rec) == (20.0, ["iter1/dpo"])  # the mean of 10 and 30
+    assert eta(["iter2/sample"], rec, running="iter2/sample", running_for=15.0) == (5.0, [])
+    assert eta(["iter2/sample"], rec, running="iter2/sample", running_for=99.0) == (0.0, [])
 
 
 def test_status_after_a_tau_stop(logged, tmp_path):
