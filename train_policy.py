@@ -31,6 +31,7 @@ from mt.checkpoint import load_for_training, load_model
 from mt.data import (DataError, read_pairs, read_prompts, read_samples, read_scores, write_json,
                      write_jsonl)
 from mt.em import make_pairs
+from mt.flags import ConfigError
 from mt.logps import response_logps
 from mt.losses import LOSSES, preference_objective
 from mt.manifest import Manifest
@@ -240,7 +241,7 @@ def main(cfg: C.StageConfig) -> dict:
     need = ["policy", "out"] + ([] if cfg.pairs else ["rm", "prompts"])
     missing = [k for k in need if not getattr(cfg, k)]
     if missing:
-        raise C.ConfigError(f"missing --{', --'.join(missing)} (see --help)")
+        raise ConfigError(f"missing --{', --'.join(missing)} (see --help)")
     out = Path(cfg.out)
     m = Manifest(out, cfg, cfg.force_config)
     track.start(cfg.log, out, C.to_dict(cfg))  # --log.tensorboard / --log.wandb (rank 0)

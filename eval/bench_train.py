@@ -43,7 +43,8 @@ import train_policy  # noqa: E402
 from mt import dist  # noqa: E402
 from mt import train as T  # noqa: E402
 from mt.chat import Example  # noqa: E402
-from mt.config import DPOConfig, RMConfig, opt, parse  # noqa: E402
+from mt.config import DPOConfig, RMConfig  # noqa: E402
+from mt.flags import opt, parse  # noqa: E402
 from mt.losses import BRADLEY_TERRY, preference_objective  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
 

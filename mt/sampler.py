@@ -45,8 +45,9 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from mt import chat, checkpoint, dist
-from mt.config import ConfigError, SamplingConfig, check_sampling, opt, parse
+from mt.config import SamplingConfig, check_sampling
 from mt.data import read_prompts, write_jsonl
+from mt.flags import ConfigError, opt, parse
 from mt.model import KVCache, Transformer
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward; bounds the prefill's activation memory

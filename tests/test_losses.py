@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mt import losses
-from mt.config import ConfigError, DPOConfig, parse_args
+from mt.config import Config, DPOConfig, parse
+from mt.flags import ConfigError
 from mt.losses import bradley_terry_loss, dpo_loss, simpo_loss
 
 f64 = dict(dtype=torch.float64)
@@ -77,9 +78,9 @@ def test_bradley_terry_closed_form():
 def test_registry_errors_name_what_to_change():
     args = dpo_inputs()
     with pytest.raises(ConfigError, match="--dpo.loss='kto': must be one of"):
-        parse_args(["--dpo.loss", "kto"])
+        parse(["--dpo.loss", "kto"], Config())
     with pytest.raises(ConfigError, match="applies only to --dpo.loss cdpo"):
-        parse_args(["--dpo.loss", "dpo", "--dpo.label_smoothing", "0.1"])
+        parse(["--dpo.loss", "dpo", "--dpo.label_smoothing", "0.1"], Config())
     with pytest.raises(ValueError, match="0 < --dpo.label_smoothing < 0.5"):
         losses.LOSSES["cdpo"].fn(*args, DPOConfig(loss="cdpo", label_smoothing=0.0))
     with pytest.raises(ValueError, match="loss_type"):

@@ -12,7 +12,7 @@ import pytest
 import run_em
 import train_rm
 from mt import config as C
-from mt import dist, track
+from mt import dist, flags, track
 from mt.data import read_json, read_jsonl_rows, read_pseudo_pairs
 from mt.errors import UserError
 from test_run_em import args, inputs, run_em as run_em_cli  # noqa: F401 (a fixture)
@@ -113,7 +113,7 @@ def test_tracking_is_off_by_default_and_rank_0_only(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=None))
     monkeypatch.setattr(dist, "_STATE", dist.Dist(rank=1, world_size=2))
     assert track.start(C.LogConfig(wandb="proj"), tmp_path) is None  # no init on rank 1
-    help_text = C.help_text(C.Config())
+    help_text = flags.help_text(C.Config())
     assert "--log.tensorboard" in help_text and "--log.wandb" in help_text
 
 
@@ -142,7 +142,7 @@ def test_a_run_from_before_the_log_section_resumes():
     old = C.to_dict(cfg)
     del old["log"]
     changed = [c for c in C.diff(old, C.to_dict(cfg))
-               if c.split(":")[0] not in C.scheduling_only(cfg)]
+               if c.split(":")[0] not in flags.scheduling_only(cfg)]
     assert changed == []
 
 
