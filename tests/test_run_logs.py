@@ -104,7 +104,7 @@ def test_wandb_gets_the_same_rows_with_a_step_axis_per_stage(monkeypatch, tmp_pa
     assert ("iteration/*", "iteration/step") in r.metrics
     assert r.logs == [{"iter1/policy/loss": 0.5, "iter1/policy/lr": 1e-3, "iter1/policy/step": 1},
                       {"iteration/eps_t": 0.25, "iteration/stop": 0.0, "iteration/step": 1}]
-    assert r.finished and track.active() is None
+    assert r.finished and track._ACTIVE is None
 
 
 def test_tracking_is_off_by_default_and_rank_0_only(monkeypatch, tmp_path):
