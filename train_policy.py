@@ -31,7 +31,9 @@ from mt.checkpoint import load_for_training, load_model
 from mt.data import (DataError, read_pairs, read_prompts, read_samples, read_scores, write_json,
                      write_jsonl)
 from mt.em import make_pairs
-from mt.losses import LOSSES, preference_objective, response_logps
+from mt.flags import ConfigError
+from mt.logps import response_logps
+from mt.losses import LOSSES, preference_objective
 from mt.manifest import Manifest
 from mt.progress import progress as progress_bar
 from mt.sampler import sample_to_file, summary_line
@@ -107,7 +109,7 @@ def reference_logps(model, examples: list[Example], micro_batch_size: int, pad_i
                     full_logits: bool = False) -> dict[str, tuple[float, float]]:
     """Summed log-probs of chosen and rejected responses under `model`,
     data-parallel: {pair id: (c, r)}. The head is fused with the log-softmax at response positions
-    (mt/losses.py response_logps: no (2b, T, V) logits); `full_logits=True` is the reference path.
+    (mt/logps.py response_logps: no (2b, T, V) logits); `full_logits=True` is the reference path.
 
     no_grad, not inference_mode: inference tensors would break the FSDP training forward that
     follows.
@@ -240,7 +242,7 @@ def main(cfg: C.StageConfig) -> dict:
     need = ["policy", "out"] + ([] if cfg.pairs else ["rm", "prompts"])
     missing = [k for k in need if not getattr(cfg, k)]
     if missing:
-        raise C.ConfigError(f"missing --{', --'.join(missing)} (see --help)")
+        raise ConfigError(f"missing --{', --'.join(missing)} (see --help)")
     out = Path(cfg.out)
     m = Manifest(out, cfg, cfg.force_config)
     track.start(cfg.log, out, C.to_dict(cfg))  # --log.tensorboard / --log.wandb (rank 0)

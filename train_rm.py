@@ -24,6 +24,7 @@ from mt import dist, hub, track
 from mt.chat import load_tokenizer, rm_examples
 from mt.checkpoint import load_for_training
 from mt.data import read_pairs
+from mt.flags import ConfigError
 from mt.losses import BRADLEY_TERRY
 from mt.manifest import Manifest
 from mt.scoring import score_conversations
@@ -90,7 +91,7 @@ def main(cfg: C.StageConfig) -> dict:
     hub.resolve_flags(cfg, "rm")  # a Hub id (org/name) -> its cached snapshot
     pair_files = [Path(f) for f in cfg.pairs.split(",") if f]
     if not cfg.rm or not pair_files or not cfg.out:
-        raise C.ConfigError("train_rm.py needs --rm DIR (an RM or a causal LM), --pairs "
+        raise ConfigError("train_rm.py needs --rm DIR (an RM or a causal LM), --pairs "
                             "FILE[,FILE...] and --out DIR (see --help)")
     out = Path(cfg.out)
     m = Manifest(out, cfg, cfg.force_config)

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mt import dist  # noqa: E402
 from mt.checkpoint import load_for_training, read_config, save_model, weight_files  # noqa: E402
-from mt.config import TrainConfig, parse  # noqa: E402
+from mt.config import TrainConfig  # noqa: E402
+from mt.flags import parse  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
 
 GIB = 2 ** 30

@@ -41,7 +41,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mt import chat, dist, sampler  # noqa: E402
 from mt.checkpoint import load_model, resolve_dtype  # noqa: E402
-from mt.config import ConfigError, SamplingConfig, opt, parse  # noqa: E402
+from mt.config import SamplingConfig  # noqa: E402
+from mt.flags import ConfigError, opt, parse  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
 from mt.sampler import check_sampling, generate  # noqa: E402
 

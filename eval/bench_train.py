@@ -12,7 +12,7 @@ so MFU is slightly understated at long sequence lengths. DPO's reference log-pro
 timed), as in training. Peak: --peak-tflops, else bf16 dense H100 SXM (989) on CUDA, or a measured fp32
 matmul rate on CPU (say so when you report it).
 
---head picks how DPO's log-probs are computed: `fused` (mt/losses.py response_logps: the LM head
+--head picks how DPO's log-probs are computed: `fused` (mt/logps.py response_logps: the LM head
 fused with the log-softmax at response positions, no (2b, T, V) logits), `full` (the full logits,
 the path it replaced), or `both`: each on a fresh model in this process, then the ratios (the
 FLOP count stays 6·N·tokens for both: the fused head does 4 head matmuls on the response
@@ -43,7 +43,8 @@ import train_policy  # noqa: E402
 from mt import dist  # noqa: E402
 from mt import train as T  # noqa: E402
 from mt.chat import Example  # noqa: E402
-from mt.config import DPOConfig, RMConfig, opt, parse  # noqa: E402
+from mt.config import DPOConfig, RMConfig  # noqa: E402
+from mt.flags import opt, parse  # noqa: E402
 from mt.losses import BRADLEY_TERRY, preference_objective  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
 

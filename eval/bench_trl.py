@@ -48,7 +48,8 @@ from mt import dist  # noqa: E402
 from mt import train as T  # noqa: E402
 from mt.chat import Example  # noqa: E402
 from mt.checkpoint import load_model, save_hf  # noqa: E402
-from mt.config import DPOConfig, opt, parse  # noqa: E402
+from mt.config import DPOConfig  # noqa: E402
+from mt.flags import opt, parse  # noqa: E402
 from mt.data import write_json  # noqa: E402
 from mt.errors import UserError  # noqa: E402
 from mt.losses import preference_objective  # noqa: E402

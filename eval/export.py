@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # `python eval/export.py`: make `mt` and `eval` i
 from eval import tables  # noqa: E402
 from mt import dist  # noqa: E402
 from mt.checkpoint import replace_dir  # noqa: E402
-from mt.config import ConfigError, parse  # noqa: E402
+from mt.flags import ConfigError, parse  # noqa: E402
 from mt.data import read_json  # noqa: E402
 from mt.errors import UserError  # noqa: E402
 from mt.manifest import iteration_dirs  # noqa: E402

@@ -31,7 +31,8 @@ if __package__ in (None, ""):  # `python eval/generate.py`: make `mt` and `eval`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mt import chat, checkpoint, dist, hub  # noqa: E402
-from mt.config import ConfigError, SamplingConfig, opt, parse  # noqa: E402
+from mt.config import SamplingConfig  # noqa: E402
+from mt.flags import ConfigError, opt, parse  # noqa: E402
 from mt.data import iter_rows, read_samples, write_json, write_jsonl  # noqa: E402
 from mt.errors import UserError  # noqa: E402
 from mt.runs import resolve_model  # noqa: E402

@@ -51,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 from eval import bench_sampler as BS  # noqa: E402
 from eval import bench_train as BT  # noqa: E402
 from mt import dist  # noqa: E402
-from mt.config import ConfigError, SamplingConfig, opt, parse  # noqa: E402
+from mt.config import SamplingConfig  # noqa: E402
+from mt.flags import ConfigError, opt, parse  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
 
 PARTS = ("logits", "dpo", "sampler", "sandbox")

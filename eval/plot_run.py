@@ -26,8 +26,7 @@ if __package__ in (None, ""):
 
 import train_policy  # noqa: E402
 import train_rm  # noqa: E402
-from mt import config as C  # noqa: E402
-from mt import dist  # noqa: E402
+from mt import dist, flags  # noqa: E402
 from mt import gold as gold_metrics  # noqa: E402
 from mt.data import read_json, read_jsonl_rows, read_pseudo_pairs  # noqa: E402
 from mt.errors import UserError  # noqa: E402
@@ -309,9 +308,9 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):
         argv = ["--run", *argv]
-    a = C.parse(argv, PlotConfig(), "python eval/plot_run.py", __doc__)
+    a = flags.parse(argv, PlotConfig(), "python eval/plot_run.py", __doc__)
     if not a.run:
-        raise C.ConfigError("python eval/plot_run.py: missing the run directory (RUN or --run)")
+        raise flags.ConfigError("python eval/plot_run.py: missing the run directory (RUN or --run)")
     for p in plot_run(a.run, a.out or None, a.gold):
         print(p)
 

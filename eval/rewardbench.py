@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # `python eval/rewardbench.py`: make `mt` importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mt import chat, dist, hub  # noqa: E402
-from mt.config import ConfigError, opt, parse  # noqa: E402
+from mt.flags import ConfigError, opt, parse  # noqa: E402
 from mt.data import DataError, atomic_write_text, iter_rows, write_json, write_jsonl  # noqa: E402
 from mt.runs import resolve_model  # noqa: E402
 from mt.scoring import load_rm, score_conversations  # noqa: E402

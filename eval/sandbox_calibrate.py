@@ -31,8 +31,8 @@ if __package__ in (None, ""):
 import run_em  # noqa: E402
 import train_policy  # noqa: E402
 from mt import config as C  # noqa: E402
-from mt import dist, sandbox  # noqa: E402
-from mt.config import opt  # noqa: E402
+from mt import dist, flags, sandbox  # noqa: E402
+from mt.flags import opt  # noqa: E402
 from mt.data import read_samples, write_json, write_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ def calibrate(a: CalibrateConfig, world_overrides: dict | None = None,
 
 
 def main(argv=None):
-    a = C.parse(sys.argv[1:] if argv is None else argv, CalibrateConfig(),
+    a = flags.parse(sys.argv[1:] if argv is None else argv, CalibrateConfig(),
                 "python eval/sandbox_calibrate.py", __doc__)
     result = calibrate(a)
     write_json(a.result, result)

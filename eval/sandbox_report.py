@@ -35,8 +35,8 @@ if __package__ in (None, ""):
 
 from eval import plot_run  # noqa: E402
 from mt import config as C  # noqa: E402
-from mt import dist, gold  # noqa: E402
-from mt.config import opt  # noqa: E402
+from mt import dist, flags, gold  # noqa: E402
+from mt.flags import opt  # noqa: E402
 from mt.errors import UserError  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def parse_seeds(text: str) -> list[int]:
             lo, _, hi = part.partition("-")
             out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
     except ValueError:
-        raise C.ConfigError(f"--seeds {text!r}: expected comma-separated integers or ranges, "
+        raise flags.ConfigError(f"--seeds {text!r}: expected comma-separated integers or ranges, "
                             "e.g. 0-14. Fix: write the seeds like that") from None
     return out
 
@@ -357,7 +357,7 @@ def figures(recs: dict, seeds: list[int], variants: list[str], out: Path, world:
 
 
 def main(argv=None):
-    a = C.parse(sys.argv[1:] if argv is None else argv, ReportConfig(),
+    a = flags.parse(sys.argv[1:] if argv is None else argv, ReportConfig(),
                 "python eval/sandbox_report.py", __doc__)
     if a.run:
         print(gold.gold_table(gold.gold_view(Path(a.run))))
@@ -367,7 +367,7 @@ def main(argv=None):
     variants = [v for v in a.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise C.ConfigError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+        raise flags.ConfigError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     seeds = parse_seeds(a.seeds)
     out = Path(a.out)
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/soak.py`: make `mt` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mt.config import opt, parse  # noqa: E402
+from mt.flags import opt, parse  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING_KEYS = {"elapsed", "seconds", "tokens_per_s"}

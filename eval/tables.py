@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # `python eval/tables.py`: make `mt` and `eval` i
 
 from eval.rewardbench import SECTIONS  # noqa: E402
 from mt import dist  # noqa: E402
-from mt.config import ConfigError, parse  # noqa: E402
+from mt.flags import ConfigError, parse  # noqa: E402
 from mt.data import atomic_write_text  # noqa: E402
 from mt.errors import UserError  # noqa: E402
 

@@ -21,7 +21,8 @@ if __package__ in (None, ""):  # `python eval/winrate.py`: make `mt` importable 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mt import chat, checkpoint, dist, hub  # noqa: E402
-from mt.config import ConfigError, SamplingConfig, opt, parse  # noqa: E402
+from mt.config import SamplingConfig  # noqa: E402
+from mt.flags import ConfigError, opt, parse  # noqa: E402
 from mt.data import ReadReport, read_pairs, read_prompts, read_samples, write_json  # noqa: E402
 from mt.em import win_rate  # noqa: E402  (Eq. 6, shared with model selection)
 from mt.runs import resolve_model  # noqa: E402

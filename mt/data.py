@@ -442,25 +442,6 @@ def read_pseudo_pairs(path) -> list[dict]:
     return _read(path, _parse_pseudo_pair, lambda r: r["prompt_id"], "row", "raise", None)
 
 
-def align_scores(samples: list[dict], scores: list[dict]) -> list[list[float]]:
-    """Scores for each sample in the samples' order; errors if a prompt is missing
-    or the counts differ."""
-    by_id = {s["prompt_id"]: s["scores"] for s in scores}
-    out = []
-    for s in samples:
-        pid = s["prompt_id"]
-        if pid not in by_id:
-            raise DataError(f"prompt_id {pid!r} has samples but no scores. Fix: re-run scoring "
-                            "on this samples file (the scores file may come from another "
-                            "iteration)")
-        if len(by_id[pid]) != len(s["responses"]):
-            raise DataError(f"prompt_id {pid!r}: {len(by_id[pid])} scores for "
-                            f"{len(s['responses'])} responses. Fix: re-run scoring on this "
-                            "samples file")
-        out.append(by_id[pid])
-    return out
-
-
 # ---- writing: all-or-nothing
 
 def _umask() -> int:
@@ -555,17 +536,3 @@ def pad_sequences(seqs: list[list[int]], pad_id: int,
             else:
                 ids[i, T - len(s):] = row
     return ids, lengths
-
-
-def attention_mask_from_lengths(lengths: torch.Tensor, T: int,
-                                side: str = "right") -> torch.Tensor:
-    """Bool mask (B, T), True on real tokens; built from lengths, never by searching for pad
-    (pad may equal eos)."""
-    if side not in ("right", "left"):
-        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
-    if lengths.numel() and int(lengths.max()) > T:
-        raise ValueError(f"a length ({int(lengths.max())}) exceeds T={T}")
-    pos = torch.arange(T, device=lengths.device)  # (T,)
-    if side == "right":
-        return pos[None, :] < lengths[:, None]
-    return pos[None, :] >= T - lengths[:, None]

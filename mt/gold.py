@@ -28,7 +28,7 @@ from mt import config as C
 from mt.checkpoint import load_model
 from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples,
                      read_scores, write_json)
-from mt.losses import response_logps
+from mt.logps import response_logps
 from mt.manifest import Manifest, iteration_dir, iteration_dirs
 from mt.sampler import sample_to_file
 from mt.sandbox import gold_reward, gold_win_rate, is_world_prompts, pair_gold_accuracy, policy_gold

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from mt import config as C
-from mt import dist
+from mt import dist, flags
 from mt.data import read_json, write_json
 from mt.errors import UserError
 
@@ -188,10 +188,10 @@ class Manifest:
         new = C.to_dict(cfg)
         if path.is_file():
             old = read_json(path)
-            skip = C.scheduling_only(cfg)
+            skip = flags.scheduling_only(cfg)
             changed = [c for c in C.diff(old, new) if c.split(":")[0] not in skip]
             if changed and not force:
-                raise C.ConfigError(
+                raise flags.ConfigError(
                     f"{path}: this run was started with a different config:\n  "
                     + "\n  ".join(changed)
                     + "\nFix: use the original flags, a new --out, or --force_config true to continue "

@@ -44,8 +44,9 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from mt import chat, checkpoint, dist, hub
-from mt.config import ConfigError, SamplingConfig, check_sampling, opt, parse
+from mt.config import SamplingConfig, check_sampling
 from mt.data import read_prompts, write_jsonl
+from mt.flags import ConfigError, opt, parse
 from mt.model import KVCache, Transformer
 from mt.progress import progress as progress_bar
 

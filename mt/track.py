@@ -128,10 +128,6 @@ def start(log, run_dir, config: dict | None = None) -> Tracker | None:
     return _ACTIVE
 
 
-def active() -> Tracker | None:
-    return _ACTIVE
-
-
 def log_step(out_dir, row: dict):
     """One metrics.jsonl row of the training stage writing to out_dir."""
     if _ACTIVE is not None:

@@ -1,4 +1,4 @@
-"""mt/config.py: the paper's appendix-B defaults, presets, the typed override parser and its errors,
+"""mt/config.py and mt/flags.py: the paper's appendix-B defaults, presets, the typed override parser and its errors,
 and saved configs that read back identically."""
 
 import dataclasses
@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from mt.config import PRESETS, Config, ConfigError, diff, flat_keys, from_dict, parse_args, save, to_dict
+from mt.config import PRESETS, Config, diff, from_dict, parse, save, to_dict
+from mt.flags import ConfigError, flat_keys
+
+
+def parse_args(argv):
+    """The experiment's flags onto the paper's defaults, as `python run_em.py` parses them."""
+    return parse(argv, Config())
 
 
 # The paper's numbers, each with where it is stated: the `paper` preset must be exactly these.

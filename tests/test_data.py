@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from mt.data import (DataError, ReadReport, align_scores, attention_mask_from_lengths, pad_sequences,
+from mt.data import (DataError, ReadReport, pad_sequences,
                      prompt_hash, read_pairs, read_prompts, read_samples, read_scores, write_jsonl)
 
 READERS = {"prompts": read_prompts, "pairs": read_pairs, "samples": read_samples, "scores": read_scores}
@@ -323,52 +323,28 @@ def test_parquet_with_real_pyarrow(tmp_path):
     assert read_prompts(tmp_path / "p.parquet") == [{"prompt_id": "a", "prompt": [{"role": "user", "content": "x"}]}]
 
 
-# ---- aligning scores with samples
-
-def test_align_scores():
-    q = [{"role": "user", "content": "Q"}]
-    samples = [{"prompt_id": "a", "prompt": q, "responses": ["x", "y"], "finish_reasons": ["stop"] * 2,
-                "num_tokens": [1, 1]},
-               {"prompt_id": "b", "prompt": q, "responses": ["z"], "finish_reasons": ["stop"], "num_tokens": [1]}]
-
-    def sc(pid, scores):
-        return {"prompt_id": pid, "scores": scores}
-    assert align_scores(samples, [sc("b", [3.0]), sc("a", [1.0, 2.0])]) == [[1.0, 2.0], [3.0]]
-    with pytest.raises(DataError, match="prompt_id 'b' has samples but no scores"):
-        align_scores(samples, [sc("a", [1.0, 2.0])])
-    with pytest.raises(DataError, match="prompt_id 'a': 1 scores for 2 responses"):
-        align_scores(samples, [sc("a", [1.0]), sc("b", [3.0])])
-
-
 # ---- padding / collation vs a naive loop
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_pad_and_mask_match_naive_loop(side):
+def test_pad_matches_naive_loop(side):
     g = torch.Generator().manual_seed(0)
     lens = [int(n) for n in torch.randint(0, 9, (7,), generator=g)] + [8]
     seqs = [torch.randint(1, 100, (n,), generator=g).tolist() for n in lens]
     ids, lengths = pad_sequences(seqs, pad_id=0, side=side)
     T = max(lens)
-    naive_ids, naive_mask = [], []
+    naive_ids = []
     for s in seqs:
         pad = [0] * (T - len(s))
         naive_ids.append(s + pad if side == "right" else pad + s)
-        real = [True] * len(s)
-        naive_mask.append(real + [False] * len(pad) if side == "right" else [False] * len(pad) + real)
     assert ids.dtype == torch.long and ids.tolist() == naive_ids
     assert lengths.dtype == torch.long and lengths.tolist() == lens
-    mask = attention_mask_from_lengths(lengths, T, side)
-    assert mask.dtype == torch.bool and mask.tolist() == naive_mask
-    assert ids[mask].tolist() == [t for s in seqs for t in s]  # the mask selects exactly the real tokens
-    wide = attention_mask_from_lengths(lengths, T + 3, side)  # T larger than the longest sequence
-    assert wide.sum(1).tolist() == lens
 
 
 def test_pad_id_equal_to_a_real_token():
-    # pad == eos: the mask comes from lengths, so a real token equal to pad_id stays visible
+    # pad == eos: lengths count the tokens given, so a real token equal to pad_id is not taken for padding
     ids, lengths = pad_sequences([[5, 2], [2]], pad_id=2, side="left")
     assert ids.tolist() == [[5, 2], [2, 2]]
-    assert attention_mask_from_lengths(lengths, 2, "left").tolist() == [[True, True], [False, True]]
+    assert lengths.tolist() == [2, 1]
 
 
 def test_pad_errors():
@@ -376,5 +352,3 @@ def test_pad_errors():
         pad_sequences([[1]], 0, side="middle")
     with pytest.raises(ValueError, match="at least one"):
         pad_sequences([], 0)
-    with pytest.raises(ValueError, match=r"exceeds T=2"):
-        attention_mask_from_lengths(torch.tensor([3]), 2)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eval import generate, rewardbench, winrate
-from mt.config import ConfigError
+from mt.flags import ConfigError
 from eval.rewardbench import (BenchError, count_correct, format_table, prior_sets_score, read_bench, section_scores,
                               summarize)
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from eval import export, tables
-from mt.config import ConfigError
+from mt.flags import ConfigError
 from mt.runs import ModelPathError, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]

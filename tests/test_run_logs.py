@@ -12,7 +12,7 @@ import pytest
 import run_em
 import train_rm
 from mt import config as C
-from mt import dist, gold, track
+from mt import dist, flags, gold, track
 from mt.data import read_json, read_jsonl_rows, read_pseudo_pairs
 from mt.errors import UserError
 from mt.manifest import run_stages
@@ -106,7 +106,7 @@ def test_wandb_gets_the_same_rows_with_a_step_axis_per_stage(monkeypatch, tmp_pa
     assert ("iteration/*", "iteration/step") in r.metrics
     assert r.logs == [{"iter1/policy/loss": 0.5, "iter1/policy/lr": 1e-3, "iter1/policy/step": 1},
                       {"iteration/eps_t": 0.25, "iteration/stop": 0.0, "iteration/step": 1}]
-    assert r.finished and track.active() is None
+    assert r.finished and track._ACTIVE is None
 
 
 def test_tracking_is_off_by_default_and_rank_0_only(monkeypatch, tmp_path):
@@ -115,7 +115,7 @@ def test_tracking_is_off_by_default_and_rank_0_only(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=None))
     monkeypatch.setattr(dist, "_STATE", dist.Dist(rank=1, world_size=2))
     assert track.start(C.LogConfig(wandb="proj"), tmp_path) is None  # no init on rank 1
-    help_text = C.help_text(C.Config())
+    help_text = flags.help_text(C.Config())
     assert "--log.tensorboard" in help_text and "--log.wandb" in help_text
 
 
@@ -144,7 +144,7 @@ def test_a_run_from_before_the_log_section_resumes():
     old = C.to_dict(cfg)
     del old["log"]
     changed = [c for c in C.diff(old, C.to_dict(cfg))
-               if c.split(":")[0] not in C.scheduling_only(cfg)]
+               if c.split(":")[0] not in flags.scheduling_only(cfg)]
     assert changed == []
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mt import chat, sandbox
+from mt import chat, flags, sandbox
 from mt import config as C
 from mt.sandbox import gold_reward
 
@@ -182,7 +182,7 @@ def _fixed_rm_run(world, out: Path, seed: int) -> list[Path]:
         cfg = C.StageConfig(policy=str(policies[-1]), rm=str(world.rm_dir), prompts=str(d / "prompts.jsonl"),
                             out=str(d), seed=seed, device="cpu")
         for k, v in preset.items():
-            C.set_key(cfg, k, v)
+            flags.set_key(cfg, k, v)
         cfg.dpo.save_every = 0
         train_policy.main(cfg)
         policies.append(d / "policy" / "final")
@@ -227,7 +227,7 @@ def test_report_seed_ranges_and_paired_intervals_by_hand():
     # mean 0.15, sd 0.05 over 3 seeds: half-width t(0.975, 2) · sd / sqrt(3) = 4.303 · 0.05 / 1.732
     assert r.paired([0.1, 0.2, 0.15]) == "+0.150 [+0.026, +0.274]"
     assert r.paired([0.05]) == "+0.050 (1 seed)" and r.paired([]) == "-"
-    with pytest.raises(C.ConfigError, match="--seeds 'a-b'"):
+    with pytest.raises(flags.ConfigError, match="--seeds 'a-b'"):
         r.parse_seeds("a-b")
 
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from conftest import hf_model
 from mt.chat import encode_conversation, load_tokenizer
 from mt.checkpoint import CheckpointError
-from mt.data import align_scores, read_samples, read_scores, write_jsonl
+from mt.data import read_samples, read_scores, write_jsonl
 from mt.scoring import load_rm, score_conversations, score_file, score_samples
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -60,9 +60,10 @@ def test_score_file_rows_align_with_samples(tiny_rm_dir, tmp_path):
     out = score_file(tiny_rm_dir, tmp_path / "samples.jsonl", tmp_path / "scores.jsonl", progress=False)
     scores = read_scores(tmp_path / "scores.jsonl")
     assert scores == out  # a scores row is its dict
-    aligned = align_scores(read_samples(tmp_path / "samples.jsonl"), scores)
-    for row, sc in zip(rows, aligned):
-        assert sc == pytest.approx(_hf_scores(tiny_rm_dir, [(row["prompt"], y) for y in row["responses"]]), abs=1e-5)
+    by_id = {s["prompt_id"]: s["scores"] for s in scores}
+    assert [s["prompt_id"] for s in read_samples(tmp_path / "samples.jsonl")] == list(by_id)
+    for row in rows:
+        assert by_id[row["prompt_id"]] == pytest.approx(_hf_scores(tiny_rm_dir, [(row["prompt"], y) for y in row["responses"]]), abs=1e-5)
     rm, tok = load_rm(tiny_rm_dir)
     again = score_samples(rm, read_samples(tmp_path / "samples.jsonl"), tok, progress=False)
     # pytest.approx takes no nested rows: compare ids exactly and each row's scores with approx's default tolerance

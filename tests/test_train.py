@@ -447,7 +447,7 @@ def test_fsdp_single_process_and_bf16_mixed_precision(tmp_path, dtype):
 
 
 def test_fsdp_fused_head_with_tied_embeddings(tmp_path):
-    """The fused head reads lm_head.weight after the root forward (mt/losses.py _lm_head_weight):
+    """The fused head reads lm_head.weight after the root forward (mt/logps.py _lm_head_weight):
     under FSDP2 with the head tied to the embeddings, training equals the plain run, and the full
     logits path equals both."""
     import torch.distributed as tdist

@@ -8,6 +8,7 @@ from transformers import AutoModelForSequenceClassification
 import train_policy
 import train_rm
 from mt import config as C
+from mt import flags
 from mt.checkpoint import load_model, read_config
 from mt.data import read_pairs, read_samples, read_scores, write_jsonl
 
@@ -59,7 +60,7 @@ def test_e_step_end_to_end_and_rerun_skips(tiny_llama_dir, tiny_rm_dir, tmp_path
     assert (e / "policy" / "final" / "model.safetensors").stat().st_mtime_ns == mtime
     # a rerun with a changed flag into the same --out is refused, naming the differing key; nothing is touched
     before = (e / "manifest.json").read_bytes(), (e / "config.json").read_bytes()
-    with pytest.raises(C.ConfigError, match=r'em.pair_rule: "length_control" -> "max_min"(.|\n)*--force_config'):
+    with pytest.raises(flags.ConfigError, match=r'em.pair_rule: "length_control" -> "max_min"(.|\n)*--force_config'):
         train_policy.main(C.parse(argv + ["--em.pair_rule", "max_min"], C.StageConfig()))
     assert ((e / "manifest.json").read_bytes(), (e / "config.json").read_bytes()) == before
     # with --force_config the pairs are rebuilt and everything downstream redone; sampling and scoring kept
@@ -100,5 +101,5 @@ def test_train_rm_cli_on_two_files_from_a_causal_lm(tiny_llama_dir, tmp_path):
     hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm" / "final"))
     assert hf.config.num_labels == 1 and hf.config.pad_token_id is not None
     assert 0 <= train_rm.pair_accuracy(tmp_path / "rm" / "final", a) <= 1
-    with pytest.raises(C.ConfigError, match="--pairs"):
+    with pytest.raises(flags.ConfigError, match="--pairs"):
         train_rm.main(C.parse(["--rm", str(tiny_llama_dir), "--out", str(tmp_path / "x")], C.StageConfig()))
