@@ -11,6 +11,7 @@ the only one here; `.item()` happens at log time in the trainer.
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 
 from mt.logps import response_logps
