@@ -271,8 +271,10 @@ def _raw_rows(path: Path, columns: tuple[str, ...] | None = None) -> Iterator[tu
                                   "re-save the file as UTF-8")
                     continue
                 if line.strip():  # blank lines (e.g. a trailing newline) are not rows
-                    try:
-                        yield n, json.loads(line.rstrip())  # rstrip: columns point into the text
+                    try:  # rstrip: columns point into the text
+                        yield n, json.loads(line.rstrip(), parse_constant=_no_constant)
+                    except _NotJSON as e:
+                        yield n, _Bad(None, str(e), "write numbers as finite JSON numbers")
                     except json.JSONDecodeError as e:
                         yield n, _Bad(None, f"invalid JSON ({e.msg} at column {e.colno})",
                                       "write exactly one complete JSON object per line")
@@ -283,7 +285,9 @@ def _raw_rows(path: Path, columns: tuple[str, ...] | None = None) -> Iterator[tu
     if path.suffix == ".json":
         data = path.read_bytes()
         try:
-            rows = json.loads(data.decode("utf-8-sig"))
+            rows = json.loads(data.decode("utf-8-sig"), parse_constant=_no_constant)
+        except _NotJSON as e:
+            raise DataError(f"{path}: {e}. Fix: write numbers as finite JSON numbers") from None
         except UnicodeDecodeError as e:
             line = data.count(b"\n", 0, e.start) + 1
             raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start}. Fix: re-save the "
@@ -316,8 +320,20 @@ def _raw_rows(path: Path, columns: tuple[str, ...] | None = None) -> Iterator[tu
     yield from enumerate(rows, 1)
 
 
+class _NotJSON(ValueError):
+    """NaN / Infinity: Python's json reads them, but they are not JSON and no writer here takes
+    them back (allow_nan=False), so a stage would fail only when it writes."""
+
+
+def _no_constant(name: str):
+    raise _NotJSON(f"holds {name}, which is not JSON (numbers must be finite)")
+
+
 def _check_path(path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file. Fix: give the file inside it "
+                        f"(a {', '.join(EXTENSIONS)} file)")
     if not path.is_file():
         raise DataError(f"{path}: no such file. Fix: check the path (cwd is {os.getcwd()})")
     if path.suffix not in EXTENSIONS:
@@ -515,14 +531,39 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
                                                          allow_nan=False) + "\n"))
 
 
+class Record(dict):
+    """A JSON object read by read_json: a missing key is a DataError naming the file and the key,
+    not a KeyError traceback (a file edited by hand, or written by another version)."""
+    path = ""
+
+    def __missing__(self, key):
+        raise DataError(f"{self.path}: no {key!r} in {{{', '.join(map(repr, list(self)[:8]))}"
+                        f"{', ...' if len(self) > 8 else ''}}} (edited, or written by another "
+                        "version). Fix: restore it from a copy of the run, or delete it and rerun "
+                        "the command that wrote the run: a stage whose outputs are missing or "
+                        "changed runs again")
+
+    def __reduce__(self):  # pickled (broadcast_object) as a plain dict
+        return dict, (dict(self),)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """One JSON document this project wrote (stats, selection, metrics);
-    a corrupt one names the file."""
+    a corrupt one names the file, and so does a missing key of any of its objects (Record)."""
     path = Path(path)
+
+    def record(obj: dict) -> Record:
+        r = Record(obj)
+        r.path = str(path)
+        return r
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a JSON file. Fix: give the file (or move "
+                        "the directory away)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_hook=record)
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file. Fix: rerun the stage that writes it") from None
+        raise DataError(f"{path}: no such file. Fix: rerun the command that wrote the run (a finished "
+                        "stage whose outputs are missing runs again)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
         raise DataError(f"{path}: not valid JSON ({why}). Fix: delete it and rerun the stage that "
