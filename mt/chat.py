@@ -35,7 +35,7 @@ def load_tokenizer(path) -> PreTrainedTokenizerBase:
         raise ChatTemplateError(f"{path}: is a file, not a model directory. Fix: give the directory "
                                 "that holds config.json and the tokenizer files")
     if not path.is_dir():
-        raise ChatTemplateError(f"{path}: no such model directory. Fix: check the path")
+        raise ChatTemplateError(f"{path}: tokenizer directory does not exist. Fix: check the path")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ChatTemplateError(f"{path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})."
                                 " Fix: copy the tokenizer files of the model it was trained from "

@@ -271,10 +271,8 @@ def _raw_rows(path: Path, columns: tuple[str, ...] | None = None) -> Iterator[tu
                                   "re-save the file as UTF-8")
                     continue
                 if line.strip():  # blank lines (e.g. a trailing newline) are not rows
-                    try:  # rstrip: columns point into the text
-                        yield n, json.loads(line.rstrip(), parse_constant=_no_constant)
-                    except _NotJSON as e:
-                        yield n, _Bad(None, str(e), "write numbers as finite JSON numbers")
+                    try:
+                        yield n, json.loads(line.rstrip())  # rstrip: columns point into the text
                     except json.JSONDecodeError as e:
                         yield n, _Bad(None, f"invalid JSON ({e.msg} at column {e.colno})",
                                       "write exactly one complete JSON object per line")
@@ -285,9 +283,7 @@ def _raw_rows(path: Path, columns: tuple[str, ...] | None = None) -> Iterator[tu
     if path.suffix == ".json":
         data = path.read_bytes()
         try:
-            rows = json.loads(data.decode("utf-8-sig"), parse_constant=_no_constant)
-        except _NotJSON as e:
-            raise DataError(f"{path}: {e}. Fix: write numbers as finite JSON numbers") from None
+            rows = json.loads(data.decode("utf-8-sig"))
         except UnicodeDecodeError as e:
             line = data.count(b"\n", 0, e.start) + 1
             raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start}. Fix: re-save the "
@@ -320,13 +316,18 @@ def _raw_rows(path: Path, columns: tuple[str, ...] | None = None) -> Iterator[tu
     yield from enumerate(rows, 1)
 
 
-class _NotJSON(ValueError):
-    """NaN / Infinity: Python's json reads them, but they are not JSON and no writer here takes
-    them back (allow_nan=False), so a stage would fail only when it writes."""
-
-
-def _no_constant(name: str):
-    raise _NotJSON(f"holds {name}, which is not JSON (numbers must be finite)")
+def _finite(v: Any, key: str):
+    """NaN / Infinity anywhere in a row: Python's json reads them, but they are not JSON and no
+    writer here takes them back (allow_nan=False), so a stage would fail only when it writes."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise _Bad(key, f"is {v} (not finite; NaN and Infinity are not JSON)",
+                   "write a finite number, or drop the field")
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _finite(x, f"{key}.{k}" if key else k)
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _finite(x, f"{key}[{i}]")
 
 
 def _check_path(path) -> Path:
@@ -386,6 +387,7 @@ def _read(path, parse: Callable[[dict], Any], key: Callable[[Any], Any], dup: st
                 raise _Bad(None, f"row is a JSON {_jtype(row)}, not an object",
                            "write each row as a {...} object")
             obj = parse(row)
+            _finite(obj, "")  # the fields the parser keeps as they are (named ones are checked)
             k = key(obj)
             if k in seen:
                 hashed = (" (rows without an id get prompt_hash of their text)" if dup != "row"

@@ -217,7 +217,7 @@ CASES = {  # name: (builder, words the one paragraph must hold)
     "reward model as sample --model": (rm_as_model, ["'score' head", "causal LM"]),
     "sample --out an existing directory": (out_is_directory, ["here", "is a directory", "samples.jsonl"]),
     "run_em.py --out an existing file": (run_out_is_file, ["run", "is a file"]),
-    "NaN in a pseudo-pairs row (filter)": (nan_pseudo_pair, ["pp.jsonl:1", "NaN"]),
+    "NaN in a pseudo-pairs row (filter)": (nan_pseudo_pair, ["pp.jsonl:1", "field 'note'", "not finite"]),
     "winrate on files of different prompts": (winrate_other_prompts, ["hold different prompts", "'other'"]),
     "status: config.json lacks a section": (status_config_without_section, ["config.json", "'em'"]),
     "rerun: config.json lacks a section": (rerun_config_without_section, ["config.json", "em."]),
