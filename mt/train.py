@@ -195,7 +195,8 @@ def check_inputs(examples, objective, cfg, ref_logps):
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise TrainError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size "
                          f"({cfg.micro_batch_size}) × world size ({world}): global batch = micro "
-                         "× accumulation × world")
+                         "× accumulation × world. Fix: change --dpo.batch_size (--rm_train.* for "
+                         "the RM) or its micro_batch_size, or the process count")
     if objective.uses_reference:
         if ref_logps is None:
             raise TrainError(f"loss={cfg.loss!r} needs reference log-probs: pass ref_logps "

@@ -363,3 +363,15 @@ def test_a_stage_into_a_live_run_names_the_run(inputs, tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_user_error_under_torchrun_is_printed_once(inputs, reference, tmp_path):
+    e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        str(REPO / "run_em.py"), "dpo", "--policy", str(inputs / "policy"), "--pairs",
+                        str(reference / "iter1" / "pairs.jsonl"), "--out", str(tmp_path / "dpo"),
+                        "--preset", "tiny", "--dpo.batch_size", "2", "--dpo.micro_batch_size", "2"],
+                       cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    errors = [x for x in (p.stdout + p.stderr).splitlines() if "error: " in x and "Fix:" in x]
+    assert len(errors) == 1 and "world size (2)" in errors[0], p.stderr[-3000:]
+    assert "mt/train.py" not in p.stderr  # torchrun's agent prints its own traceback, ours none
