@@ -25,7 +25,8 @@ from mt import plan as mt_plan
 from mt.checkpoint import read_config
 from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples,
                      read_scores, write_json, write_jsonl)
-from mt.manifest import Manifest, iteration_dir, iteration_stages
+from mt.manifest import (Manifest, hold_run_dir, iteration_dir, iteration_stages,
+                         refuse_if_held)
 from mt.scoring import score_files
 from mt.status import status_main
 
@@ -133,7 +134,8 @@ def e_step(m: Manifest, cfg: C.Config, tag: str, it: Path, D_t: Path, pi_prev: P
             sampling=cfg.sampling, n=E.n_samples, seed=cfg.seed, stream=f"{tag}/e-step")
     m.stage(f"{tag}/score", train_policy.score, [it / "scores.jsonl"], rm_dir=r_prev,
             samples_path=it / "samples.jsonl", out_path=it / "scores.jsonl")
-    m.stage(f"{tag}/pairs", train_policy.pairs, [it / "pairs.jsonl"],
+    # the side file is an output too: a missing or edited one makes its stage run again
+    m.stage(f"{tag}/pairs", train_policy.pairs, [it / "pairs.jsonl", it / "pairs.stats.json"],
             samples_path=it / "samples.jsonl", scores_path=it / "scores.jsonl",
             out_path=it / "pairs.jsonl", rule=E.pair_rule, keep_truncated=E.keep_truncated)
     check_pairs(it / "pairs.jsonl", D_t)
@@ -151,7 +153,8 @@ def m_step(m: Manifest, cfg: C.Config, tag: str, it: Path, D_r: Path, pi_t: Path
     (Sec. 4.3), and the RM trained on them (Eq. 5; --em.rm_data mixes in the E-step pairs).
     Returns r_t; rm_eval measures it beside r_{t-1} on held-out pseudo-pairs."""
     E = cfg.em
-    m.stage(f"{tag}/pseudo_pairs", pseudo_pairs, [it / "pseudo_pairs.jsonl"],
+    m.stage(f"{tag}/pseudo_pairs", pseudo_pairs,
+            [it / "pseudo_pairs.jsonl", it / "pseudo_pairs.info.json"],
             out_path=it / "pseudo_pairs.jsonl", pi_t=pi_t, pi_prev=pi_prev,
             r_prev=r_prev, d_r=D_r, sampling=cfg.sampling, strategy=E.filter,
             eps_stat=E.eps_stat, eps_mult=E.eps_mult, keep_truncated=E.keep_truncated,
@@ -208,15 +211,8 @@ def preflight(cfg: C.Config):
                     "score": "a reward model (*ForSequenceClassification)"}
             raise C.ConfigError(f"{flag} {path}: has a {got!r} head; {flag} must be {kind[head]}. "
                                 "Fix: swap --policy and --rm, or give the right directory")
-    tok = chat.load_tokenizer(cfg.policy)
-    limit = cfg.sampling.max_prompt_tokens
-    for p in prompts:
-        n = len(chat.encode_prompt(tok, p["prompt"]))
-        if n > limit:
-            raise C.ConfigError(f"{cfg.prompts}: prompt {p['prompt_id']!r} is {n} tokens under "
-                                f"{cfg.policy}'s chat template, over "
-                                f"--sampling.max_prompt_tokens={limit}. Fix: raise "
-                                "--sampling.max_prompt_tokens or drop the prompt from the file")
+    chat.check_prompt_lengths(chat.load_tokenizer(cfg.policy), prompts,
+                              cfg.sampling.max_prompt_tokens, cfg.prompts, cfg.policy)
     world = dist.get().world_size
     for name in ("dpo", "rm_train"):
         t = getattr(cfg, name)
@@ -439,6 +435,10 @@ STAGES = {  # stage -> (its file arguments, what it does)
 }
 
 
+FILE_STAGES = {"sample": "samples.jsonl", "score": "scores.jsonl", "pairs": "pairs.jsonl",
+               "filter": "pseudo_pairs.jsonl"}  # the stages whose --out is a file
+
+
 def stage_main(name: str, argv: list[str]):
     """One stage, reading and writing the files run_em.py uses (DESIGN.md §2)."""
     files, what = STAGES[name]
@@ -451,6 +451,13 @@ def stage_main(name: str, argv: list[str]):
     models = ("model", "rm", "policy", "prev", "new", "init")  # the flags naming a model
     hub.resolve_flags(cfg, *(k for k in files if k in models))  # a Hub id -> its cached snapshot
     a = {k: Path(getattr(cfg, k)) for k in files}
+    if name in FILE_STAGES:  # one file, written atomically: refused only inside a live run
+        if a["out"].is_dir():
+            raise C.ConfigError(f"--out {a['out']}: is a directory; `{name}` writes one file. Fix: "
+                                f"give a file path, e.g. {a['out'] / FILE_STAGES[name]}")
+        refuse_if_held(a["out"])
+    else:  # a directory: held for the whole stage, as run_em.py holds its run
+        hold_run_dir(a["out"])
     # --log.*: a file output's directory stands for the run
     track.start(cfg.log, a["out"].parent if a["out"].suffix else a["out"], C.to_dict(cfg))
     stream, E = cfg.stream or name, cfg.em

@@ -27,7 +27,7 @@ from mt import chat
 from mt import config as C
 from mt import dist, hub, track
 from mt.chat import Example
-from mt.checkpoint import load_for_training, load_model
+from mt.checkpoint import load_for_training, load_model, read_config
 from mt.data import (DataError, read_pairs, read_prompts, read_samples, read_scores, write_json,
                      write_jsonl)
 from mt.em import make_pairs
@@ -48,9 +48,15 @@ def sample(policy_dir: Path, prompts_path: Path, out_path: Path, sampling: C.Sam
     """samples.jsonl for every prompt of prompts_path; data-parallel over ranks.
     Returns the summary."""
     d = dist.get()
+    head = read_config(policy_dir).head
+    if head != "lm":
+        raise C.ConfigError(f"{policy_dir}: has a {head!r} head (a reward model); sampling needs a "
+                            "causal LM (*ForCausalLM). Fix: give the policy's directory")
     tok = chat.load_tokenizer(policy_dir)
+    prompts = read_prompts(prompts_path)
+    chat.check_prompt_lengths(tok, prompts, sampling.max_prompt_tokens, prompts_path, policy_dir)
     model = load_model(policy_dir, "auto", d.device).eval()
-    s = sample_to_file(model, tok, read_prompts(prompts_path), sampling, out_path, seed=seed,
+    s = sample_to_file(model, tok, prompts, sampling, out_path, seed=seed,
                        stream=stream, n=n, stop_ids=chat.stop_ids(tok, policy_dir))
     dist.print0(summary_line(s) + f" -> {out_path}")
     return s
@@ -70,9 +76,9 @@ def score(rm_dir: Path, samples_path: Path, out_path: Path) -> dict:
 def pairs(samples_path: Path, scores_path: Path, out_path: Path, rule: str = "length_control",
           keep_truncated: bool = False) -> dict:
     """pairs.jsonl plus pairs.stats.json (pairs kept, prompts dropped and why)."""
+    samples, scores = read_samples(samples_path), read_scores(scores_path)  # each names its file
     try:
-        rows, stats = make_pairs(read_samples(samples_path), read_scores(scores_path), rule,
-                                 keep_truncated)
+        rows, stats = make_pairs(samples, scores, rule, keep_truncated)
     except ValueError as e:  # samples and scores that do not belong together
         raise DataError(f"{scores_path}: {e}. Fix: score {samples_path} again") from None
     stats = dict(stats)
@@ -253,7 +259,8 @@ def main(cfg: C.StageConfig) -> dict:
                 sampling=cfg.sampling, n=cfg.em.n_samples, seed=cfg.seed)
         m.stage("score", score, [out / "scores.jsonl"], rm_dir=Path(cfg.rm),
                 samples_path=out / "samples.jsonl", out_path=out / "scores.jsonl")
-        m.stage("pairs", pairs, [pairs_file], samples_path=out / "samples.jsonl",
+        m.stage("pairs", pairs, [pairs_file, pairs_file.with_suffix(".stats.json")],
+                samples_path=out / "samples.jsonl",
                 scores_path=out / "scores.jsonl", out_path=pairs_file, rule=cfg.em.pair_rule,
                 keep_truncated=cfg.em.keep_truncated)
     m.stage("ref_logps", ref_logps, [out / "ref_logps.jsonl"], policy_dir=Path(cfg.policy),

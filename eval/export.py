@@ -33,7 +33,7 @@ from mt.checkpoint import replace_dir  # noqa: E402
 from mt.flags import ConfigError, parse  # noqa: E402
 from mt.data import read_json  # noqa: E402
 from mt.errors import UserError  # noqa: E402
-from mt.manifest import iteration_dirs  # noqa: E402
+from mt.manifest import iteration_dirs, lock_run_dir  # noqa: E402
 from mt.runs import is_run_dir, resolve_model  # noqa: E402
 
 PAPER = "https://arxiv.org/abs/2506.06292"
@@ -253,6 +253,7 @@ def main(argv=None) -> dict:
     flags = {"policy": "--name", "rm": "--rm_name" if a.rm_name else "--name"}
     lic = {r: check_license(bases[r], names[r], flags[r], a.license_file) for r in names}
     results, _ = tables.collect(run)  # every check above: nothing is written before it
+    lock_run_dir(out)  # a second export into the same folder is refused, naming this one
     written = {}
     for r in names:
         card = model_card(r, names[r], names["rm" if r == "policy" else "policy"], run, models[r],

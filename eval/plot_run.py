@@ -30,7 +30,7 @@ from mt import dist, flags  # noqa: E402
 from mt import gold as gold_metrics  # noqa: E402
 from mt.data import read_json, read_jsonl_rows, read_pseudo_pairs  # noqa: E402
 from mt.errors import UserError  # noqa: E402
-from mt.manifest import iteration_dirs  # noqa: E402
+from mt.manifest import iteration_dirs, lock_run_dir  # noqa: E402
 
 DPI = 110
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -285,10 +285,12 @@ def plot_run(run, out=None, gold: bool = True) -> list[Path]:
     out = Path(out) if out else run / "plots"
     _iters(run)
     _figure()  # fail here, before anything is read, when matplotlib is missing
-    out.mkdir(parents=True, exist_ok=True)
+    # one plotter per folder (it may be inside a live run: plotting one as it goes is fine)
+    lock_run_dir(out, inside_live_run=True)
+    figs = {name: fn(run, gold) if name == "rm_accuracy" else fn(run)
+            for name, fn in PLOTS.items()}  # every file read (and checked) before any is written
     written = []
-    for name, fn in PLOTS.items():
-        fig = fn(run, gold) if name == "rm_accuracy" else fn(run)
+    for name, fig in figs.items():
         if fig is None:
             continue  # nothing of this kind yet (e.g. no M-step in a fixed-RM run)
         path = out / f"{name}.png"

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # `python eval/winrate.py`: make `mt` importable 
 from mt import chat, checkpoint, dist, hub  # noqa: E402
 from mt.config import SamplingConfig  # noqa: E402
 from mt.flags import ConfigError, opt, parse  # noqa: E402
-from mt.data import ReadReport, read_pairs, read_prompts, read_samples, write_json  # noqa: E402
+from mt.data import DataError, ReadReport, read_pairs, read_prompts, read_samples, write_json  # noqa: E402
 from mt.em import win_rate  # noqa: E402  (Eq. 6, shared with model selection)
 from mt.runs import resolve_model  # noqa: E402
 from mt.sampler import check_sampling, require, sample_to_file, summary_line  # noqa: E402
@@ -82,7 +82,7 @@ def align(new: list, old: list, new_path="new", old_path="old") -> tuple[list[li
     only_new = [i for i in ids_new if i not in ids_old]
     only_old = sorted(ids_old - set(ids_new))
     if only_new or only_old:
-        raise ValueError(f"{new_path} and {old_path} hold different prompts: {len(only_new)} only in {new_path} "
+        raise DataError(f"{new_path} and {old_path} hold different prompts: {len(only_new)} only in {new_path} "
                          f"(e.g. {only_new[:3]}), {len(only_old)} only in {old_path} (e.g. {only_old[:3]}). "
                          "Fix: sample both policies on the same prompt file")
     prompts, y_new, y_old = [], [], []
@@ -90,7 +90,7 @@ def align(new: list, old: list, new_path="new", old_path="old") -> tuple[list[li
     for s in new:
         o = by_old[s["prompt_id"]]
         if o["prompt"] != s["prompt"]:
-            raise ValueError(f"prompt_id {s['prompt_id']!r}: the prompt differs between {new_path} and "
+            raise DataError(f"prompt_id {s['prompt_id']!r}: the prompt differs between {new_path} and "
                              f"{old_path}. Fix: sample both policies on the same prompt file")
         prompts.append(s["prompt"])
         y_new.append(s["responses"][0])
@@ -147,7 +147,8 @@ def accuracy_on_pairs(rm_dir, pairs_path, kept_only=False, skip_bad_rows=False, 
         kept = [p for p in pairs if p.get("kept", True)]
         dropped, pairs = len(pairs) - len(kept), kept
         if not pairs:
-            raise ValueError(f"{pairs_path}: no pair has kept=true")
+            raise DataError(f"{pairs_path}: no pair has kept=true. Fix: give a pairs file with kept "
+                            "pairs, or --kept_only false")
     prompts = [p["prompt"] for p in pairs]
     responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     s = score(rm_dir, prompts + prompts, responses, batch_size, dtype)

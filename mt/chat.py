@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from jinja2.exceptions import SecurityError, TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mt.errors import UserError
@@ -30,8 +31,15 @@ def load_tokenizer(path) -> PreTrainedTokenizerBase:
     is harmless here (DESIGN.md §4).
     """
     path = Path(path)
+    if path.is_file():
+        raise ChatTemplateError(f"{path}: is a file, not a model directory. Fix: give the directory "
+                                "that holds config.json and the tokenizer files")
     if not path.is_dir():
-        raise ChatTemplateError(f"{path}: tokenizer directory does not exist")
+        raise ChatTemplateError(f"{path}: tokenizer directory does not exist. Fix: check the path")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ChatTemplateError(f"{path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})."
+                                " Fix: copy the tokenizer files of the model it was trained from "
+                                "into it")
     try:
         # never run a directory's own Python (transformers may otherwise ask on stdin)
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
@@ -47,8 +55,42 @@ def load_tokenizer(path) -> PreTrainedTokenizerBase:
     return tok
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model",
+                   "tokenizer_config.json")
+
+
 def render(tok, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tok.apply_chat_template(messages, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt)
+    except SecurityError as e:  # jinja's sandbox stopped the template reaching Python internals
+        raise ChatTemplateError(f"{tok.name_or_path}: the chat template tried to leave Jinja's "
+                                f"sandbox ({e}); it is not run. Fix: replace 'chat_template' in "
+                                "tokenizer_config.json (or chat_template.jinja) with the model's "
+                                "published template") from None
+    except TemplateError as e:
+        raise ChatTemplateError(f"{tok.name_or_path}: the chat template fails ({type(e).__name__}: "
+                                f"{e}). Fix: correct 'chat_template' in tokenizer_config.json (or "
+                                "chat_template.jinja)") from None
+
+
+def check_prompt_lengths(tok, prompts: list[dict], limit: int, prompts_path, model_dir):
+    """Every prompt within --sampling.max_prompt_tokens under the model's chat template, or a
+    UserError naming the first that is not. A prompt longer in characters than `limit` of the
+    vocabulary's longest tokens is over the limit without tokenizing it (a 20 MB line)."""
+    longest = max((len(t) for t in tok.get_vocab()), default=1)
+    for p in prompts:
+        chars = sum(len(m["content"]) for m in p["prompt"])
+        if chars > limit * longest:
+            n = f"{chars} characters (more than {limit} tokens can hold)"
+        else:
+            k = len(encode_prompt(tok, p["prompt"]))
+            if k <= limit:
+                continue
+            n = f"{k} tokens"
+        raise UserError(f"{prompts_path}: prompt {p['prompt_id']!r} is {n} under {model_dir}'s chat "
+                        f"template, over --sampling.max_prompt_tokens={limit}. Fix: raise "
+                        "--sampling.max_prompt_tokens or drop the prompt from the file")
 
 
 def encode_prompt(tok, messages: list[dict]) -> list[int]:

@@ -44,9 +44,12 @@ class CheckpointError(UserError):
 
 def read_config(path, head: str | None = None) -> ModelConfig:
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path}: is a file, not a model directory. Fix: give the Hugging Face "
+                              "directory that holds config.json and *.safetensors")
     if not path.is_dir():
         raise CheckpointError(f"{path}: model directory does not exist (expected a Hugging Face directory "
-                              "with config.json and *.safetensors)")
+                              "with config.json and *.safetensors). Fix: check the path")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file}: missing; {path} is not a Hugging Face model directory")

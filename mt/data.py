@@ -316,8 +316,25 @@ def _raw_rows(path: Path, columns: tuple[str, ...] | None = None) -> Iterator[tu
     yield from enumerate(rows, 1)
 
 
+def _finite(v: Any, key: str):
+    """NaN / Infinity anywhere in a row: Python's json reads them, but they are not JSON and no
+    writer here takes them back (allow_nan=False), so a stage would fail only when it writes."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise _Bad(key, f"is {v} (not finite; NaN and Infinity are not JSON)",
+                   "write a finite number, or drop the field")
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _finite(x, f"{key}.{k}" if key else k)
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _finite(x, f"{key}[{i}]")
+
+
 def _check_path(path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file. Fix: give the file inside it "
+                        f"(a {', '.join(EXTENSIONS)} file)")
     if not path.is_file():
         raise DataError(f"{path}: no such file. Fix: check the path (cwd is {os.getcwd()})")
     if path.suffix not in EXTENSIONS:
@@ -370,6 +387,7 @@ def _read(path, parse: Callable[[dict], Any], key: Callable[[Any], Any], dup: st
                 raise _Bad(None, f"row is a JSON {_jtype(row)}, not an object",
                            "write each row as a {...} object")
             obj = parse(row)
+            _finite(obj, "")  # the fields the parser keeps as they are (named ones are checked)
             k = key(obj)
             if k in seen:
                 hashed = (" (rows without an id get prompt_hash of their text)" if dup != "row"
@@ -496,14 +514,39 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
                                                          allow_nan=False) + "\n"))
 
 
+class Record(dict):
+    """A JSON object read by read_json: a missing key is a DataError naming the file and the key,
+    not a KeyError traceback (a file edited by hand, or written by another version)."""
+    path = ""
+
+    def __missing__(self, key):
+        raise DataError(f"{self.path}: no {key!r} in {{{', '.join(map(repr, list(self)[:8]))}"
+                        f"{', ...' if len(self) > 8 else ''}}} (edited, or written by another "
+                        "version). Fix: restore it from a copy of the run, or delete it and rerun "
+                        "the command that wrote the run: a stage whose outputs are missing or "
+                        "changed runs again")
+
+    def __reduce__(self):  # pickled (broadcast_object) as a plain dict
+        return dict, (dict(self),)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """One JSON document this project wrote (stats, selection, metrics);
-    a corrupt one names the file."""
+    a corrupt one names the file, and so does a missing key of any of its objects (Record)."""
     path = Path(path)
+
+    def record(obj: dict) -> Record:
+        r = Record(obj)
+        r.path = str(path)
+        return r
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a JSON file. Fix: give the file (or move "
+                        "the directory away)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_hook=record)
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file. Fix: rerun the stage that writes it") from None
+        raise DataError(f"{path}: no such file. Fix: rerun the command that wrote the run (a finished "
+                        "stage whose outputs are missing runs again)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
         raise DataError(f"{path}: not valid JSON ({why}). Fix: delete it and rerun the stage that "

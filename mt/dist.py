@@ -7,8 +7,10 @@ the training loop as torchtitan keeps `apply_fsdp` out of its `train.py`.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,15 +47,17 @@ def init_distributed(device: str | None = None, timeout_min: float = 0,
     2-D mesh that shards inside groups of shard_size ranks (a node) and replicates across them.
     """
     global _STATE
+    world = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+    if shard_size and world % shard_size:  # in one process too: the flag would be ignored
+        raise UserError(f"--dist.shard_size={shard_size} does not divide the {world} "
+                        f"process{'es' if world > 1 else ''}. Fix: use the processes per node, or 0 "
+                        "for plain FSDP")
     if "RANK" not in os.environ:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         _STATE = Dist(device=dev)
         return _STATE
     rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                           int(os.environ["LOCAL_RANK"]))
-    if shard_size and world % shard_size:
-        raise UserError(f"--dist.shard_size={shard_size} does not divide the {world} processes. Fix: "
-                        "use the processes per node, or 0 for plain FSDP")
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local)
@@ -156,8 +160,9 @@ def run(main: Callable[[], object]) -> None:
     except UserError as e:
         if os.environ.get("MT_DEBUG") == "1":
             raise
-        prefix = f"[rank {_STATE.rank}] " if _STATE.world_size > 1 else ""
-        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        if _first_to_report(str(e)):
+            prefix = f"[rank {_STATE.rank}] " if _STATE.world_size > 1 else ""
+            print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)  # no finalisation: a peer may still be inside a collective (see above)
     if not (dist.is_available() and dist.is_initialized()):
@@ -169,6 +174,24 @@ def run(main: Callable[[], object]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _first_to_report(message: str) -> bool:
+    """Whether this rank prints `message`: under torchrun every rank that hits the same user error
+    (a batch size, a flag) would print it once each; the first rank of a node to claim it prints.
+    A message only some ranks hit is still printed by them."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if _STATE.world_size == 1 or not run_id:
+        return True
+    key = hashlib.sha256(f"{run_id}\0{os.getppid()}\0{message}".encode()).hexdigest()[:16]
+    try:
+        os.close(os.open(os.path.join(tempfile.gettempdir(), f"mt-error-{key}"),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 # ---- the device policy of training: dtypes, FSDP2, activation checkpointing

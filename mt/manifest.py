@@ -38,13 +38,24 @@ class RunLockedError(UserError):
 _HELD: dict[Path, object] = {}
 
 
-def lock_run_dir(run_dir: Path):
+def lock_run_dir(run_dir: Path, inside_live_run: bool = False):
     """An advisory lock on run_dir/.lock for this process's lifetime: two runs into one directory
     would corrupt it (and the manifest would certify the result). The OS releases it when the
-    process dies, so a SIGKILL never leaves a stale lock."""
+    process dies, so a SIGKILL never leaves a stale lock. A directory inside one a live process
+    holds is refused too, unless inside_live_run."""
     run_dir = Path(run_dir).resolve()
     if run_dir in _HELD:
         return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: is a file, and this command writes a directory there. Fix: "
+                        "give --out a directory (new or a run's), or move the file away")
+    # a stage command into a live run's iteration directory (a plot of a live run may write there)
+    for parent in [] if inside_live_run else run_dir.parents:
+        holder = None if parent in _HELD else live_holder(parent)
+        if holder:
+            raise RunLockedError(f"{run_dir}: lies inside {parent}, which is in use by {holder}. "
+                                 "Fix: wait for that run to finish (or stop it), or give this "
+                                 "command another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     f = open(run_dir / ".lock", "a+")
     try:
@@ -60,6 +71,50 @@ def lock_run_dir(run_dir: Path):
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     _HELD[run_dir] = f
+
+
+def live_holder(run_dir: Path) -> str | None:
+    """Who holds run_dir's lock ('pid N on HOST'), or None: a non-blocking shared flock, released
+    at once, tells a live holder from a stale .lock file."""
+    path = run_dir / ".lock"
+    if not path.is_file():
+        return None
+    try:
+        f = open(path)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def refuse_if_held(path: Path):
+    """For a command that writes one file (atomically) rather than a directory: refuse it when the
+    file's directory, or one above it, is held by a live run."""
+    path = Path(path).resolve()
+    for parent in path.parents:
+        holder = None if parent in _HELD else live_holder(parent)
+        if holder:
+            raise RunLockedError(f"{path}: lies inside {parent}, which is in use by {holder}. "
+                                 "Fix: wait for that run to finish (or stop it), or write the "
+                                 "file elsewhere")
+
+
+def hold_run_dir(run_dir: Path):
+    """lock_run_dir on rank 0 for every rank; every rank raises if the directory is taken."""
+    err = None
+    if dist.get().is_main:
+        try:
+            lock_run_dir(run_dir)
+        except UserError as e:
+            err = str(e)
+    err = dist.broadcast_object(err)
+    if err:
+        raise RunLockedError(err)
 
 
 def fingerprint(path: Path) -> str:
@@ -160,16 +215,7 @@ class Manifest:
         self.run_dir = Path(run_dir).resolve()
         self.path = self.run_dir / "manifest.json"
         self.reached: list[str] = []  # every stage this process came to, done or run, in order
-        err = None
-        # rank 0 holds the lock for every rank; all ranks stop if it is taken
-        if dist.get().is_main:
-            try:
-                lock_run_dir(self.run_dir)
-            except RunLockedError as e:
-                err = str(e)
-        err = dist.broadcast_object(err)
-        if err:
-            raise RunLockedError(err)
+        hold_run_dir(self.run_dir)  # rank 0 holds the lock for every rank; all stop if it is taken
         if dist.get().is_main:
             clean_leftovers(self.run_dir)
         if cfg is not None:

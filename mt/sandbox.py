@@ -38,12 +38,14 @@ from typing import Callable
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedTokenizerFast
 
 from mt import chat
 from mt import config as C
-from mt.checkpoint import load_model
+from mt.checkpoint import load_model, weight_files
 from mt.data import read_json, write_json, write_jsonl
+from mt.errors import UserError
 from mt.losses import BRADLEY_TERRY, SFT
 from mt.model import ModelConfig, Transformer
 from mt.sampler import sample
@@ -497,6 +499,8 @@ def build_world(seed: int = 0, cache_dir=None, world: str = "general", **overrid
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the world built
+        for stale in cache.glob(f".{root.name}.tmp-*"):  # a killed build's (builds hold this lock)
+            shutil.rmtree(stale, ignore_errors=True)
         if not (root / "world.json").is_file():
             tmp = cache / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
             threads = torch.get_num_threads()
@@ -520,7 +524,17 @@ def build_world(seed: int = 0, cache_dir=None, world: str = "general", **overrid
             print(f"sandbox world built in {info['build_s']}s: π0 gold {info['base_gold']:.3f}, "
                   f"r0 agrees with gold on {100 * info['rm_agreement_base']['agreement']:.1f}% of "
                   "π0's pairs", flush=True)
-    return _world(c, root, read_json(root / "world.json"))
+    try:  # a damaged cache entry: say that deleting it rebuilds the world
+        info = read_json(root / "world.json")
+        for model in (root / "policy", root / "rm"):
+            for f in weight_files(model):
+                safe_open(str(f), "pt").keys()  # the header and the file's length, not the data
+        if not (root / "prompts.jsonl").is_file():
+            raise UserError(f"{root / 'prompts.jsonl'}: missing")
+    except (UserError, OSError, SafetensorError) as e:
+        raise UserError(f"the sandbox world cache entry {root} is damaged ({e}). Fix: delete "
+                        f"{root} (rm -r it); the next run rebuilds it") from None
+    return _world(c, root, info)
 
 
 # ---- gold metrics (what run_em prints per iteration)

@@ -6,7 +6,6 @@ chosen or the τ stop, ε_t and the pseudo-pairs kept, the RM's accuracies.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import time
 from dataclasses import dataclass
@@ -16,23 +15,13 @@ from mt import config as C
 from mt import gold
 from mt.data import read_json
 from mt.errors import UserError
-from mt.manifest import iteration_dirs, run_stages
+from mt.manifest import live_holder, iteration_dirs, run_stages
 from mt.train import metrics_summary
 
 
 def lock_holder(run_dir: Path) -> str | None:
-    """Who runs in run_dir ('pid N on HOST'), or None: a non-blocking shared flock on its .lock,
-    released at once, tells a live holder (mt/manifest.py lock_run_dir) from a stale file."""
-    path = Path(run_dir) / ".lock"
-    if not path.is_file():
-        return None
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return f.read().strip() or "another process"
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return None
+    """Who runs in run_dir ('pid N on HOST'), or None (mt/manifest.py live_holder)."""
+    return live_holder(Path(run_dir))
 
 
 def _hms(seconds: float) -> str:

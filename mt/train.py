@@ -195,7 +195,8 @@ def check_inputs(examples, objective, cfg, ref_logps):
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise TrainError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size "
                          f"({cfg.micro_batch_size}) × world size ({world}): global batch = micro "
-                         "× accumulation × world")
+                         "× accumulation × world. Fix: change --dpo.batch_size (--rm_train.* for "
+                         "the RM) or its micro_batch_size, or the process count")
     if objective.uses_reference:
         if ref_logps is None:
             raise TrainError(f"loss={cfg.loss!r} needs reference log-probs: pass ref_logps "
@@ -407,6 +408,7 @@ class TrainerState:
         dist.barrier()
         if dist.get().is_main:
             meta["world_size"] = dist.get().world_size
+            meta["tensors"] = sorted(tensors)  # what _load must find in every rank's shard
             meta["param_groups"] = [{**g, "betas": list(g["betas"])} for g in osd["param_groups"]]
             write_json(tmp / "meta.json", meta)
             replace_dir(tmp, self.dir)
@@ -429,10 +431,17 @@ class TrainerState:
         except Exception as e:  # a truncated or foreign file
             raise TrainError(f"{path}: unreadable ({type(e).__name__}: {e}). Fix: delete "
                              f"{self.dir} to start this stage over") from None
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        # a state missing any tensor would resume with fresh weights or moments there, silently
+        names = self.meta.get("tensors") or [f"model/{k}" for k in model.state_dict()]
+        missing = [k for k in names if k not in saved]
+        if missing:
+            raise TrainError(f"{path}: {len(missing)} tensors missing (e.g. {missing[0]}), so it is "
+                             f"not the state this stage saved. Fix: delete {self.dir} to start this "
+                             "stage over")
         with torch.no_grad():
             for k, v in model.state_dict().items():
                 _local(v, copy=False).copy_(saved[f"model/{k}"])
-        params = [p for g in optimizer.param_groups for p in g["params"]]
         state: dict[int, dict] = {}
         for key, t in saved.items():
             if key.startswith("optim/"):

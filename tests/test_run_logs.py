@@ -249,7 +249,8 @@ def test_plot_run_draws_the_run_artifacts(logged, tmp_path):
     from eval import plot_run
     out = logged[0]
     plot_run.main([str(out), "--out", str(tmp_path / "figs")])
-    names = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    # .lock: held while plotting, so two plotters into one folder are refused (issue 27)
+    names = sorted(p.name for p in (tmp_path / "figs").iterdir() if p.name != ".lock")
     assert names == ["dpo_steps.png", "pseudo_pairs.png", "rm_accuracy.png", "selection.png"]
     assert all((tmp_path / "figs" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
 
