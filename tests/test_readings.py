@@ -222,7 +222,7 @@ def world_runs(tmp_path_factory):
             "--prompts", str(w.prompts_path), "--iters", "1", "--em.d_ms_size", "12",
             "--em.tau", "0", "--dpo.batch_size", "8", "--dpo.micro_batch_size", "8",
             "--dpo.save_every", "1", "--rm_train.batch_size", "8",
-            "--rm_train.micro_batch_size", "8", "--sandbox.diagnostics", "false"]
+            "--rm_train.micro_batch_size", "8"]
     runs = {}
     for name, extra in (("default", []), ("oracle", ["--sandbox.oracle_pseudo_labels", "true"]),
                         ("half", ["--em.tie_credit", "0.5"])):
@@ -277,3 +277,20 @@ def test_half_credit_changes_only_the_win_rates(world_runs):
     order = list(sel["candidates"])
     assert sel["chosen"] == max(order, key=lambda k: (sel["candidates"][k]["win_rate"],
                                                       -order.index(k)))
+
+
+def test_report_records_the_tau_test_and_gold_step_of_every_iteration(world_runs):
+    """eval/sandbox_report.py run_record: the numbers the regimes study's endpoint (4) reads."""
+    from eval.sandbox_report import run_record
+    for run in world_runs.values():
+        it = run_record(run)["iters"][0]
+        sel = json.loads((run / "iter1" / "selection.json").read_text())["candidates"]
+        assert it["tau"]["best_strict"] == max(c["wins"] / c["n"] for c in sel.values())
+        assert it["tau"]["best_half"] == max((c["wins"] + c["ties"] / 2) / c["n"]
+                                             for c in sel.values())
+        new = _rows(run / "iter1" / "gold" / "pi_t.samples.jsonl")
+        old = _rows(run / "iter1" / "gold" / "pi_prev.samples.jsonl")
+        g = [(gold.gold_reward(a["prompt"], x), gold.gold_reward(a["prompt"], y))
+             for a, b in zip(new, old) for x, y in zip(a["responses"], b["responses"])]
+        assert it["gold_step"] == {"win": sum(x > y for x, y in g) / len(g),
+                                   "tie": sum(x == y for x, y in g) / len(g)}
