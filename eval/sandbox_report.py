@@ -63,7 +63,8 @@ def differences(preset: str) -> str:
 class ReportConfig:
     run: str = ""  # one run directory: print its gold table
     seeds: str = "0-14"  # seeds of the comparison: comma-separated, ranges allowed (0-14)
-    variants: str = ",".join(VARIANTS)  # comma-separated, of VARIANTS
+    # comma-separated, of VARIANTS (default: the paper's, without the positive controls)
+    variants: str = ",".join(v for v in VARIANTS if v not in C.SANDBOX_VARIANTS)
     world: str = opt("general", choices=("general", "exploit"))  # the sandbox world (regime)
     out: str = "runs/sandbox_report"  # where the comparison's runs and report go
     # OUT/NAME.md, OUT/NAME.json, OUT/NAME-figures/: several reports can share one set of runs
