@@ -54,6 +54,7 @@ def run(cfg: C.Config) -> dict:
     gold_diag = gold.Diagnostics(m, cfg, gold.enabled(config), r0, D_ms)
     history = []
     gen_pi, gen_r = pi0, r0  # the models that generate and judge the data of the next iteration
+    first_pairs = iteration_dir(run_dir, 1, 1, E.rounds) / "pairs.jsonl"  # judged by r0
     for rnd in range(1, E.rounds + 1):
         # Sec. 5.3: a new round starts both models from the base models; the previous round's
         # models only generate and judge its first iteration's data
@@ -67,12 +68,14 @@ def run(cfg: C.Config) -> dict:
             e_step(m, cfg, tag, it, D_t, pi_prev=gen_pi, r_prev=gen_r, init_pi=init_pi)
             st_pairs.append(it / "pairs.jsonl")
 
-            # line 5, model selection (Eq. 6-7): every checkpoint vs π_{t-1} on D_MS, by r_{t-1}
+            # line 5, model selection (Eq. 6-7): every checkpoint vs π_{t-1} on D_MS, by r_{t-1};
+            # --em.round_ref pi0: a later round's first iteration against the policy DPO began from
+            ref = init_pi if E.round_ref == "pi0" else gen_pi
             m.stage(f"{tag}/select", select, [it / "selection.json"],
-                    out_path=it / "selection.json", candidates=it / "policy", pi_prev=gen_pi,
+                    out_path=it / "selection.json", candidates=it / "policy", pi_prev=ref,
                     r_prev=gen_r, d_ms=D_ms, sampling=cfg.sampling, tau=E.tau, select=E.select,
-                    seed=cfg.seed, stream=tag)
-            gold_diag.curve(tag, it, pi_prev=gen_pi)  # before unselected checkpoints go
+                    seed=cfg.seed, stream=tag, **tie_args(E))
+            gold_diag.curve(tag, it, pi_prev=ref)  # before unselected checkpoints go
             selection = read_json(it / "selection.json")
             metrics = {"round": rnd, "iter": t, "pairs": read_json(it / "pairs.stats.json"),
                        "dpo": train_policy.summary(it / "policy"), "selection": selection}
@@ -81,8 +84,11 @@ def run(cfg: C.Config) -> dict:
                 metrics.update(gold_diag.diagnose(tag, it, pi_t=gen_pi, pi_prev=gen_pi,
                                                   r_prev=gen_r, r_t=gen_r))
                 end_iteration(m, config, gold_diag.on, tag, it, metrics, len(history))
+                then = "end the run" if E.on_stop == "end" else "go on with them"
                 dist.print0(f"{tag}: best win rate {selection['win_rate']:.3f} < τ={E.tau}: stop, "
-                            f"keep π_{t - 1}, r_{t - 1}")
+                            f"keep π_{t - 1}, r_{t - 1} and {then} (--em.on_stop {E.on_stop})")
+                if E.on_stop == "skip":  # this iteration halts; the next one starts from them
+                    continue
                 stop = True
                 break
             pi_t = it / "policy" / selection["chosen"]
@@ -93,8 +99,11 @@ def run(cfg: C.Config) -> dict:
             # lines 6-8: pseudo-pairs on D_R, filtered by ε_t, M-step (Eq. 5)
             r_t = gen_r  # without --em.update_rm r_0 judges every iteration (iterative DPO)
             if E.update_rm:
+                # --em.st_pairs: this round's E-step pairs so far (all), or only the run's first
+                # iteration's, the ones r0 labelled (first, Sec. 5.3)
+                st = list(st_pairs) if E.st_pairs == "all" else [first_pairs]
                 r_t = m_step(m, cfg, tag, it, D_r, pi_t=pi_t, pi_prev=gen_pi, r_prev=gen_r,
-                             r0=r0, st_pairs=list(st_pairs))
+                             r0=r0, st_pairs=st)
                 metrics["pseudo_pairs"] = read_json(it / "pseudo_pairs.info.json")
                 metrics["rm"] = {**train_rm.summary(it / "rm"), **read_json(it / "rm_eval.json")}
             metrics.update(gold_diag.diagnose(tag, it, pi_t=pi_t, pi_prev=gen_pi, r_prev=gen_r,
@@ -113,6 +122,12 @@ def run(cfg: C.Config) -> dict:
         print_report(history, cfg, run_dir)
     track.finish()
     return summary
+
+
+def tie_args(E: C.EMConfig) -> dict:
+    """select's tie credit, passed (and so recorded in the manifest) only when it is not Eq. 6's
+    0: the default run records exactly the stage arguments it always did."""
+    return {"tie_credit": E.tie_credit} if E.tie_credit else {}
 
 
 def run_path(path: Path, run_dir: Path) -> str:
@@ -158,7 +173,8 @@ def m_step(m: Manifest, cfg: C.Config, tag: str, it: Path, D_r: Path, pi_t: Path
             out_path=it / "pseudo_pairs.jsonl", pi_t=pi_t, pi_prev=pi_prev,
             r_prev=r_prev, d_r=D_r, sampling=cfg.sampling, strategy=E.filter,
             eps_stat=E.eps_stat, eps_mult=E.eps_mult, keep_truncated=E.keep_truncated,
-            seed=cfg.seed, stream=tag)
+            seed=cfg.seed, stream=tag,
+            **({"oracle": True} if cfg.sandbox.oracle_pseudo_labels else {}))
     m.stage(f"{tag}/rm_data", rm_data, [it / "rm_train.jsonl", it / "rm_heldout.jsonl"],
             pseudo_path=it / "pseudo_pairs.jsonl", st_pairs=st_pairs, d_r=D_r,
             train_path=it / "rm_train.jsonl", heldout_path=it / "rm_heldout.jsonl",
@@ -211,6 +227,14 @@ def preflight(cfg: C.Config):
                     "score": "a reward model (*ForSequenceClassification)"}
             raise C.ConfigError(f"{flag} {path}: has a {got!r} head; {flag} must be {kind[head]}. "
                                 "Fix: swap --policy and --rm, or give the right directory")
+    if cfg.sandbox.oracle_pseudo_labels and not sandbox.is_world_prompts(cfg.prompts):
+        raise C.ConfigError(
+            f"--sandbox.oracle_pseudo_labels true labels the M-step's pseudo-pairs with a sandbox "
+            f"world's gold reward (mt/sandbox.py gold_reward), but --prompts {cfg.prompts} is not "
+            "a sandbox world's prompt file, so there is no gold reward to ask: on real prompts the "
+            "control would label pairs by a number-sorting score that means nothing there. Fix: "
+            "drop --sandbox.oracle_pseudo_labels, or run on a world (give none of "
+            "--policy/--rm/--prompts, e.g. --preset sandbox-no-select-oracle)")
     chat.check_prompt_lengths(chat.load_tokenizer(cfg.policy), prompts,
                               cfg.sampling.max_prompt_tokens, cfg.prompts, cfg.policy)
     world = dist.get().world_size
@@ -249,8 +273,10 @@ def check_pairs(pairs_path: Path, prompts_path: Path):
 
 
 def select(out_path: Path, candidates: Path, pi_prev: Path, r_prev: Path, d_ms: Path,
-           sampling: C.SamplingConfig, tau: float, select: bool, seed: int, stream: str) -> dict:
-    """Eq. 6-7: every checkpoint in `candidates` against π_{t-1} on D_MS, judged by r_{t-1}.
+           sampling: C.SamplingConfig, tau: float, select: bool, seed: int, stream: str,
+           tie_credit: float = 0.0) -> dict:
+    """Eq. 6-7: every checkpoint in `candidates` against π_{t-1} on D_MS, judged by r_{t-1}
+    (a tie counts tie_credit of a win: --em.tie_credit, 0 = Eq. 6).
 
     π_{t-1}'s responses on D_MS are sampled once and reused for every checkpoint k. Writes out_path
     (selection.json) and the responses and scores under selection/ beside it.
@@ -271,7 +297,7 @@ def select(out_path: Path, candidates: Path, pi_prev: Path, r_prev: Path, d_ms: 
     scored = score_files(r_prev,
                          [(sel / f"{k}.samples.jsonl", sel / f"{k}.scores.jsonl") for k in names])
     first = {k: [r["scores"][0] for r in rows] for k, rows in zip(names, scored)}
-    rates = {k: {**em.win_rate(first[k], first["prev"]),
+    rates = {k: {**em.win_rate(first[k], first["prev"], tie_credit),
                  "truncated": truncated(sel / f"{k}.samples.jsonl")}
              for k in ckpts}
     choice = em.select_checkpoint({k: v["win_rate"] for k, v in rates.items()}, tau, select, ckpts)
@@ -289,11 +315,12 @@ def truncated(samples_path: Path) -> float:
 
 def pseudo_pairs(out_path: Path, pi_t: Path, pi_prev: Path, r_prev: Path, d_r: Path,
                  sampling: C.SamplingConfig, strategy: str, eps_stat: str, eps_mult: float,
-                 keep_truncated: bool, seed: int, stream: str) -> dict:
+                 keep_truncated: bool, seed: int, stream: str, oracle: bool = False) -> dict:
     """(y_t ~ π_t) ≻ (y_{t-1} ~ π_{t-1}) on D_R, scored by r_{t-1}, filtered with ε_t (Sec. 4.3).
 
     Writes out_path (every pair with Δr, ε_t and its decision)
-    and pseudo_pairs.info.json beside it.
+    and pseudo_pairs.info.json beside it. oracle (--sandbox.oracle_pseudo_labels): the same pairs
+    labelled by the sandbox's gold reward instead (mt/gold.py oracle_pseudo_pairs).
     """
     pp = out_path.parent / "pseudo"
     train_policy.sample(pi_t, d_r, pp / "new.samples.jsonl", sampling, 1, seed,
@@ -309,12 +336,14 @@ def pseudo_pairs(out_path: Path, pi_t: Path, pi_prev: Path, r_prev: Path, d_r: P
                                 read_scores(pp / "prev.scores.jsonl"), keep_truncated)
     cap = {"truncated_new": truncated(pp / "new.samples.jsonl"),
            "truncated_prev": truncated(pp / "prev.samples.jsonl")}
-    return filter_file(rows, out_path, strategy, eps_stat, eps_mult, cap)
+    return filter_file(rows, out_path, strategy, eps_stat, eps_mult, cap, oracle)
 
 
 def filter_file(rows: list[dict], out_path: Path, strategy: str, eps_stat: str, eps_mult: float,
-                extra: dict | None = None) -> dict:
+                extra: dict | None = None, oracle: bool = False) -> dict:
     rows, info = em.filter_pseudo_pairs(rows, strategy, eps_stat, eps_mult)
+    if oracle:  # the positive control: gold's labels replace r_{t-1}'s and its ε_t filter
+        rows, info = gold.oracle_pseudo_pairs(rows, info)
     info.update(extra or {})
     if dist.get().is_main:
         write_json(out_path.with_suffix(".info.json"), info)
@@ -476,7 +505,7 @@ def stage_main(name: str, argv: list[str]):
                                 a["out"] / "policy", cfg.dpo)
     if name == "select":
         return select(a["out"] / "selection.json", a["candidates"], a["prev"], a["rm"],
-                      a["prompts"], cfg.sampling, E.tau, E.select, cfg.seed, stream)
+                      a["prompts"], cfg.sampling, E.tau, E.select, cfg.seed, stream, E.tie_credit)
     if name == "pseudo_pairs":
         return pseudo_pairs(a["out"] / "pseudo_pairs.jsonl", a["new"], a["prev"], a["rm"],
                             a["prompts"], cfg.sampling, E.filter, E.eps_stat, E.eps_mult,

@@ -35,7 +35,7 @@ if __package__ in (None, ""):
 
 from eval import plot_run  # noqa: E402
 from mt import config as C  # noqa: E402
-from mt import dist, flags, gold  # noqa: E402
+from mt import dist, flags, gold, sandbox  # noqa: E402
 from mt.flags import opt  # noqa: E402
 from mt.errors import UserError  # noqa: E402
 
@@ -45,7 +45,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 # variant -> its preset (mt/config.py): Mutual-Taught
 # and every baseline / ablation the sandbox scales
-VARIANTS = {"mutual-taught": "sandbox", **{k: f"sandbox-{k}" for k in C.VARIANTS}}
+# (and the sandbox-only positive controls, e.g. no-select-oracle)
+VARIANTS = {"mutual-taught": "sandbox",
+            **{k: f"sandbox-{k}" for k in {**C.VARIANTS, **C.SANDBOX_VARIANTS}}}
 MT = "mutual-taught"
 
 
@@ -61,13 +63,17 @@ def differences(preset: str) -> str:
 class ReportConfig:
     run: str = ""  # one run directory: print its gold table
     seeds: str = "0-14"  # seeds of the comparison: comma-separated, ranges allowed (0-14)
-    variants: str = ",".join(VARIANTS)  # comma-separated, of VARIANTS
+    # comma-separated, of VARIANTS (default: the paper's, without the positive controls)
+    variants: str = ",".join(v for v in VARIANTS if v not in C.SANDBOX_VARIANTS)
     world: str = opt("general", choices=("general", "exploit"))  # the sandbox world (regime)
     out: str = "runs/sandbox_report"  # where the comparison's runs and report go
     # OUT/NAME.md, OUT/NAME.json, OUT/NAME-figures/: several reports can share one set of runs
     name: str = "report"
     jobs: int = opt(1, above=0)  # runs at once, each its own process (one thread each)
     plot: bool = False  # also write each run's figures (eval/plot_run.py) to RUN/plots/*.png
+    # --dpo.lr for every run (a study of E-step strength); 0 = each preset's, the calibrated
+    # SANDBOX_DPO_LR. Give each rate its own --out: the run directories do not name it
+    dpo_lr: float = opt(0.0, min=0)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -86,15 +92,40 @@ def parse_seeds(text: str) -> list[int]:
 # ---- one run's numbers
 
 
+def tau_view(it: Path) -> dict:
+    """The τ test of one iteration (selection.json, Eq. 6 on D_MS): the best candidate's win rate
+    strict (as written) and with half credit for ties, its tie share, and gold's strict win and tie
+    share on the very responses r_{t-1} judged (what a perfect judge would have decided)."""
+    sel = json.loads((it / "selection.json").read_text())
+    cands = sel["candidates"]
+    best = max(cands, key=lambda k: cands[k]["wins"] / cands[k]["n"])
+    half = max(cands, key=lambda k: (cands[k]["wins"] + cands[k]["ties"] / 2) / cands[k]["n"])
+    d = it / "selection"
+    prev = [json.loads(line) for line in open(d / "prev.samples.jsonl")]
+    judged = sel.get("best") or sel["chosen"]  # with --em.select false: the final checkpoint
+    new = [json.loads(line) for line in open(d / f"{judged}.samples.jsonl")]
+    g = sandbox.gold_win_rate(new, prev)
+    c = cands[best]
+    return {"best_strict": c["wins"] / c["n"], "best_ties": c["ties"] / c["n"],
+            "best_half": (cands[half]["wins"] + cands[half]["ties"] / 2) / cands[half]["n"],
+            "judged": judged, "gold_win": g["win"], "gold_tie": g["tie"]}
+
+
 def run_record(run: Path) -> dict:
     """Per iteration, the gold numbers of the policy the run holds after it (a τ stop keeps
-    π_{t-1}), the RMs' gold agreement, best-of-n, pseudo-pairs and the E-step's curve."""
+    π_{t-1}), the RMs' gold agreement, best-of-n, pseudo-pairs, the E-step's curve, the τ test
+    (tau_view) and gold's strict win and tie share of π_t over π_{t-1} (4 samples per D_MS
+    prompt, common random numbers)."""
     its = []
     steps_before = 0
     for row in gold.gold_view(run):
         g = row.get("gold")
         if g is None:
             break
+        it = run / row["iter"]
+        step = sandbox.gold_win_rate(
+            [json.loads(x) for x in open(it / "gold" / "pi_t.samples.jsonl")],
+            [json.loads(x) for x in open(it / "gold" / "pi_prev.samples.jsonl")])
         curve = [{**p, "cum_step": steps_before + p["step"]} for p in row.get("curve", [])]
         steps_before = curve[-1]["cum_step"] if curve else steps_before
         its.append({"iter": row["iter"], "chosen": row["chosen"], "gold": g["policy"]["gold"],
@@ -105,7 +136,9 @@ def run_record(run: Path) -> dict:
                     "best_of_n": g["best_of_n"], "best_of_n_oracle": g["policy"]["best_of_n_oracle"],
                     "st_acc": g["st_pairs_gold_acc"], "pseudo": g.get("pseudo"), "curve": curve,
                     "ties": statistics.mean(p["ties"] for p in curve if "ties" in p)
-                    if len(curve) > 1 else math.nan})
+                    if len(curve) > 1 else math.nan,
+                    "gold_step": {"win": step["win"], "tie": step["tie"]},
+                    "tau": tau_view(it)})
     if not its:
         raise UserError(f"{run}: no iteration with gold diagnostics (gold.json); run it with the "
                         "sandbox and --sandbox.diagnostics true")
@@ -159,7 +192,8 @@ def _mean(xs) -> str:
 # ---- running
 
 
-def run_all(seeds: list[int], variants: list[str], out: Path, jobs: int, world: str):
+def run_all(seeds: list[int], variants: list[str], out: Path, jobs: int, world: str,
+            dpo_lr: float = 0.0):
     """Every (variant, seed) as its own `python run_em.py` process, `jobs` at a time; a finished run
     is found done by its manifest, so an interrupted report resumes per (variant, seed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -173,8 +207,10 @@ def run_all(seeds: list[int], variants: list[str], out: Path, jobs: int, world: 
             return 0  # finished before: nothing to redo
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as f:
+            lr = ["--dpo.lr", repr(dpo_lr)] if dpo_lr else []
             rc = subprocess.run([sys.executable, str(REPO / "run_em.py"), "--preset", VARIANTS[v],
-                                 "--seed", str(s), "--sandbox.world", world, "--out", str(run)],
+                                 "--seed", str(s), "--sandbox.world", world, "--out", str(run),
+                                 *lr],
                                 cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
         print(f"{v} seed {s}: {'done' if rc == 0 else f'FAILED (exit {rc}, see {log})'}", flush=True)
         return rc
@@ -193,7 +229,7 @@ def run_all(seeds: list[int], variants: list[str], out: Path, jobs: int, world: 
 
 
 def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s: float,
-           name: str = "report") -> str:
+           name: str = "report", dpo_lr: float = 0.0) -> str:
     recs = {v: {s: run_record(out / f"{v}-seed{s}") for s in seeds} for v in variants}
     (out / f"{name}.json").write_text(json.dumps(recs, indent=1))
     mt = recs.get(MT)
@@ -203,7 +239,8 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
             return "—"
         return paired([_sub(fn(recs[v][s]), fn(mt[s])) for s in seeds])
     cmd = (f"python eval/sandbox_report.py --world {world} --seeds {','.join(map(str, seeds))} "
-           f"--variants {','.join(variants)} --out {out} --name {name}")
+           f"--variants {','.join(variants)} --out {out} --name {name}"
+           + (f" --dpo_lr {dpo_lr!r}" if dpo_lr else ""))
     lines = [f"World `{world}`, {len(seeds)} seeds ({','.join(map(str, seeds))}); `{cmd}`; "
              f"{wall_s / 60:.0f} min wall for this command's runs on this machine (runs found "
              "finished are not redone).", "",
@@ -214,7 +251,8 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
              "| variant | paper | iterations run | final gold | − MT [95% CI] | perfect | "
              "gold win vs π0 | − MT [95% CI] |", "|---|---|---|---|---|---|---|---|"]
     for v in variants:
-        paper = C.VARIANTS[v][0] if v in C.VARIANTS else "Table 1 Mutual-Taught"
+        named = {**C.VARIANTS, **C.SANDBOX_VARIANTS}
+        paper = named[v][0] if v in named else "Table 1 Mutual-Taught"
         r = recs[v].values()
         lines.append(f"| {v} | {paper} | {_mean([len(x['iters']) for x in r])} | "
                      f"{_mean([x['final_gold'] for x in r])} | "
@@ -371,8 +409,8 @@ def main(argv=None):
     seeds = parse_seeds(a.seeds)
     out = Path(a.out)
     t0 = time.perf_counter()
-    run_all(seeds, variants, out, a.jobs, a.world)
-    print(report(seeds, variants, out, a.world, time.perf_counter() - t0, a.name))
+    run_all(seeds, variants, out, a.jobs, a.world, a.dpo_lr)
+    print(report(seeds, variants, out, a.world, time.perf_counter() - t0, a.name, a.dpo_lr))
     for v in variants if a.plot else []:
         for s in seeds:
             for p in plot_run.plot_run(out / f"{v}-seed{s}"):

@@ -117,6 +117,34 @@ class EMConfig:
     # (8B checkpoints are 16 GB each); resuming is unaffected
     keep_checkpoints: str = opt("all", choices=("all", "selected"), scheduling=True)
 
+    # ---- readings the paper leaves open (issue 29): each flag names its reading; every default is
+    # the reading all committed results ran with, so a default run's artifacts are unchanged
+
+    # §4.3: "If no candidate ... (max_k w_t^k < τ), the iteration halts, and the previous model is
+    # preserved"; appendix B: "The iteration is terminated if the highest win-rate w_t^k is less
+    # than 60%". end: the τ stop ends the run (later iterations and rounds never start); skip: only
+    # this iteration halts, and π_{t-1}, r_{t-1} go on to D_{t+1}. The text fits both; end is the
+    # default: appendix B's "terminated" reads as the procedure's end (a convergence test, as in
+    # EM), while nothing in Alg. 1 says what a later E-step would start from after a stop
+    on_stop: str = opt("end", choices=("end", "skip"))
+    # Eq. 6: w_t^k compares π_t^k "against π_{t-1} from the previous iteration"; appendix B: "the
+    # highest win-rate relative to the initial policy of the current iteration". They differ only in
+    # a later round's first iteration (Sec. 5.3), whose DPO starts from π0 while its data come from
+    # the previous round's final policy. prev_round: against that policy (Eq. 6's π_{t-1}, the
+    # default: the main text's equation is the specification, and it is the model a τ stop keeps);
+    # pi0: against the policy DPO started from (appendix B's wording)
+    round_ref: str = opt("prev_round", choices=("prev_round", "pi0"))
+    # Sec. 5.3: "The self-training data comprises preference data used in the first iteration of
+    # policy model optimization, with labels derived from the base reward model". all: the E-step
+    # pairs of D_1..D_t built so far in this round, those labelled by r_{t-1} included (DESIGN.md
+    # §1; the default, as every committed result ran); first: only the run's first iteration's
+    # pairs, labelled by r0 (§5.3's definition read literally: the same ST set in every M-step)
+    st_pairs: str = opt("all", choices=("all", "first"))
+    # Eq. 6: I(y_t^k ≻ y_{t-1}) = 1 if r_{t-1}(y_t^k) > r_{t-1}(y_{t-1}), "0 otherwise": a tie is no
+    # win (0, the paper's rule and the default). 0.5 counts a tie as half a win: an analysis option
+    # (how much of a τ decision ties make), not the paper's rule
+    tie_credit: float = opt(0.0, choices=(0.0, 0.5))
+
 
 @dataclass
 class SandboxConfig:
@@ -125,6 +153,11 @@ class SandboxConfig:
     world: str = opt("general", choices=("general", "exploit"))
     # per iteration: gold, drift and the RMs' gold agreement (mt/gold.py; iter*/gold.json)
     diagnostics: bool = opt(True, scheduling=True)
+    # a positive control, not the paper's method: the M-step's pseudo-pairs (the same (y_t, y_{t-1})
+    # on D_R) labelled by the world's gold reward instead of r_{t-1} -- chosen = the higher gold, a
+    # gold tie dropped, no ε_t filter (it removes labels r_{t-1} likely got wrong; gold's are
+    # right). The E-step pairs of --em.rm_data keep the RM's labels. Sandbox worlds only
+    oracle_pseudo_labels: bool = False
 
 
 @dataclass
@@ -247,6 +280,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
+# Sandbox-only variants (positive controls, not in the paper): a `sandbox-NAME` preset each
+SANDBOX_VARIANTS: dict[str, tuple[str, dict]] = {
+    # issue 29: no-select with the M-step's pseudo-pairs labelled by gold, what any M-step could
+    # deliver on these pairs; it differs from no-select only in those labels
+    "no-select-oracle": ("positive control: Fig. 6 w/o MS, gold pseudo-labels",
+                         {"em.select": False, "sandbox.oracle_pseudo_labels": True}),
+}
+
+
 def _sandbox_variant(diff: dict) -> dict:
     """A variant on the sandbox: its own settings but the oracle-calibrated learning rate, frozen
     for every method (the paper's per-baseline rates stay in its paper-NAME preset)."""
@@ -263,7 +305,7 @@ PRESETS: dict[str, dict] = {
     "sandbox": SANDBOX,
     **{f"paper-{k}": {**PAPER_GPU, **diff} for k, (_, diff) in VARIANTS.items()},
     **{f"sandbox-{k}": {**SANDBOX, **_sandbox_variant(diff)}
-       for k, (_, diff) in VARIANTS.items()},
+       for k, (_, diff) in {**VARIANTS, **SANDBOX_VARIANTS}.items()},
     # tests: a handful of prompts, a few optimizer steps, short responses
     "tiny": {
         "iters": 2, "em.n_samples": 3, "em.d_ms_size": 4, "em.tau": 0.0,
@@ -296,6 +338,9 @@ def validate(cfg: Config) -> Config:
     if cfg.em.tau > 1:
         raise ConfigError(f"--em.tau={cfg.em.tau}: a win rate threshold, must be in [0, 1]. Fix: "
                           "pass a share, e.g. --em.tau 0.6")
+    if cfg.sandbox.oracle_pseudo_labels and not cfg.em.update_rm:
+        raise ConfigError("--sandbox.oracle_pseudo_labels true labels the M-step's pseudo-pairs, "
+                          "but --em.update_rm false runs no M-step. Fix: drop one of the two")
     if cfg.em.rounds < 1:
         raise ConfigError(f"--em.rounds={cfg.em.rounds}: must be >= 1")
     for name in ("dpo", "rm_train"):

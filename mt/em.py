@@ -134,14 +134,18 @@ def make_pairs(samples: list[dict], scores: list[dict], rule: str = "length_cont
 # ---- model selection (Eq. 6-7)
 
 
-def win_rate(new_scores: list[float], old_scores: list[float]) -> dict:
-    """Eq. 6: a win only if r(y_new) > r(y_old) strictly; ties and losses are not wins."""
+def win_rate(new_scores: list[float], old_scores: list[float], tie_credit: float = 0.0) -> dict:
+    """Eq. 6: a win only if r(y_new) > r(y_old) strictly; ties and losses are not wins.
+
+    tie_credit (--em.tie_credit) counts a tie as that much of a win: 0 is Eq. 6 as written, 0.5 an
+    analysis option. wins and ties are recorded apart, so either rate can be recomputed."""
     assert len(new_scores) == len(old_scores) and new_scores, (
         "win_rate needs aligned, non-empty scores")
     wins = sum(a > b for a, b in zip(new_scores, old_scores))
     ties = sum(a == b for a, b in zip(new_scores, old_scores))
     n = len(new_scores)
-    return {"wins": wins, "ties": ties, "losses": n - wins - ties, "n": n, "win_rate": wins / n}
+    rate = (wins + tie_credit * ties) / n if tie_credit else wins / n
+    return {"wins": wins, "ties": ties, "losses": n - wins - ties, "n": n, "win_rate": rate}
 
 
 def select_checkpoint(win_rates: dict[str, float], tau: float, select: bool = True,

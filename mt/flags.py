@@ -142,8 +142,8 @@ def check_fields(cfg):
             raise ConfigError(f"--{key}={v}: must be >= {m['min']}. Fix: pass --{key} of at least "
                               f"{m['min']}")
         if m.get("choices") is not None and v not in m["choices"]:
-            raise ConfigError(f"--{key}={v!r}: must be one of {', '.join(m['choices'])}. Fix: "
-                              "pass one of them")
+            allowed = ", ".join(map(str, m["choices"]))
+            raise ConfigError(f"--{key}={v!r}: must be one of {allowed}. Fix: pass one of them")
     return cfg
 
 
@@ -245,7 +245,7 @@ def help_text(cfg, prog: str | None = None, doc: str = "",
             typ = typing.get_type_hints(type(obj))[f.name]
             tname = getattr(typ, "__name__", str(typ).replace("typing.", ""))
             m = f.metadata
-            extra = f" (one of {'|'.join(m['choices'])})" if m.get("choices") else ""
+            extra = f" (one of {'|'.join(map(str, m['choices']))})" if m.get("choices") else ""
             key = (f"  --{prefix}{f.name} {tname} = "
                    f"{json.dumps(v, ensure_ascii=False, default=str)}")
             lines.append(f"{key:<44} {notes.get(f.name, '')}{extra}".rstrip())

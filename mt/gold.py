@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -100,6 +101,39 @@ def pseudo_report(rows: list[dict]) -> dict:
             "acc_before": acc(raw), "acc_after": acc([r for r in rows if r["kept"]]),
             "gold_ties": sum(g == 0 for _, g in decided) / max(1, len(decided)),
             "auc": auc(right, wrong), "dropped": dropped}
+
+
+def oracle_pseudo_pairs(rows: list[dict], info: dict) -> tuple[list[dict], dict]:
+    """The oracle M-step's pseudo-pairs (--sandbox.oracle_pseudo_labels; a positive control): the
+    same filtered rows (em.filter_pseudo_pairs), relabelled by the gold reward.
+
+    A valid, non-identical pair is kept with chosen = the response of higher gold (swapped when
+    that is y_{t-1}); a gold tie has no label and is dropped ("gold_tie"), as dst drops an RM tie.
+    The ε_t filter is not applied (it removes the labels r_{t-1} likely got wrong; gold's are
+    right); its decision stays in filter_kept / filter_reason, and ε_t in `eps`, for comparison.
+    """
+    out, stats = [], Counter()
+    for r in rows:
+        g_t, g_prev = gold_reward(r["prompt"], r["y_t"]), gold_reward(r["prompt"], r["y_prev"])
+        if not r["valid"]:
+            keep, reason = False, "invalid_response"
+        elif r["y_t"] == r["y_prev"]:
+            keep, reason = False, "identical_text"
+        elif g_t == g_prev:
+            keep, reason = False, "gold_tie"
+        else:
+            keep, reason = True, "kept" if g_t > g_prev else "kept_swapped"
+        swap = keep and g_t < g_prev
+        chosen, rejected = (r["y_prev"], r["y_t"]) if swap else (r["y_t"], r["y_prev"])
+        out.append({**r, "chosen": chosen, "rejected": rejected, "kept": keep, "swapped": swap,
+                    "reason": reason, "gold_t": g_t, "gold_prev": g_prev,
+                    "filter_kept": r["kept"], "filter_reason": r["reason"]})
+        stats[reason] += 1
+    keys = ("eps_t", "strategy", "eps_stat", "eps_mult", "eps_rows", "score_prev_std",
+            "score_prev_var", "n")
+    return out, {**{k: info[k] for k in keys}, "labels": "gold", **dict(stats),
+                 "kept_total": sum(r["kept"] for r in out),
+                 "filter_kept_total": info["kept_total"]}
 
 
 # ---- the stages (run_em.py runs them on sandbox worlds)

@@ -174,16 +174,19 @@ def iteration_stages(cfg: dict, gold: bool, stop: bool = False) -> list[str]:
     return e_step + selection + prune + m_step + diagnosis  # lines 6-8, Eq. 5
 
 
-def run_stages(cfg: dict, gold: bool, stop: str | None = None) -> list[str]:
-    """Every stage a run records, in order: all of them, or up to a τ stop at iteration `stop`
-    (its tag, e.g. iter2), which ends the run."""
+def run_stages(cfg: dict, gold: bool, stops=()) -> list[str]:
+    """Every stage a run records, in order, given the iterations (tags, e.g. iter2) whose τ test
+    stopped them so far: with --em.on_stop end the first stop ends the run; with skip a stopped
+    iteration records no M-step and the run goes on."""
+    stops = {stops} if isinstance(stops, str) else set(stops)
+    end = cfg["em"].get("on_stop", "end") == "end"  # a config.json from before the flag: end
     names = ["splits"]
     rounds = cfg["em"]["rounds"]
     for rnd in range(1, rounds + 1):
         for t in range(1, cfg["iters"] + 1):
             tag = iteration_dir(Path(), rnd, t, rounds).as_posix()
-            names += [f"{tag}/{s}" for s in iteration_stages(cfg, gold, stop=tag == stop)]
-            if tag == stop:
+            names += [f"{tag}/{s}" for s in iteration_stages(cfg, gold, stop=tag in stops)]
+            if tag in stops and end:
                 return names
     return names
 

@@ -133,18 +133,20 @@ def status(run_dir) -> str:
     recorded = read_json(manifest)["stages"] if manifest.is_file() else {}
     standalone = "samples" in cfg  # train_policy.py / train_rm.py: only their recorded stages
     holder = lock_holder(run_dir)
-    stop = None
+    stops = []  # the iterations whose τ test stopped them (with --em.on_stop end, one at most)
     for it in [] if standalone else iteration_dirs(run_dir):
         tag = it.relative_to(run_dir).as_posix()
         if (f"{tag}/select" in recorded and (it / "selection.json").is_file()
                 and read_json(it / "selection.json").get("stop")):
-            stop = tag
-            break
+            stops.append(tag)
+    skip = cfg.get("em", {}).get("on_stop", "end") == "skip"
+    stop = ", ".join(stops) or None
     measured = not standalone and gold.enabled(cfg)  # the sandbox's gold stages, as the run decided
-    plan = list(recorded) if standalone else run_stages(cfg, measured, stop)
+    plan = list(recorded) if standalone else run_stages(cfg, measured, stops)
     plan += [n for n in recorded if n not in plan]
-    # a τ stop ends the run after its iteration's selection (and gold diagnosis): listed last
-    cut = [] if standalone else [n for n in run_stages(cfg, measured) if n not in plan]
+    # a τ stop (--em.on_stop end) ends the run after its iteration's selection (and gold
+    # diagnosis): the stages it cut are listed last; under skip the run goes on, nothing is cut
+    cut = [] if standalone or skip else [n for n in run_stages(cfg, measured) if n not in plan]
     # the running stage began when the last one was recorded (or when the run took its lock)
     since = max((p.stat().st_mtime for p in (manifest, run_dir / ".lock") if p.is_file()),
                 default=time.time())
