@@ -211,6 +211,14 @@ def clean_leftovers(run_dir: Path):
             p.unlink()
 
 
+def _leaves(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"section.key": value}."""
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 class Manifest:
     """<run>/config.json and <run>/manifest.json, written atomically by rank 0."""
 
@@ -238,7 +246,10 @@ class Manifest:
         if path.is_file():
             old = read_json(path)
             skip = flags.scheduling_only(cfg)
-            changed = [c for c in C.diff(old, new) if c.split(":")[0] not in skip]
+            # a key added to the code since the run began, at its default, is what the run did
+            now, was, default = _leaves(new), _leaves(old), _leaves(C.to_dict(type(cfg)()))
+            added = {k for k, v in now.items() if k not in was and v == default.get(k)}
+            changed = [c for c in C.diff(old, new) if c.split(":")[0] not in {*skip, *added}]
             if changed and not force:
                 raise flags.ConfigError(
                     f"{path}: this run was started with a different config:\n  "

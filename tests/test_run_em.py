@@ -196,6 +196,21 @@ def test_changed_config_is_refused_then_forced_redoes_only_downstream(inputs, re
     assert after["iter1/dpo"]["params"] != before["iter1/dpo"]["params"]
 
 
+def test_a_key_added_since_the_run_began_resumes_at_its_default_only(inputs, reference, tmp_path):
+    """A run from before a flag existed (its config.json lacks the key) resumes as it is when the flag is
+    at its default (the behaviour the run had); the flag at another value is a changed config."""
+    out = _copy_run(reference, tmp_path / "run")
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["em"]["on_stop"], cfg["em"]["tie_credit"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    p = run_em(args(inputs, out))
+    assert "[run]" not in p.stdout  # every stage done: nothing redone
+    assert json.loads((out / "config.json").read_text())["em"]["on_stop"] == "end"  # the full config again
+    (out / "config.json").write_text(json.dumps(cfg))  # without the keys again
+    p = run_em(args(inputs, out) + ["--em.on_stop", "skip"], check=False)
+    assert p.returncode == 2 and 'em.on_stop: null -> "skip"' in p.stderr
+
+
 def test_scheduling_only_settings_may_change_on_resume(inputs, reference, tmp_path):
     """Fewer KV slots (after an out-of-memory) or another check interval give the same samples
     (test_sampler), so a finished run resumes with them: no refusal, nothing redone."""
