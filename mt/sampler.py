@@ -17,9 +17,11 @@ How it works (gpt-fast / nanochat style, one file):
   set. No generator state is shared between rows, so the output does not depend on slot count,
   batch, world size or order. The set is found without sorting the vocabulary and the noise is
   computed for its candidates only (`next_token`); a token's noise is the same either way.
-- The decode loop stays on the device; the host looks at the finished flags every `check_every`
-  steps (and next_token reads, each step, which rows its candidates do not cover). Once nothing is
-  pending, the live rows are packed to the front so the tail decodes only them.
+- The decode loop stays on the device; the host looks at it every `check_every` steps (harvest),
+  and nowhere else. A step draws from each row's first candidate tier (`draft_token`); a row whose
+  top-p / top-k set that tier does not hold keeps that step's logits, and the harvest redraws its
+  token by the exact rule and takes the row back to that step, so the tokens are next_token's.
+  Once nothing is pending, the live rows are packed to the front so the tail decodes only them.
 
 --sampling.compile: the decode step's forward under torch.compile with static shapes, one graph per
 bucket: rows = the slot count, then a quarter, a sixteenth, ... of it in the tail (finished rows
@@ -164,24 +166,12 @@ def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
     for j, c in enumerate(tiers):
         if not todo.numel():
             break
-        rows = s if j == 0 else s[todo]  # the first tier looks at every row, in order
-        vals, idx = rows.topk(c + 1)  # c candidates and the best token left out
-        probs = torch.softmax(vals[:, :c], -1) if k else (vals - lse[todo, None]).exp()
-        if p is None:
-            n = torch.full_like(todo, c)
+        if j == 0:  # the first tier looks at every row, in order
+            tok, found, before, probs = _tier(s, lse, keys, step, c, k, p)
         else:
-            before = probs.cumsum(-1) - probs  # the mass more likely than each candidate
-            n = (before[:, :c] < p).sum(-1)
-        tau = vals.gather(1, n[:, None] - 1)  # the least likely kept score
-        # the set is among the candidates if the one left out is neither kept nor tied with the
-        # least likely kept one (top-k: with the k-th)
-        found = vals[:, c] < (vals[:, c - 1: c] if k else tau)[:, 0]
-        if not k:
-            found &= before[:, c] >= p
-        v, i = vals[:, :c], idx[:, :c]  # a draw for every row here; the rows not found redraw
-        z = torch.where(v >= tau, v + gumbel_at(keys[todo], step[todo], i), float("-inf"))
-        tok[todo] = i.gather(1, z.argmax(-1, keepdim=True))[:, 0]
-        if found.all():  # (a peaked batch: the one host sync of the step)
+            tok[todo], found, before, probs = _tier(s[todo], None if k else lse[todo], keys[todo],
+                                                    step[todo], c, k, p)
+        if found.all():  # a host sync: next_token runs at the harvest (draft_token in the loop)
             return tok
         todo = todo[~found]
         if not k and j + 1 < len(tiers):  # the next tier's mass is at most these c + 1, and
@@ -206,6 +196,50 @@ def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
         return z
     tok[todo] = z
     return tok
+
+
+def _tier(s, lse, keys, step, c: int, k: int, p: float | None):
+    """One candidate tier of next_token for rows s (r, V): the Gumbel-max draw among each row's c
+    most likely tokens, tok (r,), and found (r,), True where the kept set lies among them (then the
+    draw is the rule's); `before` and `probs` feed next_token's bound on the next tier. No host sync."""
+    vals, idx = s.topk(c + 1)  # c candidates and the best token left out
+    probs = torch.softmax(vals[:, :c], -1) if k else (vals - lse[:, None]).exp()
+    before = None
+    if p is None:
+        n = torch.full((s.shape[0],), c, dtype=torch.long, device=s.device)
+    else:
+        before = probs.cumsum(-1) - probs  # the mass more likely than each candidate
+        n = (before[:, :c] < p).sum(-1)
+    tau = vals.gather(1, n[:, None] - 1)  # the least likely kept score
+    # the set is among the candidates if the one left out is neither kept nor tied with the
+    # least likely kept one (top-k: with the k-th)
+    found = vals[:, c] < (vals[:, c - 1: c] if k else tau)[:, 0]
+    if not k:
+        found &= before[:, c] >= p
+    v, i = vals[:, :c], idx[:, :c]  # a draw for every row here; the rows not found redraw
+    z = torch.where(v >= tau, v + gumbel_at(keys, step, i), float("-inf"))
+    return i.gather(1, z.argmax(-1, keepdim=True))[:, 0], found, before, probs
+
+
+def draft_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
+                cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """next_token's first candidate tier alone, with no host sync: tokens (S,) and exact (S,), True
+    where the row's kept set lay among its candidates, so its token is next_token's; exact is None
+    when every token is (greedy, or nothing filtered). The decode loop draws with this and redraws the
+    other rows with next_token at the harvest (_Engine.redraw), from the logits it kept."""
+    if cfg.greedy or cfg.temperature <= 0:
+        return logits.argmax(-1), None
+    s = logits / cfg.temperature  # (S, V)
+    V = s.shape[1]
+    k = cfg.top_k if 0 < cfg.top_k < V else 0
+    p = cfg.top_p if cfg.top_p < 1.0 else None
+    if not k and p is None:
+        return (s + gumbel(keys, step, V)).argmax(-1), None
+    c = k or next((c for c in CANDIDATES if c < V), 0)
+    if not c:  # a vocabulary no tier fits: every row is the radix select's (next_token; syncs)
+        return next_token(logits, keys, step, cfg), None
+    tok, found, _, _ = _tier(s, None if k else torch.logsumexp(s, -1), keys, step, c, k, p)
+    return tok, found
 
 
 def _radix_threshold(s: torch.Tensor, lse: torch.Tensor, p: float) -> torch.Tensor:
@@ -257,6 +291,9 @@ def _sorted_threshold(s: torch.Tensor, k: int, p: float | None) -> torch.Tensor:
 # ---- the engine
 
 
+NO_MISS = 1 << 62  # _Rows.miss of a row whose draws are all the rule's: above any step
+
+
 class _Window:
     """The first `rows` slots and `max_len` positions of a KVCache, as views: a decode step attends over
     the longest live sequence, not the whole cache. Writes through the views land in the cache."""
@@ -289,18 +326,24 @@ class _Rows:
     key: torch.Tensor  # (S, 2) the job's stream key, two uint32 halves
     out: torch.Tensor  # (S, max_new_tokens + 1) ids; +1: a finished row writes junk past its end
     out_logp: torch.Tensor | None  # (S, max_new_tokens + 1) their logps, with return_logps
+    # the step of the row's first draft draw not known to be the rule's (draft_token), NO_MISS if
+    # none, and that step's logits: the harvest redraws it exactly and the row goes on from there
+    miss: torch.Tensor  # (S,)
+    miss_logits: torch.Tensor | None  # (S, V) fp32, when the rule filters (top-p / top-k)
     # host
     slot_job: list[tuple[int, int] | None]  # the job (prompt i, sample j) in each row; None = free
     pos_host: list[int]  # an upper bound on each row's position, exact after every harvest
 
     @classmethod
-    def new(cls, S: int, max_new_tokens: int, return_logps: bool, dev) -> "_Rows":
+    def new(cls, S: int, max_new_tokens: int, return_logps: bool, vocab: int | None, dev) -> "_Rows":
         T1 = max_new_tokens + 1
 
         def z(*shape, dtype=torch.long):
             return torch.zeros(shape, dtype=dtype, device=dev)
         return cls(last=z(S), pos=z(S), n_gen=z(S), done=~z(S, dtype=torch.bool), key=z(S, 2),
                    out=z(S, T1), out_logp=z(S, T1, dtype=torch.float32) if return_logps else None,
+                   miss=z(S) + NO_MISS,
+                   miss_logits=z(S, vocab, dtype=torch.float32) if vocab else None,
                    slot_job=[None] * S, pos_host=[0] * S)
 
     def set(self, rows: list[int], **values):
@@ -380,7 +423,10 @@ class _Engine:
             torch._dynamo.mark_static_address(self.cache.v)
         # per-row state, one row per slot; rows [0, m) are in use (m shrinks in the tail: compact)
         self.m = S
-        self.rows = _Rows.new(S, cfg.max_new_tokens, return_logps, dev)
+        # the draft draw can miss only when the rule filters (draft_token): then keep missed logits
+        filters = not (cfg.greedy or cfg.temperature <= 0) and (cfg.top_k > 0 or cfg.top_p < 1.0)
+        vocab = model.cfg.vocab_size if filters else None
+        self.rows = _Rows.new(S, cfg.max_new_tokens, return_logps, vocab, dev)
         self.idle = 0  # decode steps since a slot became free while jobs were pending
         self.prefills = 0  # prefill forwards run (for the benchmark)
 
@@ -448,21 +494,27 @@ class _Engine:
         # the jobs' start state, one small host-to-device copy per device field
         keys = [self.keys[i][j] for i, j in take]
         self.rows.set([s for s, _ in assign], last=[P[i][-1] for i, _ in take],
-                      pos=[len(P[i]) - 1 for i, _ in take], n_gen=0, done=False,
+                      pos=[len(P[i]) - 1 for i, _ in take], n_gen=0, done=False, miss=NO_MISS,
                       key=[[k & M32, (k >> 32) & M32] for k in keys],
                       slot_job=list(take), pos_host=[len(P[i]) - 1 for i, _ in take])
         self.idle = 0
 
     def step(self, window: int):
-        """One token for every row in use; no host sync (but next_token's check for a row whose
-        top-p set is not among its candidates)."""
+        """One token for every row in use; no host sync. A row whose top-p / top-k set is not among
+        its first candidates (draft_token) keeps this step's logits and goes on with the draft token
+        until the harvest redraws it (the rows after it are redone: the draw is not the rule's)."""
         m, R = self.m, self.rows
         last, pos, n_gen, done = R.last[:m], R.pos[:m], R.n_gen[:m], R.done[:m]
         if self.static and self.dev.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         logits = self.decode(last[:, None], positions=pos[:, None],
                              cache=_Window(self.cache, m, window))[:, -1].float()  # (m, V)
-        tok = next_token(logits, R.key[:m], n_gen, self.cfg)
+        tok, exact = draft_token(logits, R.key[:m], n_gen, self.cfg)
+        if exact is not None:  # a live row's first miss: remember the step and its logits
+            miss = R.miss[:m]
+            first = ~exact & ~done & (miss > n_gen)
+            miss.copy_(torch.where(first, n_gen, miss))
+            R.miss_logits[:m] = torch.where(first[:, None], logits, R.miss_logits[:m])
         rows = torch.arange(m, device=self.dev)
         R.out[rows, n_gen] = tok
         if self.return_logps:  # under the untempered policy, whatever temperature / top-p / top-k did
@@ -474,9 +526,15 @@ class _Engine:
         done.logical_or_(torch.isin(tok, self.stop) | (n_gen >= self.cfg.max_new_tokens))
 
     def harvest(self) -> int:
-        """Collect finished jobs (the one host sync) and free their slots; returns how many finished."""
+        """Redraw the rows whose draft draw missed, collect finished jobs and free their slots;
+        returns how many finished. The loop's one host sync (a second one only after a redraw)."""
         m, R = self.m, self.rows
-        done_h, n_h, pos_h = R.done[:m].tolist(), R.n_gen[:m].tolist(), R.pos[:m].tolist()
+        state = torch.stack([R.done[:m].long(), R.n_gen[:m], R.pos[:m], R.miss[:m]])
+        done_h, n_h, pos_h, miss_h = state.tolist()
+        redo = [s for s in range(m) if R.slot_job[s] is not None and miss_h[s] != NO_MISS]
+        if redo:
+            self.redraw(redo, [miss_h[s] for s in redo])
+            done_h, n_h, pos_h = torch.stack([R.done[:m].long(), R.n_gen[:m], R.pos[:m]]).tolist()
         fin = [s for s in range(m) if R.slot_job[s] is not None and done_h[s]]
         if fin:
             idx = torch.tensor(fin, device=self.dev)
@@ -491,6 +549,23 @@ class _Engine:
             R.set(fin, slot_job=None, pos=0)  # an empty row idles at position 0, inside any window
         R.pos_host[:m] = [pos_h[s] if R.slot_job[s] is not None else 0 for s in range(m)]
         return len(fin)
+
+    def redraw(self, rows: list[int], steps: list[int]):
+        """Rows back to their first missed step: its token by the exact rule (next_token) from the
+        logits kept then, and the row's state as `step` would have left it. What the row computed
+        after that step is dropped: its cache positions past it are rewritten before they are read
+        (each step writes its position, then attends up to it)."""
+        R, dev = self.rows, self.dev
+        idx, t = torch.tensor(rows, device=dev), torch.tensor(steps, device=dev)
+        logits = R.miss_logits[idx]  # (r, V)
+        tok = next_token(logits, R.key[idx], t, self.cfg)
+        R.out[idx, t] = tok
+        if self.return_logps:
+            R.out_logp[idx, t] = logits.gather(1, tok[:, None])[:, 0] - logits.logsumexp(-1)
+        start = torch.tensor([len(self.prompts[R.slot_job[s][0]]) - 1 for s in rows], device=dev)
+        R.n_gen[idx], R.pos[idx], R.last[idx] = t + 1, start + t + 1, tok
+        R.done[idx] = torch.isin(tok, self.stop) | (t + 1 >= self.cfg.max_new_tokens)
+        R.miss[idx] = NO_MISS
 
     def due(self, free: list[int]) -> bool:
         """Refill now? New prompts are prefilled together: wait until a REFILL_GROUP share of the
