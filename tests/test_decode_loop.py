@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mt import sampler
-from mt.sampler import SamplingConfig, generate, next_token
+from mt.sampler import SamplingConfig, generate
+from mt.token_rule import next_token
 from tests.test_sampler import ragged_prompts, tiny
 
 
