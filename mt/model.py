@@ -187,6 +187,18 @@ def attention_bias(allowed: torch.Tensor, rep: int, dtype: torch.dtype) -> torch
     return bias.expand(B, 1, rep, Tk) if rep > 1 and T == 1 else bias
 
 
+class Paged:
+    """One forward's view of a paged KV cache: a block pool, KVCache(cfg, n_blocks, block_size) with
+    k and v (layers, n_blocks, kv heads, block_size, head_dim), and `table` (B, n): the blocks that hold
+    positions [0, n * block_size) of each row. A row writes and reads its own blocks only, so rows hold
+    what they use, not the longest row's worst case (mt/sampler.py hands the blocks out)."""
+
+    def __init__(self, pool: KVCache, table: torch.Tensor):
+        self.k, self.v, self.table = pool.k, pool.v, table
+        self.block = pool.max_len
+        self.max_len = table.shape[1] * self.block
+
+
 # ---- the transformer
 
 
@@ -220,7 +232,16 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # write this step's keys at each row's own positions, attend over the slot
-        if cache is not None:
+        if cache is not None and len(cache) == 3:  # paged (Paged): the row's blocks, in order
+            k_pool, v_pool, table = cache  # (n_blocks, nkv, bs, hd), (B, n)
+            bs = k_pool.shape[2]
+            blk, off = table.gather(1, positions // bs), positions % bs  # (B, T)
+            k_pool[blk, :, off] = k.transpose(1, 2)
+            v_pool[blk, :, off] = v.transpose(1, 2)
+            # (B, n, nkv, bs, hd) -> (B, nkv, n*bs, hd): a copy of each row's blocks
+            k = k_pool[table].transpose(1, 2).flatten(2, 3)
+            v = v_pool[table].transpose(1, 2).flatten(2, 3)
+        elif cache is not None:
             k_cache, v_cache = cache
             rows = (slots[:, None] if slots is not None
                     else torch.arange(B, device=x.device)[:, None])
@@ -324,7 +345,7 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
         self.inv_freq.copy_(rope_inv_freq(self.cfg))
 
-    def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
+    def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | Paged | None = None,
                 slots=None, return_hidden: bool = False):
         """Logits (B, T, V) for the LM head, per-token scores (B, T) for the score head.
 
@@ -360,6 +381,8 @@ class Transformer(nn.Module):
         k_cache, v_cache = (None, None) if cache is None else (cache.k, cache.v)  # (L, B, H, T, D)
         for i, block in enumerate(self.model.layers):
             kv = (k_cache[i], v_cache[i]) if cache is not None else None
+            if isinstance(cache, Paged):
+                kv = (*kv, cache.table)
             x = block(x, cos, sin, mask, kv, slots, positions)
         x = self.model.norm(x)
         if return_hidden:
