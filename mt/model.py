@@ -187,16 +187,28 @@ def attention_bias(allowed: torch.Tensor, rep: int, dtype: torch.dtype) -> torch
     return bias.expand(B, 1, rep, Tk) if rep > 1 and T == 1 else bias
 
 
-class Paged:
-    """One forward's view of a paged KV cache: a block pool, KVCache(cfg, n_blocks, block_size) with
-    k and v (layers, n_blocks, kv heads, block_size, head_dim), and `table` (B, n): the blocks that hold
-    positions [0, n * block_size) of each row. A row writes and reads its own blocks only, so rows hold
-    what they use, not the longest row's worst case (mt/sampler.py hands the blocks out)."""
+class BlockPool(nn.Module):
+    """A paged KV cache: `n_blocks` blocks of `block` positions that rows take as they grow
+    (mt/sampler.py hands them out). k and v are (layers, n_blocks, block, kv heads, head_dim): positions
+    before heads, unlike KVCache, so a row's blocks gathered in order are its keys (T, kv heads, hd)
+    as they are, one copy, where the (heads, positions) order would need a second to merge blocks."""
 
-    def __init__(self, pool: KVCache, table: torch.Tensor):
+    def __init__(self, cfg: ModelConfig, n_blocks: int, block: int, dtype, device=None):
+        super().__init__()
+        shape = (cfg.num_hidden_layers, n_blocks, block, cfg.num_key_value_heads, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.block = block
+
+
+class Paged:
+    """One forward's view of a BlockPool: its k and v, and `table` (B, n): the blocks that hold
+    positions [0, n * block) of each row. A row writes and reads its own blocks only, so rows hold
+    what they use, not the longest row's worst case."""
+
+    def __init__(self, pool: BlockPool, table: torch.Tensor):
         self.k, self.v, self.table = pool.k, pool.v, table
-        self.block = pool.max_len
-        self.max_len = table.shape[1] * self.block
+        self.max_len = table.shape[1] * pool.block
 
 
 # ---- the transformer
@@ -233,14 +245,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # write this step's keys at each row's own positions, attend over the slot
         if cache is not None and len(cache) == 3:  # paged (Paged): the row's blocks, in order
-            k_pool, v_pool, table = cache  # (n_blocks, nkv, bs, hd), (B, n)
-            bs = k_pool.shape[2]
+            k_pool, v_pool, table = cache  # (n_blocks, bs, nkv, hd), (B, n)
+            bs = k_pool.shape[1]
             blk, off = table.gather(1, positions // bs), positions % bs  # (B, T)
-            k_pool[blk, :, off] = k.transpose(1, 2)
-            v_pool[blk, :, off] = v.transpose(1, 2)
-            # (B, n, nkv, bs, hd) -> (B, nkv, n*bs, hd): a copy of each row's blocks
-            k = k_pool[table].transpose(1, 2).flatten(2, 3)
-            v = v_pool[table].transpose(1, 2).flatten(2, 3)
+            k_pool[blk, off] = k.transpose(1, 2)  # (B, T, nkv, hd)
+            v_pool[blk, off] = v.transpose(1, 2)
+            # (B, n, bs, nkv, hd) -> (B, nkv, n*bs, hd): a copy of each row's blocks, as SDPA takes
+            # no block table (a gather-free paged read needs FlexAttention's block mask or a kernel)
+            n = table.shape[1] * bs  # index_select: whole blocks, several times faster than k_pool[table]
+            k = k_pool.index_select(0, table.flatten()).view(B, n, self.n_kv, self.hd).transpose(1, 2)
+            v = v_pool.index_select(0, table.flatten()).view(B, n, self.n_kv, self.hd).transpose(1, 2)
         elif cache is not None:
             k_cache, v_cache = cache
             rows = (slots[:, None] if slots is not None

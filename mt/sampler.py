@@ -4,14 +4,18 @@
     torchrun --nproc_per_node 8 -m mt.sampler --model DIR --prompts FILE --num-samples 5 --out samples.jsonl
 
 How it works (gpt-fast / nanochat style; the token rule, one token from the logits, is mt/token_rule.py):
-- A preallocated cache of `slots` rows. Every job (prompt i, sample j) runs in one slot; when a job
-  stops, the next pending job takes its slot (continuous refill), so one long response does not
-  hold the batch. New prompts are prefilled together, in one forward: a refill waits until a
-  quarter of the slots (REFILL_GROUP) or every pending job is free, or a slot has idled
-  REFILL_WAIT steps.
-- Each prompt is prefilled once (all but its last token) and that prefix is copied to the slots of
-  its samples; the prefix all prompts share (a chat template's system turn) is prefilled once per
-  pass and copied. The first decode step feeds the last prompt token, so every slot decodes alike.
+- `slots` rows decode together. Every job (prompt i, sample j) runs in one slot; when a job stops,
+  the next pending job takes its slot (continuous refill), so one long response does not hold the
+  batch. New prompts are prefilled together, in one forward: a refill waits until a quarter of the
+  slots (REFILL_GROUP) or every pending job is free, or a slot has idled REFILL_WAIT steps.
+- The KV cache is paged: a pool of 64-position blocks (--sampling.kv_blocks; by default room for
+  every slot's longest sequence, on a GPU at most what its free memory holds). A row takes blocks
+  as it grows and reads only its own, so the pool holds the lengths rows reach, not slots x the
+  worst case; when it runs out, the row started last waits in the queue and restarts later (the
+  same tokens: the noise is counter-based). Each prompt is prefilled once (all but its last token)
+  into blocks its samples share; the prefix all prompts share (a chat template's system turn) is
+  prefilled once per pass and shared. The first decode step feeds the last prompt token, so every
+  slot decodes alike.
 - Randomness is counter-based (mt/token_rule.py): token t of job (seed, stream, prompt id, j) takes
   Gumbel noise from a hash of that tuple, t and the token id, so the output does not depend on slot
   count, batch, world size or order.
@@ -23,11 +27,11 @@ How it works (gpt-fast / nanochat style; the token rule, one token from the logi
 
 --sampling.compile: the decode step's forward under torch.compile with static shapes, one graph per
 bucket: rows = the slot count, then a quarter, a sixteenth, ... of it in the tail (finished rows
-are masked, not dropped); attention window = 64 positions times a power of two, or the whole cache,
-whose length is max_prompt_tokens + max_new_tokens. On CPU that is inductor's C++ code, what the
-tests check (compiling takes seconds per bucket met). On CUDA it is meant for the GPU and not run
-here: mode "reduce-overhead", each bucket a CUDA graph replaying into the cache in place. Prefill
-and the token rule stay eager everywhere.
+are masked, not dropped); attention window = 64 positions times a power of two, or a whole row,
+max_prompt_tokens + max_new_tokens. On CPU that is inductor's C++ code, what the tests check
+(compiling takes seconds per bucket met). On CUDA it is meant for the GPU and not run here: mode
+"reduce-overhead", each bucket a CUDA graph replaying into the block pool in place. Prefill and the
+token rule stay eager everywhere.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ from torch.distributed.fsdp import FSDPModule
 from mt import chat, checkpoint, dist, hub
 from mt.config import ConfigError, SamplingConfig, check_sampling, opt, parse
 from mt.data import read_prompts, write_jsonl
-from mt.model import KVCache, Paged, Transformer
+from mt.model import BlockPool, Paged, Transformer
 from mt.progress import progress as progress_bar
 from mt.token_rule import M32, draft_token, next_token, stream_key
 
@@ -74,17 +78,34 @@ class Completion:
 
 NO_MISS = 1 << 62  # _Rows.miss of a row whose draws are all the rule's: above any step
 BLOCK = WINDOW  # positions per KV-cache block: a decode window is a whole number of blocks
-HEADROOM = 4 << 30  # GPU bytes left beside the KV pool for activations, logits and the prefill
+# GPU bytes left beside the KV pool: a decode step's copy of the rows' blocks (8B, 128 rows, a 6,144
+# window: 3 GiB per layer, K and V), logits, the prefill's activations
+HEADROOM = 6 << 30
+
+
+def pool_blocks(model_cfg, elem_bytes: int, slots: int, max_len: int, kv_blocks: int = 0,
+                free_bytes: int | None = None) -> int:
+    """The KV pool's size in blocks: kv_blocks if set, else every slot's longest sequence (and two
+    more: a prompt waiting for its next samples, the shared prefix; and the scratch block), at most
+    what free_bytes (a GPU's free memory, after the weights) holds less HEADROOM."""
+    if kv_blocks:
+        return kv_blocks
+    n = (slots + 2) * _blocks(max_len) + 3
+    if free_bytes is not None:
+        c = model_cfg
+        block = 2 * c.num_hidden_layers * c.num_key_value_heads * BLOCK * c.head_dim * elem_bytes
+        n = min(n, (free_bytes - HEADROOM) // block)
+    return n
 
 
 class _Pool:
-    """The paged KV cache: blocks of BLOCK positions of one KVCache (L, n_blocks, H, BLOCK, D), handed
+    """The paged KV cache: blocks of BLOCK positions of one BlockPool (L, n_blocks, BLOCK, H, D), handed
     to rows and prompt prefixes as they grow and counted by reference: a prompt's full prefix blocks
     are shared by its samples, the prefix all prompts share by every prompt. Block 0 is scratch:
     empty rows and table entries past a row's blocks point there (masked, never read as context)."""
 
     def __init__(self, cfg, n_blocks: int, dtype, dev):
-        self.kv = KVCache(cfg, n_blocks, BLOCK, dtype, dev)
+        self.kv = BlockPool(cfg, n_blocks, BLOCK, dtype, dev)
         self.ref = [0] * n_blocks
         self.free = list(range(n_blocks - 1, 0, -1))  # pop() hands out low ids first
 
@@ -228,11 +249,8 @@ class _Engine:
         # its next samples, the shared prefix) need, so nothing is preempted; on a GPU at most
         # what the free memory holds (most rows stop long before the cap)
         per_row = _blocks(self.max_len)
-        n_blocks = cfg.kv_blocks or (S + 2) * per_row + 3
-        if not cfg.kv_blocks and dev.type == "cuda":
-            c = model.cfg
-            block_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * BLOCK * c.head_dim * param.element_size()
-            n_blocks = min(n_blocks, int((torch.cuda.mem_get_info(dev)[0] - HEADROOM) // block_bytes))
+        free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
+        n_blocks = pool_blocks(model.cfg, param.element_size(), S, self.max_len, cfg.kv_blocks, free)
         if n_blocks < 2 * per_row + 3:  # the shared prefix, one prompt's prefix and its row, scratch
             raise ConfigError(f"the KV cache holds {n_blocks} blocks of {BLOCK} positions, fewer than one "
                               f"response of {self.max_len} positions needs ({2 * per_row + 3}). Fix: "

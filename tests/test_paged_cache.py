@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mt import sampler
-from mt.sampler import BLOCK, SamplingConfig, generate
+from mt.model import ModelConfig
+from mt.sampler import BLOCK, SamplingConfig, generate, pool_blocks
 from tests.test_sampler import V, tiny
 
 STOP = [3, 4, 5, 6, 7, 8]
@@ -102,3 +103,20 @@ def test_rows_hold_what_they_use_not_the_worst_case(engines, monkeypatch):
     e = engines[-1]
     dense = e.S * -(-e.max_len // BLOCK)
     assert peak[0] <= dense // 4, (peak[0], dense)
+
+
+def test_paper_caps_fit_128_rows_of_an_8b_model_on_an_80_gb_gpu():
+    """Llama-3-8B in bf16 (128 KiB of K and V per position) at the paper's caps, 2,048 prompt + 4,096 new
+    tokens: the dense cache (0.75 GiB a slot) needs 96 GiB for 128 slots; the pool on an 80 GB H100 with
+    the weights loaded holds 128 rows of 1,500 positions (a long chat prompt and response) twice over,
+    or 76 rows at the full 6,144 at once."""
+    cfg = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+    per_position = 2 * 32 * 8 * 128 * 2
+    assert per_position * 6144 == 0.75 * 2 ** 30
+    weights = 8.03e9 * 2
+    free = int(79.1 * 2 ** 30 - weights - 2 ** 30)  # an H100's 79.1 GiB, less the weights and the context
+    n = pool_blocks(cfg, 2, 128, 2048 + 4096, free_bytes=free)
+    assert n * BLOCK * per_position <= free - sampler.HEADROOM
+    assert n * BLOCK >= 2 * 128 * 1500 and n // -(-6144 // BLOCK) >= 76
+    assert pool_blocks(cfg, 2, 128, 6144) * BLOCK * per_position > 96 * 2 ** 30, "the default without a GPU"
