@@ -64,10 +64,6 @@ class SamplingConfig:
     check_every: int = opt(0, min=0, scheduling=True)
     # torch.compile the decode step (static shapes, a graph per bucket; CUDA graphs on GPU)
     compile: bool = False
-    # KV-cache blocks of 64 positions (mt/sampler.py); 0 = every slot's longest sequence, on a GPU at
-    # most what its free memory holds. Rows take blocks as they grow; when none is left, the row
-    # started last waits (restarts later, drawing the same tokens)
-    kv_blocks: int = opt(0, min=0, scheduling=True)
 
 
 @dataclass

@@ -187,30 +187,6 @@ def attention_bias(allowed: torch.Tensor, rep: int, dtype: torch.dtype) -> torch
     return bias.expand(B, 1, rep, Tk) if rep > 1 and T == 1 else bias
 
 
-class BlockPool(nn.Module):
-    """A paged KV cache: `n_blocks` blocks of `block` positions that rows take as they grow
-    (mt/sampler.py hands them out). k and v are (layers, n_blocks, block, kv heads, head_dim): positions
-    before heads, unlike KVCache, so a row's blocks gathered in order are its keys (T, kv heads, hd)
-    as they are, one copy, where the (heads, positions) order would need a second to merge blocks."""
-
-    def __init__(self, cfg: ModelConfig, n_blocks: int, block: int, dtype, device=None):
-        super().__init__()
-        shape = (cfg.num_hidden_layers, n_blocks, block, cfg.num_key_value_heads, cfg.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.block = block
-
-
-class Paged:
-    """One forward's view of a BlockPool: its k and v, and `table` (B, n): the blocks that hold
-    positions [0, n * block) of each row. A row writes and reads its own blocks only, so rows hold
-    what they use, not the longest row's worst case."""
-
-    def __init__(self, pool: BlockPool, table: torch.Tensor):
-        self.k, self.v, self.table = pool.k, pool.v, table
-        self.max_len = table.shape[1] * pool.block
-
-
 # ---- the transformer
 
 
@@ -244,18 +220,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # write this step's keys at each row's own positions, attend over the slot
-        if cache is not None and len(cache) == 3:  # paged (Paged): the row's blocks, in order
-            k_pool, v_pool, table = cache  # (n_blocks, bs, nkv, hd), (B, n)
-            bs = k_pool.shape[1]
-            blk, off = table.gather(1, positions // bs), positions % bs  # (B, T)
-            k_pool[blk, off] = k.transpose(1, 2)  # (B, T, nkv, hd)
-            v_pool[blk, off] = v.transpose(1, 2)
-            # (B, n, bs, nkv, hd) -> (B, nkv, n*bs, hd): a copy of each row's blocks, as SDPA takes
-            # no block table (a gather-free paged read needs FlexAttention's block mask or a kernel)
-            n = table.shape[1] * bs  # index_select: whole blocks, several times faster than k_pool[table]
-            k = k_pool.index_select(0, table.flatten()).view(B, n, self.n_kv, self.hd).transpose(1, 2)
-            v = v_pool.index_select(0, table.flatten()).view(B, n, self.n_kv, self.hd).transpose(1, 2)
-        elif cache is not None:
+        if cache is not None:
             k_cache, v_cache = cache
             rows = (slots[:, None] if slots is not None
                     else torch.arange(B, device=x.device)[:, None])
@@ -359,7 +324,7 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
         self.inv_freq.copy_(rope_inv_freq(self.cfg))
 
-    def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | Paged | None = None,
+    def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
                 slots=None, return_hidden: bool = False):
         """Logits (B, T, V) for the LM head, per-token scores (B, T) for the score head.
 
@@ -395,8 +360,6 @@ class Transformer(nn.Module):
         k_cache, v_cache = (None, None) if cache is None else (cache.k, cache.v)  # (L, B, H, T, D)
         for i, block in enumerate(self.model.layers):
             kv = (k_cache[i], v_cache[i]) if cache is not None else None
-            if isinstance(cache, Paged):
-                kv = (*kv, cache.table)
             x = block(x, cos, sin, mask, kv, slots, positions)
         x = self.model.norm(x)
         if return_hidden:

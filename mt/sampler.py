@@ -4,18 +4,14 @@
     torchrun --nproc_per_node 8 -m mt.sampler --model DIR --prompts FILE --num-samples 5 --out samples.jsonl
 
 How it works (gpt-fast / nanochat style; the token rule, one token from the logits, is mt/token_rule.py):
-- `slots` rows decode together. Every job (prompt i, sample j) runs in one slot; when a job stops,
-  the next pending job takes its slot (continuous refill), so one long response does not hold the
-  batch. New prompts are prefilled together, in one forward: a refill waits until a quarter of the
-  slots (REFILL_GROUP) or every pending job is free, or a slot has idled REFILL_WAIT steps.
-- The KV cache is paged: a pool of 64-position blocks (--sampling.kv_blocks; by default room for
-  every slot's longest sequence, on a GPU at most what its free memory holds). A row takes blocks
-  as it grows and reads only its own, so the pool holds the lengths rows reach, not slots x the
-  worst case; when it runs out, the row started last waits in the queue and restarts later (the
-  same tokens: the noise is counter-based). Each prompt is prefilled once (all but its last token)
-  into blocks its samples share; the prefix all prompts share (a chat template's system turn) is
-  prefilled once per pass and shared. The first decode step feeds the last prompt token, so every
-  slot decodes alike.
+- A preallocated cache of `slots` rows. Every job (prompt i, sample j) runs in one slot; when a job
+  stops, the next pending job takes its slot (continuous refill), so one long response does not
+  hold the batch. New prompts are prefilled together, in one forward: a refill waits until a
+  quarter of the slots (REFILL_GROUP) or every pending job is free, or a slot has idled
+  REFILL_WAIT steps.
+- Each prompt is prefilled once (all but its last token) and that prefix is copied to the slots of
+  its samples; the prefix all prompts share (a chat template's system turn) is prefilled once per
+  pass and copied. The first decode step feeds the last prompt token, so every slot decodes alike.
 - Randomness is counter-based (mt/token_rule.py): token t of job (seed, stream, prompt id, j) takes
   Gumbel noise from a hash of that tuple, t and the token id, so the output does not depend on slot
   count, batch, world size or order.
@@ -27,11 +23,11 @@ How it works (gpt-fast / nanochat style; the token rule, one token from the logi
 
 --sampling.compile: the decode step's forward under torch.compile with static shapes, one graph per
 bucket: rows = the slot count, then a quarter, a sixteenth, ... of it in the tail (finished rows
-are masked, not dropped); attention window = 64 positions times a power of two, or a whole row,
-max_prompt_tokens + max_new_tokens. On CPU that is inductor's C++ code, what the tests check
-(compiling takes seconds per bucket met). On CUDA it is meant for the GPU and not run here: mode
-"reduce-overhead", each bucket a CUDA graph replaying into the block pool in place. Prefill and the
-token rule stay eager everywhere.
+are masked, not dropped); attention window = 64 positions times a power of two, or the whole cache,
+whose length is max_prompt_tokens + max_new_tokens. On CPU that is inductor's C++ code, what the
+tests check (compiling takes seconds per bucket met). On CUDA it is meant for the GPU and not run
+here: mode "reduce-overhead", each bucket a CUDA graph replaying into the cache in place. Prefill
+and the token rule stay eager everywhere.
 """
 from __future__ import annotations
 
@@ -40,7 +36,6 @@ import json
 import os
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -50,7 +45,7 @@ from torch.distributed.fsdp import FSDPModule
 from mt import chat, checkpoint, dist, hub
 from mt.config import ConfigError, SamplingConfig, check_sampling, opt, parse
 from mt.data import read_prompts, write_jsonl
-from mt.model import BlockPool, Paged, Transformer
+from mt.model import KVCache, Transformer
 from mt.progress import progress as progress_bar
 from mt.token_rule import M32, draft_token, next_token, stream_key
 
@@ -77,65 +72,27 @@ class Completion:
 
 
 NO_MISS = 1 << 62  # _Rows.miss of a row whose draws are all the rule's: above any step
-BLOCK = WINDOW  # positions per KV-cache block: a decode window is a whole number of blocks
-# GPU bytes left beside the KV pool: a decode step's copy of the rows' blocks (8B, 128 rows, a 6,144
-# window: 3 GiB per layer, K and V), logits, the prefill's activations
-HEADROOM = 6 << 30
 
 
-def pool_blocks(model_cfg, elem_bytes: int, slots: int, max_len: int, kv_blocks: int = 0,
-                free_bytes: int | None = None) -> int:
-    """The KV pool's size in blocks: kv_blocks if set, else every slot's longest sequence (and two
-    more: a prompt waiting for its next samples, the shared prefix; and the scratch block), at most
-    what free_bytes (a GPU's free memory, after the weights) holds less HEADROOM."""
-    if kv_blocks:
-        return kv_blocks
-    n = (slots + 2) * _blocks(max_len) + 3
-    if free_bytes is not None:
-        c = model_cfg
-        block = 2 * c.num_hidden_layers * c.num_key_value_heads * BLOCK * c.head_dim * elem_bytes
-        n = min(n, (free_bytes - HEADROOM) // block)
-    return n
+class _Window:
+    """The first `rows` slots and `max_len` positions of a KVCache, as views: a decode step attends over
+    the longest live sequence, not the whole cache. Writes through the views land in the cache."""
 
+    def __init__(self, cache: KVCache, rows: int, max_len: int):
+        self.cache, self.rows, self.max_len = cache, rows, max_len
 
-class _Pool:
-    """The paged KV cache: blocks of BLOCK positions of one BlockPool (L, n_blocks, BLOCK, H, D), handed
-    to rows and prompt prefixes as they grow and counted by reference: a prompt's full prefix blocks
-    are shared by its samples, the prefix all prompts share by every prompt. Block 0 is scratch:
-    empty rows and table entries past a row's blocks point there (masked, never read as context)."""
+    @property
+    def k(self) -> torch.Tensor:  # (L, rows, H, max_len, D)
+        return self.cache.k[:, : self.rows, :, : self.max_len]
 
-    def __init__(self, cfg, n_blocks: int, dtype, dev):
-        self.kv = BlockPool(cfg, n_blocks, BLOCK, dtype, dev)
-        self.ref = [0] * n_blocks
-        self.free = list(range(n_blocks - 1, 0, -1))  # pop() hands out low ids first
-
-    def take(self, n: int) -> list[int]:
-        out = [self.free.pop() for _ in range(n)]
-        for b in out:
-            self.ref[b] = 1
-        return out
-
-    def share(self, blocks: list[int]):
-        for b in blocks:
-            self.ref[b] += 1
-
-    def drop(self, blocks: list[int]):
-        for b in blocks:
-            self.ref[b] -= 1
-            if not self.ref[b]:
-                self.free.append(b)
-
-    def copy(self, dst: list[int], src: list[int]):
-        """Whole blocks, every layer at once."""
-        if dst:
-            d, s = (torch.tensor(x, device=self.kv.k.device) for x in (dst, src))
-            self.kv.k[:, d] = self.kv.k[:, s]
-            self.kv.v[:, d] = self.kv.v[:, s]
+    @property
+    def v(self) -> torch.Tensor:
+        return self.cache.v[:, : self.rows, :, : self.max_len]
 
 
 @dataclass
 class _Rows:
-    """The engine's per-row state, row s = slot s: device tensors (row first), host lists.
+    """The engine's per-row state, row s = cache slot s: device tensors (row first), host lists.
 
     `set` and `pack` act on fields by name or on all of them, so a new per-row field is declared
     (and allocated in `new`) here and nothing else has to remember it; `refill` sets the fields a
@@ -153,16 +110,12 @@ class _Rows:
     # none, and that step's logits: the harvest redraws it exactly and the row goes on from there
     miss: torch.Tensor  # (S,)
     miss_logits: torch.Tensor | None  # (S, V) fp32, when the rule filters (top-p / top-k)
-    table: torch.Tensor  # (S, blocks per row) the pool blocks of the row's positions; 0 past them
     # host
     slot_job: list[tuple[int, int] | None]  # the job (prompt i, sample j) in each row; None = free
     pos_host: list[int]  # an upper bound on each row's position, exact after every harvest
-    blocks: list[list[int]]  # the row's blocks (`table`'s host copy), each held once by the row
-    started: list[int]  # when the row's job started (preemption takes the latest)
 
     @classmethod
-    def new(cls, S: int, max_new_tokens: int, return_logps: bool, vocab: int | None, n_blocks: int,
-            dev) -> "_Rows":
+    def new(cls, S: int, max_new_tokens: int, return_logps: bool, vocab: int | None, dev) -> "_Rows":
         T1 = max_new_tokens + 1
 
         def z(*shape, dtype=torch.long):
@@ -171,8 +124,7 @@ class _Rows:
                    out=z(S, T1), out_logp=z(S, T1, dtype=torch.float32) if return_logps else None,
                    miss=z(S) + NO_MISS,
                    miss_logits=z(S, vocab, dtype=torch.float32) if vocab else None,
-                   table=z(S, n_blocks), slot_job=[None] * S, pos_host=[0] * S,
-                   blocks=[[] for _ in range(S)], started=[0] * S)
+                   slot_job=[None] * S, pos_host=[0] * S)
 
     def set(self, rows: list[int], **values):
         """Write fields of `rows`: a list (one value per row; one host-to-device copy for a device
@@ -196,11 +148,6 @@ class _Rows:
             elif t is not None:
                 t[:k] = [t[s] for s in rows]
 
-    def set_blocks(self, rows: list[int], blocks: list[list[int]]):
-        """The rows' blocks, host lists and device table (one copy), 0 (scratch) past them."""
-        width = self.table.shape[1]
-        self.set(rows, blocks=blocks, table=[b + [0] * (width - len(b)) for b in blocks])
-
 
 def _common_prefix(seqs: list[list[int]]) -> int:
     """The length of the longest prefix every sequence starts with."""
@@ -210,205 +157,127 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
-def _blocks(n: int) -> int:
-    return -(-n // BLOCK)
-
-
 class _Engine:
-    """One sampling pass: jobs (prompt i, sample j) flow through a fixed set of rows (slots).
+    """One sampling pass: jobs (prompt i, sample j) flow through a fixed set of cache slots.
 
     Device state is one row per slot; the host keeps which job each slot runs and looks at the device
-    only in `harvest` (every `check_every` steps). The KV cache is paged (_Pool): a row holds the
-    blocks its positions use, taken as it grows (`grow`, before each interval of steps), and reads
-    only those; a prompt's prefix is prefilled once into blocks its samples share. When the pool
-    runs out, the row started last goes back to the queue and restarts from its prompt later
-    (counter-based noise: it draws the same tokens again). With `static` (--sampling.compile) every
-    shape a decode step sees is one of a few buckets: the row count is the slot count, or a quarter,
-    a sixteenth, ... of it once the tail is compacted; the attention window is 64 positions times a
-    power of two, or the whole row, whose length is fixed by the config (max_prompt_tokens +
+    only in `harvest` (every `check_every` steps). With `static` (--sampling.compile) every shape a
+    decode step sees is one of a few buckets: the row count is the slot count, or a quarter, a
+    sixteenth, ... of it once the tail is compacted; the attention window is 64 positions times a
+    power of two, or the whole cache, whose length is fixed by the config (max_prompt_tokens +
     max_new_tokens), not by this pass's prompts. Without it the rows and window fit more tightly.
     """
 
     def __init__(self, model: Transformer, prompts: list[list[int]], n: int, cfg: SamplingConfig,
                  keys: list[list[int]], stop_ids, return_logps: bool):
         self.model, self.prompts, self.n, self.cfg, self.keys = model, prompts, n, cfg, keys
-        # a prompt's samples are adjacent; a preempted job goes back to the front
-        self.pending = deque((i, j) for i in range(len(prompts)) for j in range(n))
-        self.left = [n] * len(prompts)  # jobs of each prompt not running or done
+        self.jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]  # a prompt's samples are adjacent
+        self.next_job = 0
         self.results: list[list[Completion | None]] = [[None] * n for _ in prompts]
         param = next(model.parameters())
         dev, dtype = param.device, param.dtype
         self.dev = dev
         self.static = cfg.compile
-        S = self.S = cfg.slots if self.static else min(cfg.slots, len(self.pending))
+        S = self.S = cfg.slots if self.static else min(cfg.slots, len(self.jobs))
         prefix_max = max(len(p) for p in prompts) - 1  # the last prompt token is fed by the first decode step
         self.max_len = prefix_max + 1 + cfg.max_new_tokens
-        if self.static:  # one shape bucket set for every pass of this config
+        if self.static:  # one cache shape for every pass of this config
             self.max_len = max(self.max_len, cfg.max_prompt_tokens + cfg.max_new_tokens)
-        # the pool: by default what every row's longest sequence and two more (a prompt waiting for
-        # its next samples, the shared prefix) need, so nothing is preempted; on a GPU at most
-        # what the free memory holds (most rows stop long before the cap)
-        per_row = _blocks(self.max_len)
-        free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
-        n_blocks = pool_blocks(model.cfg, param.element_size(), S, self.max_len, cfg.kv_blocks, free)
-        if n_blocks < 2 * per_row + 3:  # the shared prefix, one prompt's prefix and its row, scratch
-            raise ConfigError(f"the KV cache holds {n_blocks} blocks of {BLOCK} positions, fewer than one "
-                              f"response of {self.max_len} positions needs ({2 * per_row + 3}). Fix: "
-                              "raise --sampling.kv_blocks, or lower --sampling.max_new_tokens")
-        self.pool = _Pool(model.cfg, n_blocks, dtype, dev)
+        self.cache = KVCache(model.cfg, S, self.max_len, dtype, dev)
+        self.stage = KVCache(model.cfg, 1, max(prefix_max, 1), dtype, dev)  # a prompt whose samples span refills
+        self.staged = None  # which prompt's prefix `stage` holds
+        # the prefix all prompts start with (a chat template's system turn): prefilled once, copied
+        share = SHARE_PREFIX and len(prompts) > 1
+        self.shared = _common_prefix([p[:-1] for p in prompts]) if share else 0
+        self.common = KVCache(model.cfg, 1, max(self.shared, 1), dtype, dev)
+        if self.shared:
+            ids = torch.tensor([prompts[0][: self.shared]], device=dev)
+            at = torch.arange(self.shared, device=dev)[None]
+            self.model(ids, positions=at, cache=self.common, return_hidden=True)
         self.stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
         self.return_logps = return_logps
         self.decode = compiled(model, dev) if cfg.compile else model  # prefill stays eager
-        if cfg.compile and dev.type == "cuda":  # CUDA graphs replay into the pool in place (a
-            # new pool, next pass: the graphs are re-recorded at its address, not recompiled)
-            torch._dynamo.mark_static_address(self.pool.kv.k)
-            torch._dynamo.mark_static_address(self.pool.kv.v)
+        if cfg.compile and dev.type == "cuda":  # CUDA graphs replay into the cache in place (a
+            # new cache, next pass: the graphs are re-recorded at its address, not recompiled)
+            torch._dynamo.mark_static_address(self.cache.k)
+            torch._dynamo.mark_static_address(self.cache.v)
         # per-row state, one row per slot; rows [0, m) are in use (m shrinks in the tail: compact)
         self.m = S
+        # the draft draw can miss only when the rule filters (draft_token): then keep missed logits
         filters = not (cfg.greedy or cfg.temperature <= 0) and (cfg.top_k > 0 or cfg.top_p < 1.0)
-        vocab = model.cfg.vocab_size if filters else None  # the draft draw can miss: keep logits
-        self.rows = _Rows.new(S, cfg.max_new_tokens, return_logps, vocab, per_row, dev)
+        vocab = model.cfg.vocab_size if filters else None
+        self.rows = _Rows.new(S, cfg.max_new_tokens, return_logps, vocab, dev)
         self.idle = 0  # decode steps since a slot became free while jobs were pending
         self.prefills = 0  # prefill forwards run (for the benchmark)
-        self.starts = 0  # jobs started (preempted ones count again)
-        self.preempted = 0
-        self.prefix: dict[int, list[int]] = {}  # prompt i -> blocks of its positions [0, len - 1]
-        # the prefix all prompts start with (a chat template's system turn): prefilled once
-        share = SHARE_PREFIX and len(prompts) > 1
-        self.shared = _common_prefix([p[:-1] for p in prompts]) if share else 0
-        self.common = self.pool.take(_blocks(self.shared))
-        if self.shared:
-            self._forward_prefill([prompts[0][: self.shared]], 0, [self.common])
 
     def window(self, need: int) -> int:
         """The attention window for positions [0, need): a multiple of WINDOW (static: a power of
-        two times it), at most the whole row."""
+        two times it), at most the whole cache."""
         w = -(-need // WINDOW)
         if self.static:
             w = 1 << (w - 1).bit_length()
         return min(self.max_len, w * WINDOW)
 
-    def _forward_prefill(self, seqs: list[list[int]], at: int, tables: list[list[int]]):
-        """One prefill forward: seqs[r] at positions at, at + 1, ... of the blocks tables[r]."""
-        L, width = max(map(len, seqs)), max(map(len, tables))
-        ids = torch.zeros(len(seqs), L, dtype=torch.long)  # right-padded: pad keys are never attended
-        for r, x in enumerate(seqs):
-            ids[r, : len(x)] = torch.tensor(x)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=self.dev)
-        positions = torch.arange(at, at + L, device=self.dev)[None].expand(len(seqs), L)
-        self.model(ids.to(self.dev), positions=positions, cache=Paged(self.pool.kv, table),
-                   return_hidden=True)
-        self.prefills += 1
+    def _copy(self, dst: KVCache, dst_rows: list[int], src: KVCache, src_rows: list[int], length: int):
+        if length == 0 or not dst_rows:
+            return
+        d, s = torch.tensor(dst_rows, device=self.dev), torch.tensor(src_rows, device=self.dev)
+        dst.k[:, d, :, :length] = src.k[:, s, :, :length]  # every layer at once
+        dst.v[:, d, :, :length] = src.v[:, s, :, :length]
 
-    def _prefill(self, fresh: list[int]):
-        """Each prompt's prefix (all but its last token) into blocks of its own: those under the shared
-        prefix's full blocks are shared, its partial block copied; the rest in forwards of at most
-        PREFILL_TOKENS padded tokens."""
+    def _prefill(self, items: list[tuple[int, int]]):
+        """Write the prefixes of prompts into slots, items = [(prompt i, slot)]: the shared prefix
+        by a copy, the rest in forwards of at most PREFILL_TOKENS padded tokens."""
         P, c = self.prompts, self.shared
-        full = c // BLOCK  # the shared prefix's full blocks
-        for i in fresh:
-            own = self.pool.take((len(P[i]) - 1) // BLOCK + 1 - full)
-            self.pool.share(self.common[:full])
-            self.prefix[i] = self.common[:full] + own
-            if c % BLOCK:
-                self.pool.copy([own[0]], [self.common[full]])
-        items = [i for i in fresh if len(P[i]) - 1 > c]
-        rest = {i: len(P[i]) - 1 - c for i in items}  # the tokens each prompt still needs
+        self._copy(self.cache, [s for _, s in items], self.common, [0] * len(items), c)
+        items = [(i, s) for i, s in items if len(P[i]) - 1 > c]
+        rest = {i: len(P[i]) - 1 - c for i, _ in items}  # the tokens each prompt still needs
         while items:
-            k, L = 1, rest[items[0]]  # grow the chunk while its padded size fits the budget
-            while k < len(items) and (k + 1) * max(L, rest[items[k]]) <= PREFILL_TOKENS:
-                L = max(L, rest[items[k]])
+            k, L = 1, rest[items[0][0]]  # grow the chunk while its padded size fits the budget
+            while k < len(items) and (k + 1) * max(L, rest[items[k][0]]) <= PREFILL_TOKENS:
+                L = max(L, rest[items[k][0]])
                 k += 1
             chunk, items = items[:k], items[k:]
-            self._forward_prefill([P[i][c:-1] for i in chunk], c, [self.prefix[i] for i in chunk])
+            ids = torch.zeros(len(chunk), L, dtype=torch.long)  # right-padded: pad keys are never attended
+            for r, (i, _) in enumerate(chunk):
+                ids[r, : rest[i]] = torch.tensor(P[i][c:-1])
+            positions = torch.arange(c, c + L, device=self.dev)[None].expand(len(chunk), L)
+            slots = torch.tensor([s for _, s in chunk], device=self.dev)
+            window = _Window(self.cache, self.S, c + L)
+            self.model(ids.to(self.dev), positions=positions, cache=window, slots=slots,
+                       return_hidden=True)
+            self.prefills += 1
 
-    def _row_blocks(self, s: int, every: int) -> int:
-        """How many blocks row s needs for its next `every` steps (at most its whole sequence)."""
-        i = self.rows.slot_job[s][0]
-        last = min(self.rows.pos_host[s] + every, len(self.prompts[i]) - 1 + self.cfg.max_new_tokens) - 1
-        return last // BLOCK + 1
-
-    def refill(self, free: list[int], every: int):
-        """Start pending jobs in the free slots, as many as the pool has blocks for (their prompt's
-        prefix, computed once, and their first `every` steps)."""
-        P, R, pool = self.prompts, self.rows, self.pool
-        take, need_prefix = [], set()
-        spare = len(pool.free)
-        for job in self.pending:
-            if len(take) == len(free):
-                break
-            i = job[0]
-            n_i = len(P[i]) - 1
-            prefix = 0 if i in self.prefix or i in need_prefix else n_i // BLOCK + 1 - self.shared // BLOCK
-            own = (min(n_i + every, n_i + self.cfg.max_new_tokens) - 1) // BLOCK + 1 - n_i // BLOCK
-            if prefix + own > spare:
-                break
-            spare -= prefix + own
-            need_prefix.add(i)
-            take.append(job)
-        if not take:
-            return
-        for _ in take:
-            self.pending.popleft()
-        self._prefill(sorted(i for i in need_prefix if i not in self.prefix))
+    def refill(self, free: list[int]):
+        """Start the next pending jobs in the free slots; each prompt's prefix is computed once and copied."""
+        P, cache = self.prompts, self.cache
+        take = self.jobs[self.next_job: self.next_job + len(free)]
+        self.next_job += len(take)
         assign = list(zip(free, take))
-        blocks, dst, src = [], [], []
-        for s, (i, _) in assign:  # the prefix's full blocks shared, its last block copied
-            n_i, pre = len(P[i]) - 1, self.prefix[i]
-            shared = pre[: n_i // BLOCK]
-            pool.share(shared)
-            own = pool.take((min(n_i + every, n_i + self.cfg.max_new_tokens) - 1) // BLOCK + 1 - n_i // BLOCK)
-            dst.append(own[0])
-            src.append(pre[n_i // BLOCK])
-            blocks.append(shared + own)
-        pool.copy(dst, src)  # one batched copy; junk past a prefix's end is rewritten before it is read
-        for i, _ in take:  # a prompt whose samples have all started lets its prefix go
-            self.left[i] -= 1
-            if not self.left[i]:
-                pool.drop(self.prefix.pop(i))
-        rows = [s for s, _ in assign]
-        keys = [self.keys[i][j] for i, j in take]
-        R.set_blocks(rows, blocks)
+        slots_of: dict[int, list[int]] = {}
+        for s, (i, _) in assign:
+            slots_of.setdefault(i, []).append(s)
+        staged = take[0][0] if take[0][1] > 0 else None  # begun in an earlier refill: prefix is in `stage`
+        if staged is not None:
+            assert staged == self.staged
+            self._copy(cache, slots_of[staged], self.stage, [0] * len(slots_of[staged]), len(P[staged]) - 1)
+        fresh = [i for i in slots_of if i != staged]
+        self._prefill([(i, slots_of[i][0]) for i in fresh])
+        siblings = [(s, slots_of[i][0], len(P[i]) - 1) for i in fresh for s in slots_of[i][1:]]
+        if siblings:  # one batched copy; junk past a shorter prompt's prefix is harmless
+            dst, src, lengths = zip(*siblings)
+            self._copy(cache, list(dst), cache, list(src), max(lengths))
+        last_i, last_j = take[-1]
+        if last_j < self.n - 1 and last_i != staged:  # its other samples start later: keep its prefix
+            self._copy(self.stage, [0], cache, [slots_of[last_i][0]], len(P[last_i]) - 1)
+            self.staged = last_i
         # the jobs' start state, one small host-to-device copy per device field
-        R.set(rows, last=[P[i][-1] for i, _ in take], pos=[len(P[i]) - 1 for i, _ in take], n_gen=0,
-              done=False, miss=NO_MISS, key=[[k & M32, (k >> 32) & M32] for k in keys],
-              slot_job=list(take), pos_host=[len(P[i]) - 1 for i, _ in take],
-              started=list(range(self.starts, self.starts + len(take))))
-        self.starts += len(take)
+        keys = [self.keys[i][j] for i, j in take]
+        self.rows.set([s for s, _ in assign], last=[P[i][-1] for i, _ in take],
+                      pos=[len(P[i]) - 1 for i, _ in take], n_gen=0, done=False, miss=NO_MISS,
+                      key=[[k & M32, (k >> 32) & M32] for k in keys],
+                      slot_job=list(take), pos_host=[len(P[i]) - 1 for i, _ in take])
         self.idle = 0
-
-    def grow(self, every: int):
-        """Blocks for every live row's next `every` steps; where the pool runs out, the row started
-        last goes back to the front of the queue (preempted: it restarts from its prompt later)."""
-        R, pool = self.rows, self.pool
-        live = sorted((s for s in range(self.m) if R.slot_job[s] is not None), key=lambda s: R.started[s])
-        changed = []
-        for s in live:
-            if R.slot_job[s] is None:  # preempted below
-                continue
-            need = self._row_blocks(s, every) - len(R.blocks[s])
-            while need > len(pool.free):
-                victim = max((r for r in live if R.slot_job[r] is not None), key=lambda r: R.started[r])
-                self.preempt(victim)
-                if victim == s:
-                    break
-            if R.slot_job[s] is not None and need > 0:
-                R.blocks[s] = R.blocks[s] + pool.take(need)
-                changed.append(s)
-        changed = [s for s in changed if R.slot_job[s] is not None]
-        if changed:
-            R.set_blocks(changed, [R.blocks[s] for s in changed])
-
-    def preempt(self, s: int):
-        """Free row s's blocks and put its job back at the front of the queue."""
-        R = self.rows
-        i, j = R.slot_job[s]
-        self.pool.drop(R.blocks[s])
-        self.pending.appendleft((i, j))
-        self.left[i] += 1
-        R.set_blocks([s], [[]])
-        R.set([s], slot_job=None, done=True, pos=0, pos_host=0)
-        self.preempted += 1
 
     def step(self, window: int):
         """One token for every row in use; no host sync. A row whose top-p / top-k set is not among
@@ -418,8 +287,8 @@ class _Engine:
         last, pos, n_gen, done = R.last[:m], R.pos[:m], R.n_gen[:m], R.done[:m]
         if self.static and self.dev.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        cache = Paged(self.pool.kv, R.table[:m, : _blocks(window)])
-        logits = self.decode(last[:, None], positions=pos[:, None], cache=cache)[:, -1].float()  # (m, V)
+        logits = self.decode(last[:, None], positions=pos[:, None],
+                             cache=_Window(self.cache, m, window))[:, -1].float()  # (m, V)
         tok, exact = draft_token(logits, R.key[:m], n_gen, self.cfg)
         if exact is not None:  # a live row's first miss: remember the step and its logits
             miss = R.miss[:m]
@@ -437,8 +306,8 @@ class _Engine:
         done.logical_or_(torch.isin(tok, self.stop) | (n_gen >= self.cfg.max_new_tokens))
 
     def harvest(self) -> int:
-        """Redraw the rows whose draft draw missed, collect finished jobs and free their slots and
-        blocks; returns how many finished. The loop's one host sync (a second one after a redraw)."""
+        """Redraw the rows whose draft draw missed, collect finished jobs and free their slots;
+        returns how many finished. The loop's one host sync (a second one only after a redraw)."""
         m, R = self.m, self.rows
         state = torch.stack([R.done[:m].long(), R.n_gen[:m], R.pos[:m], R.miss[:m]])
         done_h, n_h, pos_h, miss_h = state.tolist()
@@ -457,9 +326,7 @@ class _Engine:
                 reason = "stop" if ids and ids[-1] in stops else "length"
                 i, j = R.slot_job[s]
                 self.results[i][j] = Completion(ids, reason, logps[r][: n_h[s]] if logps else None)
-                self.pool.drop(R.blocks[s])
-            R.set_blocks(fin, [[] for _ in fin])
-            R.set(fin, slot_job=None, pos=0)  # an empty row idles at position 0 of the scratch block
+            R.set(fin, slot_job=None, pos=0)  # an empty row idles at position 0, inside any window
         R.pos_host[:m] = [pos_h[s] if R.slot_job[s] is not None else 0 for s in range(m)]
         return len(fin)
 
@@ -484,7 +351,7 @@ class _Engine:
         """Refill now? New prompts are prefilled together: wait until a REFILL_GROUP share of the
         slots (or every pending job) is free, or a slot has idled REFILL_WAIT steps, or nothing is
         live."""
-        pending = len(self.pending)
+        pending = len(self.jobs) - self.next_job
         if not free or not pending:
             return False
         group = min(pending, max(1, round(REFILL_GROUP * self.S)))
@@ -495,10 +362,10 @@ class _Engine:
         """When no job is pending and at most half the rows are live, move the live rows to the
         front and decode only those: the tail of a pass (a few long responses) then costs what its
         live rows cost. Static: to the smallest of m / 4, m / 16, ... rows that holds them, the
-        rest empty. The rows' blocks move with them (their tables), not the cache."""
+        rest empty."""
         R = self.rows
         live = [s for s in range(self.m) if R.slot_job[s] is not None]
-        if not live or len(live) > self.m // 2 or self.pending:
+        if not live or len(live) > self.m // 2 or self.next_job < len(self.jobs):
             return
         m = len(live)
         if self.static:
@@ -507,29 +374,20 @@ class _Engine:
                 m = -(-m // 4)
             if m == self.m:
                 return
-        k = len(live)
+        idx, k = torch.tensor(live, device=self.dev), len(live)
+        L = min(self.max_len, max(R.pos_host[: self.m]) + 1)
+        self.cache.k[:, :k, :, :L] = self.cache.k[:, idx, :, :L]  # every layer at once
+        self.cache.v[:, :k, :, :L] = self.cache.v[:, idx, :, :L]
         R.pack(live)
         if m > k:
-            R.set_blocks(list(range(k, m)), [[] for _ in range(k, m)])
             R.set(list(range(k, m)), slot_job=None, pos_host=0, pos=0, done=True)
         self.m = m
 
     def run(self, progress: bool) -> list[list[Completion]]:
         every = _check_every(self.cfg, self.dev)
-        bar = progress_bar(len(self.pending), "sampling", progress, unit="resp")  # lines in a log
-        self.refill(list(range(self.S)), every)
-        while True:
-            self.grow(every)
-            if not any(job is not None for job in self.rows.slot_job[: self.m]):
-                if not self.pending:
-                    break
-                # every row was preempted: room for the next job from scratch (prefixes recomputed)
-                for i in list(self.prefix):
-                    self.pool.drop(self.prefix.pop(i))
-                self.refill(list(range(self.m)), every)
-                if not any(job is not None for job in self.rows.slot_job[: self.m]):
-                    raise RuntimeError("the KV cache cannot hold one job; see --sampling.kv_blocks")
-                continue
+        bar = progress_bar(len(self.jobs), "sampling", progress, unit="resp")  # lines in a log
+        self.refill(list(range(self.S)))
+        while any(job is not None for job in self.rows.slot_job[: self.m]):
             # no row is past hi, and none moves more than one per step
             hi = max(self.rows.pos_host[: self.m])
             for _ in range(every):
@@ -538,8 +396,8 @@ class _Engine:
             bar.update(self.harvest())
             free = [s for s in range(self.m) if self.rows.slot_job[s] is None]
             if self.due(free):
-                self.refill(free, every)
-            elif free and self.pending:
+                self.refill(free)
+            elif free and self.next_job < len(self.jobs):
                 self.idle += every
             self.compact()
         bar.close()
