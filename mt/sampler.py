@@ -149,6 +149,18 @@ class _Rows:
                 t[:k] = [t[s] for s in rows]
 
 
+HEADROOM = 6 << 30  # GPU bytes left beside the KV cache: activations, logits, the prefill
+
+
+def fit_slots(model_cfg, elem_bytes: int, slots: int, max_len: int, free_bytes: int) -> int:
+    """The most slots, up to `slots`, whose dense KV cache of max_len positions (and the two one-row
+    prefix caches) fits in free_bytes less HEADROOM: at the paper's caps an 8B row takes 0.75 GiB, so
+    128 slots (96 GiB) do not fit on an 80 GB GPU; fewer slots give the same tokens, more slowly."""
+    c = model_cfg
+    row = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * elem_bytes
+    return max(1, min(slots, (free_bytes - HEADROOM) // row - 2))
+
+
 def _common_prefix(seqs: list[list[int]]) -> int:
     """The length of the longest prefix every sequence starts with."""
     first, n = seqs[0], min(map(len, seqs))
@@ -178,11 +190,18 @@ class _Engine:
         dev, dtype = param.device, param.dtype
         self.dev = dev
         self.static = cfg.compile
-        S = self.S = cfg.slots if self.static else min(cfg.slots, len(self.jobs))
+        S = cfg.slots if self.static else min(cfg.slots, len(self.jobs))
         prefix_max = max(len(p) for p in prompts) - 1  # the last prompt token is fed by the first decode step
         self.max_len = prefix_max + 1 + cfg.max_new_tokens
         if self.static:  # one cache shape for every pass of this config
             self.max_len = max(self.max_len, cfg.max_prompt_tokens + cfg.max_new_tokens)
+        if dev.type == "cuda":  # never more slots than the free memory holds (the same tokens)
+            fit = fit_slots(model.cfg, param.element_size(), S, self.max_len, torch.cuda.mem_get_info(dev)[0])
+            if fit < S:
+                print(f"[rank {dist.get().rank}] sampling: {S} slots of {self.max_len} positions do not fit "
+                      f"in the free GPU memory; {fit} slots (--sampling.slots)", file=sys.stderr, flush=True)
+            S = fit
+        self.S = S
         self.cache = KVCache(model.cfg, S, self.max_len, dtype, dev)
         self.stage = KVCache(model.cfg, 1, max(prefix_max, 1), dtype, dev)  # a prompt whose samples span refills
         self.staged = None  # which prompt's prefix `stage` holds

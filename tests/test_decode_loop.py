@@ -62,3 +62,4 @@ def test_decode_steps_do_not_sync_and_draw_what_the_exact_rule_draws(no_reads_in
         for c, r in zip(cs, rs):
             assert c.finish_reason == r.finish_reason
             assert torch.allclose(torch.tensor(c.logps), torch.tensor(r.logps), atol=1e-6, rtol=0)
+
