@@ -96,7 +96,7 @@ def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
     skips it). A row whose set is not there (a flat distribution) gets its threshold score from a
     radix select over the whole vocabulary, and noise for every token. Every way finds the
     threshold a full sort finds, and a token's noise does not depend on which tokens are looked
-    at, so the token drawn is the same whichever way a row goes (tests/test_sampler.py checks each
+    at, so the token drawn is the same whichever way a row goes (tests/test_token_rule.py checks each
     way against the sort).
     """
     if cfg.greedy or cfg.temperature <= 0:
