@@ -222,9 +222,10 @@ class _Engine:
             torch._dynamo.mark_static_address(self.cache.v)
         # per-row state, one row per slot; rows [0, m) are in use (m shrinks in the tail: compact)
         self.m = S
+        self.every = _check_every(cfg, dev)
         # the draft draw can miss only when the rule filters (draft_token): then keep missed logits
         filters = not (cfg.greedy or cfg.temperature <= 0) and (cfg.top_k > 0 or cfg.top_p < 1.0)
-        vocab = model.cfg.vocab_size if filters else None
+        vocab = model.cfg.vocab_size if filters and self.every > 1 else None
         self.rows = _Rows.new(S, cfg.max_new_tokens, return_logps, vocab, dev)
         self.idle = 0  # decode steps since a slot became free while jobs were pending
         self.prefills = 0  # prefill forwards run (for the benchmark)
@@ -301,14 +302,19 @@ class _Engine:
     def step(self, window: int):
         """One token for every row in use; no host sync. A row whose top-p / top-k set is not among
         its first candidates (draft_token) keeps this step's logits and goes on with the draft token
-        until the harvest redraws it (the rows after it are redone: the draw is not the rule's)."""
+        until the harvest redraws it (the rows after it are redone: the draw is not the rule's).
+        With a harvest after every step (check_every 1, the CPU default) the step draws by the exact
+        rule itself: its tier check is then that step's harvest read, and no redraw repeats work."""
         m, R = self.m, self.rows
         last, pos, n_gen, done = R.last[:m], R.pos[:m], R.n_gen[:m], R.done[:m]
         if self.static and self.dev.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         logits = self.decode(last[:, None], positions=pos[:, None],
                              cache=_Window(self.cache, m, window))[:, -1].float()  # (m, V)
-        tok, exact = draft_token(logits, R.key[:m], n_gen, self.cfg)
+        if self.every == 1:
+            tok, exact = next_token(logits, R.key[:m], n_gen, self.cfg), None
+        else:
+            tok, exact = draft_token(logits, R.key[:m], n_gen, self.cfg)
         if exact is not None:  # a live row's first miss: remember the step and its logits
             miss = R.miss[:m]
             first = ~exact & ~done & (miss > n_gen)
@@ -403,7 +409,7 @@ class _Engine:
         self.m = m
 
     def run(self, progress: bool) -> list[list[Completion]]:
-        every = _check_every(self.cfg, self.dev)
+        every = self.every
         bar = progress_bar(len(self.jobs), "sampling", progress, unit="resp")  # lines in a log
         self.refill(list(range(self.S)))
         while any(job is not None for job in self.rows.slot_job[: self.m]):
