@@ -43,6 +43,7 @@ from mt.train import TrainError, collate, metrics_summary, train
 # ---- E-step / sample: M responses per prompt from π_{t-1} (T=0.8, top-p 0.95)
 
 
+@dist.releases  # the stage's model (and optimizer, cache) freed on return (DESIGN.md §4)
 def sample(policy_dir: Path, prompts_path: Path, out_path: Path, sampling: C.SamplingConfig,
            n: int = 5, seed: int = 0, stream: str = "policy") -> dict:
     """samples.jsonl for every prompt of prompts_path; data-parallel over ranks.
@@ -65,6 +66,7 @@ def sample(policy_dir: Path, prompts_path: Path, out_path: Path, sampling: C.Sam
 # ---- E-step / score: every response scored by r_{t-1}
 
 
+@dist.releases  # the stage's model (and optimizer, cache) freed on return (DESIGN.md §4)
 def score(rm_dir: Path, samples_path: Path, out_path: Path) -> dict:
     rows = score_file(rm_dir, samples_path, out_path)
     return {"prompts": len(rows), "responses": sum(len(r["scores"]) for r in rows)}
@@ -96,6 +98,7 @@ def pairs(samples_path: Path, scores_path: Path, out_path: Path, rule: str = "le
 # ---- E-step / reference log-probs: once, with the frozen π_{t-1}, before any update
 
 
+@dist.releases  # the stage's model (and optimizer, cache) freed on return (DESIGN.md §4)
 def ref_logps(policy_dir: Path, pairs_path: Path, out_path: Path, loss: str = "dpo",
               max_length: int = 2048, micro_batch_size: int = 2, dtype: str = "auto") -> dict:
     """ref_logps.jsonl: summed log-probs of chosen and rejected under π_{t-1}, keyed by pair id.
@@ -207,6 +210,7 @@ def _compute_ref(model, examples, out_path, cfg, pad_id, policy_dir):
 # checkpoint every 50 steps
 
 
+@dist.releases  # the stage's model (and optimizer, cache) freed on return (DESIGN.md §4)
 def dpo(policy_dir: Path, pairs_path: Path, ref_path: Path, out_dir: Path,
         cfg: C.DPOConfig) -> dict:
     """Train π_t from π_{t-1} on pairs_path; reference log-probs from ref_path

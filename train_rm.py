@@ -33,6 +33,7 @@ from mt.train import metrics_summary, train as run_training
 # ---- train
 
 
+@dist.releases  # the stage's model (and optimizer, cache) freed on return (DESIGN.md §4)
 def train(init_dir: Path, pair_files: list[Path], out_dir: Path, cfg: C.RMConfig) -> dict:
     """r_t from init_dir (an RM, or a causal LM given a fresh score head) on the pairs of every
     file.
@@ -65,6 +66,7 @@ def train(init_dir: Path, pair_files: list[Path], out_dir: Path, cfg: C.RMConfig
 # ---- evaluate
 
 
+@dist.releases  # the stage's model (and optimizer, cache) freed on return (DESIGN.md §4)
 def pair_accuracy(rm_dir, pairs_path) -> float:
     """Share of pairs with r(chosen) > r(rejected), strictly (ties count as errors)."""
     rows = read_pairs(pairs_path)

@@ -83,11 +83,13 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def load_state_dict(path) -> dict[str, torch.Tensor]:
+def load_state_dict(path, device="cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory's safetensors files, read straight onto `device`
+    (safetensors' device=: on a GPU no host copy of the weights, on any rank)."""
     sd = {}
     for f in weight_files(Path(path)):
         try:
-            with safe_open(str(f), framework="pt") as fh:
+            with safe_open(str(f), framework="pt", device=str(device)) as fh:
                 for k in fh.keys():
                     sd[k] = fh.get_tensor(k)
         except Exception as e:  # safetensors raises its own error types for a cut or foreign file
@@ -100,7 +102,8 @@ def load_state_dict(path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_weights(path, head: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_weights(path, head: str | None = None,
+                 device="cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """config.json and the weights of a Hugging Face directory, checked against each other, in the dtype they
     are stored in (nothing is cast or copied into a model: a bf16 8B checkpoint stays 16 GB).
 
@@ -115,7 +118,8 @@ def read_weights(path, head: str | None = None) -> tuple[ModelConfig, dict[str, 
         raise CheckpointError(f"{path}: is a reward model (score head); it has no LM head to load")
     if src_head == "score":
         warn_pad_is_eos(path, cfg.hf)
-    sd = {k: v for k, v in load_state_dict(path).items() if not k.endswith("rotary_emb.inv_freq")}
+    sd = {k: v for k, v in load_state_dict(path, device).items()
+          if not k.endswith("rotary_emb.inv_freq")}
     fresh_score = src_head == "lm" and cfg.head == "score"
     if fresh_score or (cfg.head == "lm" and cfg.tie_word_embeddings):
         sd.pop("lm_head.weight", None)
@@ -136,14 +140,17 @@ def read_weights(path, head: str | None = None) -> tuple[ModelConfig, dict[str, 
                                   f"{tuple(shapes[k].shape)}")
     if fresh_score:
         w = torch.empty(shapes["score.weight"].shape, dtype=torch.float32)
-        sd["score.weight"] = w.normal_(std=cfg.hf.get("initializer_range", 0.02))
+        sd["score.weight"] = w.normal_(std=cfg.hf.get("initializer_range", 0.02)).to(device)
     return cfg, sd
 
 
 def load_model(path, dtype=torch.float32, device="cpu", head: str | None = None) -> Transformer:
-    """Load a Hugging Face directory into our model, in `dtype` on `device` (see read_weights for `head`)."""
+    """Load a Hugging Face directory into our model, in `dtype` on `device` (see read_weights for `head`).
+
+    The weights are read onto `device` directly (sampling and scoring on a GPU: no full copy in host
+    memory on every rank); at the peak the device holds them as stored plus the model, until return."""
     dtype = resolve_dtype(dtype, device)
-    cfg, sd = read_weights(path, head)
+    cfg, sd = read_weights(path, head, device)
     with torch.device("meta"):
         model = Transformer(cfg)
     # cast while still on meta (free), so memory is allocated once, in the dtype asked for

@@ -295,8 +295,11 @@ def _sandbox_variant(diff: dict) -> dict:
     return {k: v for k, v in diff.items() if k != "dpo.lr"}
 
 
-# activation checkpointing: what an 8B policy / RM needs on 8 GPUs (no effect on any result)
-PAPER_GPU = {"dpo.activation_checkpointing": True, "rm_train.activation_checkpointing": True}
+# activation checkpointing: what an 8B policy / RM needs on 8 GPUs (no effect on any result); a
+# collective timeout that outlasts rank 0 reading or writing 8B weights while the others wait in a
+# collective (torch's default, 10 minutes, does not)
+PAPER_GPU = {"dpo.activation_checkpointing": True, "rm_train.activation_checkpointing": True,
+             "dist.timeout_min": 60.0}
 
 PRESETS: dict[str, dict] = {
     # Mutual-Taught as the paper runs it: every default of this file,

@@ -7,6 +7,8 @@ the training loop as torchtitan keeps `apply_fsdp` out of its `train.py`.
 from __future__ import annotations
 
 import datetime
+import functools
+import gc
 import hashlib
 import os
 import sys
@@ -192,6 +194,27 @@ def _first_to_report(message: str) -> bool:
     except OSError:
         return True
     return True
+# ---- memory between stages
+
+
+def release():
+    """Free what a finished stage left: collect reference cycles (an FSDP2 module is one: DESIGN.md §4),
+    then hand the CUDA caching allocator's free blocks back, so the next stage (another model) finds them."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def releases(stage: Callable) -> Callable:
+    """A stage function that releases its memory on return: `release()` runs after `stage` has
+    returned, when its locals (model, optimizer, KV cache) are gone, not inside it, where they are alive."""
+    @functools.wraps(stage)
+    def run_stage(*args, **kwargs):
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            release()
+    return run_stage
 
 
 # ---- the device policy of training: dtypes, FSDP2, activation checkpointing

@@ -172,6 +172,26 @@ class KVCache(nn.Module):
         return (cfg.num_hidden_layers, n_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
 
 
+def attention_bias(allowed: torch.Tensor, rep: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask (B, 1, rep*T, Tk) in the queries' dtype for allowed (B, T, Tk):
+    0 where a query may see a key, -inf elsewhere, repeated for the `rep` query heads that
+    Attention.forward folds into the query axis of their shared K/V head.
+
+    Additive and in q's dtype: what the memory-efficient kernel takes as its bias (a bool mask is
+    converted to this anyway). Stored with rows padded to 8 elements, so that kernel's alignment
+    check passes without a padded copy per layer. One query per row (a decode step) repeats by
+    expand: no copy. Every row sees at least one key (its own position), so no row is all -inf.
+    """
+    B, T, Tk = allowed.shape
+    blocked = ~allowed[:, None]  # (B, 1, T, Tk)
+    if rep > 1 and T > 1:
+        blocked = blocked.repeat(1, 1, rep, 1)  # (B, 1, rep*T, Tk): query (r, t) is row r*T + t
+    rows, Tk8 = blocked.shape[2], -(-Tk // 8) * 8
+    bias = torch.zeros(B, 1, rows, Tk8, dtype=dtype, device=allowed.device)[..., :Tk]
+    bias.masked_fill_(blocked, float("-inf"))
+    return bias.expand(B, 1, rep, Tk) if rep > 1 and T == 1 else bias
+
+
 # ---- the transformer
 
 
@@ -212,8 +232,23 @@ class Attention(nn.Module):
             k_cache[rows, :, positions] = k.transpose(1, 2)
             v_cache[rows, :, positions] = v.transpose(1, 2)
             k, v = (k_cache, v_cache) if slots is None else (k_cache[slots], v_cache[slots])
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        if mask is None:  # training, scoring, the reference pass: causal, right-padded, no mask;
+            # on CUDA flash takes it, grouped-query heads included (enable_gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=self.n_kv != self.n_heads)
+        else:
+            # A mask (the sampler's cache, left padding) rules flash out, and the memory-efficient
+            # kernel takes no enable_gqa on most releases we allow (torch >= 2.6), which leaves the
+            # math kernel (fp32, K/V repeated per query head). So no grouped heads reach SDPA here:
+            # the `rep` query heads that share a K/V head become `rep` blocks of queries of that
+            # one head, (B, nh, T, hd) -> (B, nkv, rep*T, hd). Same dot products, K/V neither
+            # copied nor expanded, and equal head counts with an additive mask in q's dtype, which
+            # the memory-efficient kernel accepts (tests/test_attention_contract.py). The mask
+            # comes folded the same way (Transformer.forward, attention_bias).
+            rep = self.n_heads // self.n_kv
+            q = q.reshape(B, self.n_kv, rep * T, self.hd)  # (B, nkv, rep*T, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = y.reshape(B, self.n_heads, T, self.hd)  # back to (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -306,24 +341,26 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         dev = input_ids.device
-        mask = None
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        allowed = mask = None
         if cache is not None:
             if positions is None:
                 raise ValueError("a cached forward needs explicit positions (B, T)")
             key_pos = torch.arange(cache.max_len, device=dev)
-            mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, Tmax)
+            allowed = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, Tmax)
         elif attention_mask is not None:
             am = attention_mask.bool()
             if positions is None:
                 positions = (am.long().cumsum(-1) - 1).clamp(min=0)
             causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
             # a pad query sees itself only, so no row is fully masked (which would give NaN)
-            mask = ((causal[None] & am[:, None, :])
-                    | torch.eye(T, dtype=torch.bool, device=dev)[None])
-            mask = mask[:, None]  # (B, 1, T, T)
+            allowed = ((causal[None] & am[:, None, :])
+                       | torch.eye(T, dtype=torch.bool, device=dev)[None])  # (B, T, T)
+        if allowed is not None:
+            rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
+            mask = attention_bias(allowed, rep, x.dtype)  # (B, 1, rep*T, Tk), built once
         if positions is None:
             positions = torch.arange(T, device=dev)[None].expand(B, T)
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         k_cache, v_cache = (None, None) if cache is None else (cache.k, cache.v)  # (L, B, H, T, D)
         for i, block in enumerate(self.model.layers):

@@ -3,7 +3,7 @@
     python -m mt.sampler --model DIR --prompts FILE --n 5 --out samples.jsonl      # one process
     torchrun --nproc_per_node 8 -m mt.sampler --model DIR --prompts FILE --num-samples 5 --out samples.jsonl
 
-How it works (gpt-fast / nanochat style, one file):
+How it works (gpt-fast / nanochat style; the token rule, one token from the logits, is mt/token_rule.py):
 - A preallocated cache of `slots` rows. Every job (prompt i, sample j) runs in one slot; when a job
   stops, the next pending job takes its slot (continuous refill), so one long response does not
   hold the batch. New prompts are prefilled together, in one forward: a refill waits until a
@@ -12,14 +12,14 @@ How it works (gpt-fast / nanochat style, one file):
 - Each prompt is prefilled once (all but its last token) and that prefix is copied to the slots of
   its samples; the prefix all prompts share (a chat template's system turn) is prefilled once per
   pass and copied. The first decode step feeds the last prompt token, so every slot decodes alike.
-- Randomness is counter-based: token t of job (seed, stream, prompt id, j) takes Gumbel noise from a
-  hash of that tuple, t and the token id, and is argmax(logits / T + noise) over the top-k / top-p
-  set. No generator state is shared between rows, so the output does not depend on slot count,
-  batch, world size or order. The set is found without sorting the vocabulary and the noise is
-  computed for its candidates only (`next_token`); a token's noise is the same either way.
-- The decode loop stays on the device; the host looks at the finished flags every `check_every`
-  steps (and next_token reads, each step, which rows its candidates do not cover). Once nothing is
-  pending, the live rows are packed to the front so the tail decodes only them.
+- Randomness is counter-based (mt/token_rule.py): token t of job (seed, stream, prompt id, j) takes
+  Gumbel noise from a hash of that tuple, t and the token id, so the output does not depend on slot
+  count, batch, world size or order.
+- The decode loop stays on the device; the host looks at it every `check_every` steps (harvest),
+  and nowhere else. A step draws from each row's first candidate tier (`draft_token`); a row whose
+  top-p / top-k set that tier does not hold keeps that step's logits, and the harvest redraws its
+  token by the exact rule and takes the row back to that step, so the tokens are next_token's.
+  Once nothing is pending, the live rows are packed to the front so the tail decodes only them.
 
 --sampling.compile: the decode step's forward under torch.compile with static shapes, one graph per
 bucket: rows = the slot count, then a quarter, a sixteenth, ... of it in the tail (finished rows
@@ -32,7 +32,6 @@ and the token rule stay eager everywhere.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -49,6 +48,7 @@ from mt.data import read_prompts, write_jsonl
 from mt.flags import ConfigError, opt, parse
 from mt.model import KVCache, Transformer
 from mt.progress import progress as progress_bar
+from mt.token_rule import M32, draft_token, next_token, stream_key
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward; bounds the prefill's activation memory
 WINDOW = 64  # decode attends over the cache's first positions, rounded up to this many (fewer shapes)
@@ -69,193 +69,10 @@ class Completion:
         return len(self.token_ids)
 
 
-# ---- counter-based randomness
-
-M32 = 0xFFFFFFFF
-
-
-def stream_key(seed: int, stream: str, prompt_id: str, sample_index: int) -> int:
-    """The 64-bit key of one response's random stream; `stream` names the use, e.g. "iter1/policy"."""
-    h = hashlib.sha256(f"{seed}\x1f{stream}\x1f{prompt_id}\x1f{sample_index}".encode()).digest()
-    return int.from_bytes(h[:8], "little")
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    # lowbias32 (C. Wellons' hash-prospector) on uint32 values held in int64; both multipliers are
-    # below 2^31, so no product overflows int64 and the result is the same on every backend
-    x = x ^ (x >> 16)  # a new tensor: the rest works in place
-    x.mul_(0x21F0AAAD).bitwise_and_(M32)
-    x.bitwise_xor_(x >> 15)
-    x.mul_(0x735A2D97).bitwise_and_(M32)
-    return x.bitwise_xor_(x >> 15)
-
-
-def _token_hash(vocab: int, device) -> torch.Tensor:
-    """_mix32 of every token id (V,): the same for every row and step, so kept once per vocab."""
-    key = (vocab, str(device))
-    if key not in _TOKEN_HASH:
-        _TOKEN_HASH[key] = _mix32(torch.arange(vocab, device=device))
-    return _TOKEN_HASH[key]
-
-
-_TOKEN_HASH: dict = {}
-
-
-def _row_seed(keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    return _mix32(keys[:, 0] ^ _mix32(keys[:, 1] ^ _mix32(step)))  # (S,) this step's seed
-
-
-def _to_gumbel(h: torch.Tensor) -> torch.Tensor:
-    # 1 - U with 32-bit resolution near 0, where the largest noise values (the ones that win) come from
-    v = h.float().add_(0.5).mul_(2.0 ** -32).clamp_(max=1.0 - 2.0 ** -24)
-    return v.neg_().log1p_().neg_().log_().neg_()  # -log(E), E = -log(1 - v) ~ Exp(1)
-
-
-def gumbel_at(keys: torch.Tensor, step: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Gumbel noise (S, C) of tokens `ids` (S, C) at token `step` (S,) of each row's stream, keys
-    (S, 2) = its uint32 halves. A value depends only on (key, step, token id): the same whichever
-    tokens are asked for alongside it, so drawing over candidates draws what the whole vocabulary
-    would."""
-    return _to_gumbel(_mix32(_row_seed(keys, step)[:, None] ^ _mix32(ids)))
-
-
-def gumbel(keys: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
-    """gumbel_at over the whole vocabulary: (S, V)."""
-    return _to_gumbel(_mix32(_row_seed(keys, step)[:, None] ^ _token_hash(vocab, keys.device)))
-
-
-# ---- one token from the logits
-
-CANDIDATES = (64, 1024)  # top-p looks for its set among a row's 64, then 1,024 most likely tokens
-
-
-def next_token(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor,
-               cfg: SamplingConfig) -> torch.Tensor:
-    """Tokens (S,) from fp32 logits (S, V): greedy, or Gumbel-max over the tempered, filtered logits.
-
-    top-k keeps the k most likely tokens (and ties with the k-th); top-p then keeps, of what is
-    left (renormalised), the smallest most-likely set whose mass reaches p (and ties with its least
-    likely token). argmax(logits / T + Gumbel noise) over the kept set draws from
-    softmax(logits / T) renormalised on it (the Gumbel-max trick); as the noise is keyed by (row
-    key, step, token id), a tiny change in one logit can flip the draw only when two noisy scores
-    nearly tie, so fp rounding that differs with the batch shape almost never matters.
-
-    The kept set is found without sorting the vocabulary, and the noise is drawn for it only.
-    top-k is one `topk`; top-p alone looks among each row's CANDIDATES most likely tokens (once
-    their mass reaches p, the set is among them; a bound on the mass a larger tier could reach
-    skips it). A row whose set is not there (a flat distribution) gets its threshold score from a
-    radix select over the whole vocabulary, and noise for every token. Every way finds the
-    threshold a full sort finds, and a token's noise does not depend on which tokens are looked
-    at, so the token drawn is the same whichever way a row goes (tests/test_sampler.py checks each
-    way against the sort).
-    """
-    if cfg.greedy or cfg.temperature <= 0:
-        return logits.argmax(-1)
-    s = logits / cfg.temperature  # (S, V)
-    S, V = s.shape
-    k = cfg.top_k if 0 < cfg.top_k < V else 0
-    p = cfg.top_p if cfg.top_p < 1.0 else None
-    if not k and p is None:  # nothing filtered: every token is a candidate
-        return (s + gumbel(keys, step, V)).argmax(-1)
-    tok = torch.empty(S, dtype=torch.long, device=s.device)
-    todo = torch.arange(S, device=s.device)
-    later = []  # rows for the radix select: no tier can hold their set
-    lse = None if k else torch.logsumexp(s, -1)  # top-p alone: masses in the full softmax
-    tiers = [k] if k else [c for c in CANDIDATES if c < V]
-    for j, c in enumerate(tiers):
-        if not todo.numel():
-            break
-        rows = s if j == 0 else s[todo]  # the first tier looks at every row, in order
-        vals, idx = rows.topk(c + 1)  # c candidates and the best token left out
-        probs = torch.softmax(vals[:, :c], -1) if k else (vals - lse[todo, None]).exp()
-        if p is None:
-            n = torch.full_like(todo, c)
-        else:
-            before = probs.cumsum(-1) - probs  # the mass more likely than each candidate
-            n = (before[:, :c] < p).sum(-1)
-        tau = vals.gather(1, n[:, None] - 1)  # the least likely kept score
-        # the set is among the candidates if the one left out is neither kept nor tied with the
-        # least likely kept one (top-k: with the k-th)
-        found = vals[:, c] < (vals[:, c - 1: c] if k else tau)[:, 0]
-        if not k:
-            found &= before[:, c] >= p
-        v, i = vals[:, :c], idx[:, :c]  # a draw for every row here; the rows not found redraw
-        z = torch.where(v >= tau, v + gumbel_at(keys[todo], step[todo], i), float("-inf"))
-        tok[todo] = i.gather(1, z.argmax(-1, keepdim=True))[:, 0]
-        if found.all():  # (a peaked batch: the one host sync of the step)
-            return tok
-        todo = todo[~found]
-        if not k and j + 1 < len(tiers):  # the next tier's mass is at most these c + 1, and
-            # each of its others weighs at most the one left out here
-            mass, last = (before[:, c] + probs[:, c])[~found], probs[~found, c]
-            go = mass + (tiers[j + 1] - c - 1) * last >= p
-            later.append(todo[~go])
-            todo = todo[go]
-    todo = torch.cat([todo, *later])
-    if not todo.numel():
-        return tok
-    every = todo.numel() == S  # then as they are: no copies
-    sr, kr, st = (s, keys, step) if every else (s[todo], keys[todo], step[todo])
-    if k:  # the top-k set with its ties, renormalised
-        kth = sr.topk(k).values[:, -1:]
-        masked = sr.masked_fill(sr < kth, float("-inf"))
-        tau = kth if p is None else _radix_threshold(masked, masked.logsumexp(-1), p)
-    else:
-        tau = _radix_threshold(sr, lse if every else lse[todo], p)
-    z = gumbel(kr, st, V).add_(sr).masked_fill_(sr < tau, float("-inf")).argmax(-1)
-    if every:
-        return z
-    tok[todo] = z
-    return tok
-
-
-def _radix_threshold(s: torch.Tensor, lse: torch.Tensor, p: float) -> torch.Tensor:
-    """The top-p threshold of each row of scores s (r, V): the largest score t with
-    mass(s >= t) >= p (r, 1), by a radix select on the float bits, 11 + 11 + 10 of them, the masses
-    summed in fp64."""
-    r, V = s.shape
-    dev = s.device
-    b = (s + 0.0).view(torch.int32)  # + 0.0: no -0.0
-    key = b.bitwise_xor_((b >> 31).bitwise_and_(0x7FFFFFFF))  # signed int32, in the scores' order
-    mass = (s - lse[:, None]).exp_()
-    rows = None  # level 1 works on (r, V) as it is; later levels on the elements left, flat
-    prefix = torch.zeros(r, dtype=torch.long, device=dev)
-    above = torch.zeros(r, 1, dtype=torch.float64, device=dev)  # the mass above the prefix
-    for shift, bits in ((21, 11), (10, 11), (0, 10)):
-        B = 1 << bits
-        if rows is None:  # the top 11 bits (sign, exponent, 2 of the mantissa) as 0 .. 2047
-            digit = (key >> shift).add_(1024)
-            bins = (digit + torch.arange(0, r * B, B, device=dev)[:, None]).flatten()
-        else:
-            digit = (key >> shift).bitwise_and_(B - 1)
-            bins = rows * B + digit
-        m = torch.bincount(bins, weights=mass.flatten(), minlength=r * B).view(r, B)
-        up = above + m.flip(-1).cumsum(-1).flip(-1)  # the mass at or above each digit
-        d = ((up >= p).sum(-1, keepdim=True) - 1).clamp_(min=0)  # the highest digit reaching p
-        above = up.gather(1, d) - m.gather(1, d)
-        prefix = (prefix << bits) | (d[:, 0] - (1024 if rows is None else 0))
-        if rows is None:
-            rows, cols = (digit == d).nonzero(as_tuple=True)
-            key, mass = key[rows, cols], mass[rows, cols]
-        else:
-            keep = digit == d[rows, 0]
-            key, mass, rows = key[keep], mass[keep], rows[keep]
-    b = prefix.to(torch.int32)
-    return (b ^ ((b >> 31) & 0x7FFFFFFF)).view(torch.float32)[:, None]
-
-
-def _sorted_threshold(s: torch.Tensor, k: int, p: float | None) -> torch.Tensor:
-    """The least likely kept score (S, 1) by a full sort, as the rule defines it: the reference."""
-    vals = s.sort(-1, descending=True).values
-    tau = vals[:, k - 1: k] if k else vals[:, -1:]
-    if p is not None:  # top-p over the top-k set (and its ties), renormalised
-        probs = torch.softmax(vals.masked_fill(vals < tau, float("-inf")), -1)
-        n = ((probs.cumsum(-1) - probs) < p).sum(-1, keepdim=True)  # the mass before < p
-        tau = vals.gather(1, n - 1)
-    return tau
-
-
 # ---- the engine
+
+
+NO_MISS = 1 << 62  # _Rows.miss of a row whose draws are all the rule's: above any step
 
 
 class _Window:
@@ -290,18 +107,24 @@ class _Rows:
     key: torch.Tensor  # (S, 2) the job's stream key, two uint32 halves
     out: torch.Tensor  # (S, max_new_tokens + 1) ids; +1: a finished row writes junk past its end
     out_logp: torch.Tensor | None  # (S, max_new_tokens + 1) their logps, with return_logps
+    # the step of the row's first draft draw not known to be the rule's (draft_token), NO_MISS if
+    # none, and that step's logits: the harvest redraws it exactly and the row goes on from there
+    miss: torch.Tensor  # (S,)
+    miss_logits: torch.Tensor | None  # (S, V) fp32, when the rule filters (top-p / top-k)
     # host
     slot_job: list[tuple[int, int] | None]  # the job (prompt i, sample j) in each row; None = free
     pos_host: list[int]  # an upper bound on each row's position, exact after every harvest
 
     @classmethod
-    def new(cls, S: int, max_new_tokens: int, return_logps: bool, dev) -> "_Rows":
+    def new(cls, S: int, max_new_tokens: int, return_logps: bool, vocab: int | None, dev) -> "_Rows":
         T1 = max_new_tokens + 1
 
         def z(*shape, dtype=torch.long):
             return torch.zeros(shape, dtype=dtype, device=dev)
         return cls(last=z(S), pos=z(S), n_gen=z(S), done=~z(S, dtype=torch.bool), key=z(S, 2),
                    out=z(S, T1), out_logp=z(S, T1, dtype=torch.float32) if return_logps else None,
+                   miss=z(S) + NO_MISS,
+                   miss_logits=z(S, vocab, dtype=torch.float32) if vocab else None,
                    slot_job=[None] * S, pos_host=[0] * S)
 
     def set(self, rows: list[int], **values):
@@ -325,6 +148,18 @@ class _Rows:
                 t[:k] = t[idx]
             elif t is not None:
                 t[:k] = [t[s] for s in rows]
+
+
+HEADROOM = 6 << 30  # GPU bytes left beside the KV cache: activations, logits, the prefill
+
+
+def fit_slots(model_cfg, elem_bytes: int, slots: int, max_len: int, free_bytes: int) -> int:
+    """The most slots, up to `slots`, whose dense KV cache of max_len positions (and the two one-row
+    prefix caches) fits in free_bytes less HEADROOM: at the paper's caps an 8B row takes 0.75 GiB, so
+    128 slots (96 GiB) do not fit on an 80 GB GPU; fewer slots give the same tokens, more slowly."""
+    c = model_cfg
+    row = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * elem_bytes
+    return max(1, min(slots, (free_bytes - HEADROOM) // row - 2))
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -373,6 +208,12 @@ class _Engine:
         self.shared = _common_prefix([p[:-1] for p in prompts]) if share else 0
         sizes = cache_sizes(cfg, len(self.jobs), max(len(p) for p in prompts), self.shared)
         (S, self.max_len), stage, common = sizes["cache"], sizes["stage"], sizes["common"]
+        if dev.type == "cuda":  # never more slots than the free memory holds (the same tokens)
+            fit = fit_slots(model.cfg, param.element_size(), S, self.max_len, torch.cuda.mem_get_info(dev)[0])
+            if fit < S:
+                print(f"[rank {dist.get().rank}] sampling: {S} slots of {self.max_len} positions do not fit "
+                      f"in the free GPU memory; {fit} slots (--sampling.slots)", file=sys.stderr, flush=True)
+            S = fit
         self.S = S
         self.cache = KVCache(model.cfg, S, self.max_len, dtype, dev)
         self.stage = KVCache(model.cfg, *stage, dtype, dev)  # a prompt whose samples span refills
@@ -391,7 +232,11 @@ class _Engine:
             torch._dynamo.mark_static_address(self.cache.v)
         # per-row state, one row per slot; rows [0, m) are in use (m shrinks in the tail: compact)
         self.m = S
-        self.rows = _Rows.new(S, cfg.max_new_tokens, return_logps, dev)
+        self.every = _check_every(cfg, dev)
+        # the draft draw can miss only when the rule filters (draft_token): then keep missed logits
+        filters = not (cfg.greedy or cfg.temperature <= 0) and (cfg.top_k > 0 or cfg.top_p < 1.0)
+        vocab = model.cfg.vocab_size if filters and self.every > 1 else None
+        self.rows = _Rows.new(S, cfg.max_new_tokens, return_logps, vocab, dev)
         self.idle = 0  # decode steps since a slot became free while jobs were pending
         self.prefills = 0  # prefill forwards run (for the benchmark)
 
@@ -459,21 +304,32 @@ class _Engine:
         # the jobs' start state, one small host-to-device copy per device field
         keys = [self.keys[i][j] for i, j in take]
         self.rows.set([s for s, _ in assign], last=[P[i][-1] for i, _ in take],
-                      pos=[len(P[i]) - 1 for i, _ in take], n_gen=0, done=False,
+                      pos=[len(P[i]) - 1 for i, _ in take], n_gen=0, done=False, miss=NO_MISS,
                       key=[[k & M32, (k >> 32) & M32] for k in keys],
                       slot_job=list(take), pos_host=[len(P[i]) - 1 for i, _ in take])
         self.idle = 0
 
     def step(self, window: int):
-        """One token for every row in use; no host sync (but next_token's check for a row whose
-        top-p set is not among its candidates)."""
+        """One token for every row in use; no host sync. A row whose top-p / top-k set is not among
+        its first candidates (draft_token) keeps this step's logits and goes on with the draft token
+        until the harvest redraws it (the rows after it are redone: the draw is not the rule's).
+        With a harvest after every step (check_every 1, the CPU default) the step draws by the exact
+        rule itself: its tier check is then that step's harvest read, and no redraw repeats work."""
         m, R = self.m, self.rows
         last, pos, n_gen, done = R.last[:m], R.pos[:m], R.n_gen[:m], R.done[:m]
         if self.static and self.dev.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         logits = self.decode(last[:, None], positions=pos[:, None],
                              cache=_Window(self.cache, m, window))[:, -1].float()  # (m, V)
-        tok = next_token(logits, R.key[:m], n_gen, self.cfg)
+        if self.every == 1:
+            tok, exact = next_token(logits, R.key[:m], n_gen, self.cfg), None
+        else:
+            tok, exact = draft_token(logits, R.key[:m], n_gen, self.cfg)
+        if exact is not None:  # a live row's first miss: remember the step and its logits
+            miss = R.miss[:m]
+            first = ~exact & ~done & (miss > n_gen)
+            miss.copy_(torch.where(first, n_gen, miss))
+            R.miss_logits[:m] = torch.where(first[:, None], logits, R.miss_logits[:m])
         rows = torch.arange(m, device=self.dev)
         R.out[rows, n_gen] = tok
         if self.return_logps:  # under the untempered policy, whatever temperature / top-p / top-k did
@@ -485,9 +341,15 @@ class _Engine:
         done.logical_or_(torch.isin(tok, self.stop) | (n_gen >= self.cfg.max_new_tokens))
 
     def harvest(self) -> int:
-        """Collect finished jobs (the one host sync) and free their slots; returns how many finished."""
+        """Redraw the rows whose draft draw missed, collect finished jobs and free their slots;
+        returns how many finished. The loop's one host sync (a second one only after a redraw)."""
         m, R = self.m, self.rows
-        done_h, n_h, pos_h = R.done[:m].tolist(), R.n_gen[:m].tolist(), R.pos[:m].tolist()
+        state = torch.stack([R.done[:m].long(), R.n_gen[:m], R.pos[:m], R.miss[:m]])
+        done_h, n_h, pos_h, miss_h = state.tolist()
+        redo = [s for s in range(m) if R.slot_job[s] is not None and miss_h[s] != NO_MISS]
+        if redo:
+            self.redraw(redo, [miss_h[s] for s in redo])
+            done_h, n_h, pos_h = torch.stack([R.done[:m].long(), R.n_gen[:m], R.pos[:m]]).tolist()
         fin = [s for s in range(m) if R.slot_job[s] is not None and done_h[s]]
         if fin:
             idx = torch.tensor(fin, device=self.dev)
@@ -502,6 +364,23 @@ class _Engine:
             R.set(fin, slot_job=None, pos=0)  # an empty row idles at position 0, inside any window
         R.pos_host[:m] = [pos_h[s] if R.slot_job[s] is not None else 0 for s in range(m)]
         return len(fin)
+
+    def redraw(self, rows: list[int], steps: list[int]):
+        """Rows back to their first missed step: its token by the exact rule (next_token) from the
+        logits kept then, and the row's state as `step` would have left it. What the row computed
+        after that step is dropped: its cache positions past it are rewritten before they are read
+        (each step writes its position, then attends up to it)."""
+        R, dev = self.rows, self.dev
+        idx, t = torch.tensor(rows, device=dev), torch.tensor(steps, device=dev)
+        logits = R.miss_logits[idx]  # (r, V)
+        tok = next_token(logits, R.key[idx], t, self.cfg)
+        R.out[idx, t] = tok
+        if self.return_logps:
+            R.out_logp[idx, t] = logits.gather(1, tok[:, None])[:, 0] - logits.logsumexp(-1)
+        start = torch.tensor([len(self.prompts[R.slot_job[s][0]]) - 1 for s in rows], device=dev)
+        R.n_gen[idx], R.pos[idx], R.last[idx] = t + 1, start + t + 1, tok
+        R.done[idx] = torch.isin(tok, self.stop) | (t + 1 >= self.cfg.max_new_tokens)
+        R.miss[idx] = NO_MISS
 
     def due(self, free: list[int]) -> bool:
         """Refill now? New prompts are prefilled together: wait until a REFILL_GROUP share of the
@@ -540,7 +419,7 @@ class _Engine:
         self.m = m
 
     def run(self, progress: bool) -> list[list[Completion]]:
-        every = _check_every(self.cfg, self.dev)
+        every = self.every
         bar = progress_bar(len(self.jobs), "sampling", progress, unit="resp")  # lines in a log
         self.refill(list(range(self.S)))
         while any(job is not None for job in self.rows.slot_job[: self.m]):

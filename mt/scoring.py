@@ -109,6 +109,7 @@ def score_file(rm_dir, samples_path, out_path, device=None, dtype="auto", **kw) 
     return score_files(rm_dir, [(samples_path, out_path)], device, dtype, **kw)[0]
 
 
+@dist.releases  # the stage's model (and optimizer, cache) freed on return (DESIGN.md §4)
 def score_files(rm_dir, files: list[tuple], device=None, dtype="auto", **kw) -> list[list[dict]]:
     """score_file for several (samples.jsonl, scores.jsonl) at once, in ONE scoring call, so a
     response that appears in two files (y_t^k and y_{t-1} in Eq. 6, y_t

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mt import config as C
+
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
@@ -53,3 +55,11 @@ def test_run_propagates_an_exception_as_a_failed_run(tmp_path):
     assert r.returncode != 0
     assert "ValueError: rank 1 fails on purpose" in r.stdout + r.stderr
     assert not (tmp_path / "rank1.txt").exists()
+
+
+def test_paper_preset_gives_8b_loads_and_saves_an_hour():
+    """torch's default collective timeout (10 minutes) is shorter than rank 0 alone reading or writing 8B
+    weights while the other ranks wait in a collective; the paper preset sets 60, the flag's default
+    (0) keeps torch's."""
+    assert C.parse(["--preset", "paper"], C.Config()).dist.timeout_min == 60
+    assert C.Config().dist.timeout_min == 0
