@@ -206,7 +206,8 @@ def sampling_bytes(mcfg: ModelConfig, s: C.SamplingConfig, slots: int | None = N
     sizes = sampler.cache_sizes(s, s.slots, s.max_prompt_tokens, s.max_prompt_tokens - 1)
     kv = sum(b.numel() * b.element_size() for rows, length in sizes.values()
              for b in KVCache(mcfg, rows, length, dtype, "meta").buffers())
-    state = sampler._Rows.new(sizes["cache"][0], s.max_new_tokens, False, "meta")
+    vocab = sampler.missed_logits_vocab(s, mcfg.vocab_size, "cuda")  # the GPU's harvest interval
+    state = sampler._Rows.new(sizes["cache"][0], s.max_new_tokens, False, vocab, "meta")
     rows = sum(t.numel() * t.element_size() for t in vars(state).values() if isinstance(t, torch.Tensor))
     # _Engine.step: the model's bf16 logits (slots, 1, V) and their fp32 copy
     logits = sizes["cache"][0] * mcfg.vocab_size * (2 + 4)

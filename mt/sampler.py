@@ -233,10 +233,8 @@ class _Engine:
         # per-row state, one row per slot; rows [0, m) are in use (m shrinks in the tail: compact)
         self.m = S
         self.every = _check_every(cfg, dev)
-        # the draft draw can miss only when the rule filters (draft_token): then keep missed logits
-        filters = not (cfg.greedy or cfg.temperature <= 0) and (cfg.top_k > 0 or cfg.top_p < 1.0)
-        vocab = model.cfg.vocab_size if filters and self.every > 1 else None
-        self.rows = _Rows.new(S, cfg.max_new_tokens, return_logps, vocab, dev)
+        self.rows = _Rows.new(S, cfg.max_new_tokens, return_logps,
+                              missed_logits_vocab(cfg, model.cfg.vocab_size, dev), dev)
         self.idle = 0  # decode steps since a slot became free while jobs were pending
         self.prefills = 0  # prefill forwards run (for the benchmark)
 
@@ -454,6 +452,14 @@ def compiled(model: Transformer, device: torch.device):
         dynamo_config.accumulated_cache_size_limit, 1024)
     mode = "reduce-overhead" if device.type == "cuda" else None
     return torch.compile(model, dynamic=False, mode=mode)
+
+
+def missed_logits_vocab(cfg: SamplingConfig, vocab_size: int, device) -> int | None:
+    """The width of the logits each row keeps for the harvest's redraw, or None: the draft draw can
+    miss only when the rule filters (draft_token) and the harvest is not every step. The engine
+    allocates these and mt/plan.py sizes them."""
+    filters = not (cfg.greedy or cfg.temperature <= 0) and (cfg.top_k > 0 or cfg.top_p < 1.0)
+    return vocab_size if filters and _check_every(cfg, torch.device(device)) > 1 else None
 
 
 def _check_every(cfg: SamplingConfig, device: torch.device) -> int:
