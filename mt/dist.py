@@ -110,12 +110,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
 def shard(items: list) -> list:
     """This rank's share of a list, by stride, so shards stay balanced and deterministic."""
     return items[_STATE.rank::_STATE.world_size]

@@ -224,14 +224,3 @@ def _radix_threshold(s: torch.Tensor, lse: torch.Tensor, p: float) -> torch.Tens
             key, mass, rows = key[keep], mass[keep], rows[keep]
     b = prefix.to(torch.int32)
     return (b ^ ((b >> 31) & 0x7FFFFFFF)).view(torch.float32)[:, None]
-
-
-def _sorted_threshold(s: torch.Tensor, k: int, p: float | None) -> torch.Tensor:
-    """The least likely kept score (S, 1) by a full sort, as the rule defines it: the reference."""
-    vals = s.sort(-1, descending=True).values
-    tau = vals[:, k - 1: k] if k else vals[:, -1:]
-    if p is not None:  # top-p over the top-k set (and its ties), renormalised
-        probs = torch.softmax(vals.masked_fill(vals < tau, float("-inf")), -1)
-        n = ((probs.cumsum(-1) - probs) < p).sum(-1, keepdim=True)  # the mass before < p
-        tau = vals.gather(1, n - 1)
-    return tau

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import run_em
 from eval import plot_run, winrate
 from mt import dist, sandbox
 from mt.data import write_jsonl
-from test_run_em import REPO, args, artifacts, inputs, reference  # noqa: F401
+from test_run_em import REPO, args, artifacts, inputs, kill_when, reference  # noqa: F401
 
 
 def cli(main, argv, tmp_path, env=None):
@@ -285,14 +284,7 @@ def test_a_dpo_state_missing_a_tensor_is_refused(inputs, reference, tmp_path):
     argv = ["dpo", "--policy", str(inputs / "policy"), "--pairs", str(reference / "iter1" / "pairs.jsonl"),
             "--out", str(out), "--preset", "tiny"]
     state = out / "policy" / "trainer_state" / "meta.json"
-    e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "run_em.py"), *argv], cwd=REPO, env=e,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(argv, state)
     meta = json.loads(state.read_text())
     assert not meta["done"], "the kill must land inside the DPO stage"
     shard = state.parent / "rank0-of-1.safetensors"
