@@ -19,11 +19,6 @@ from mt.manifest import live_holder, iteration_dirs, run_stages
 from mt.train import metrics_summary
 
 
-def lock_holder(run_dir: Path) -> str | None:
-    """Who runs in run_dir ('pid N on HOST'), or None (mt/manifest.py live_holder)."""
-    return live_holder(Path(run_dir))
-
-
 def _hms(seconds: float) -> str:
     m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
@@ -132,7 +127,7 @@ def status(run_dir) -> str:
     manifest = run_dir / "manifest.json"
     recorded = read_json(manifest)["stages"] if manifest.is_file() else {}
     standalone = "samples" in cfg  # train_policy.py / train_rm.py: only their recorded stages
-    holder = lock_holder(run_dir)
+    holder = live_holder(run_dir)  # who runs there, or None; never takes the lock
     stops = []  # the iterations whose τ test stopped them (with --em.on_stop end, one at most)
     for it in [] if standalone else iteration_dirs(run_dir):
         tag = it.relative_to(run_dir).as_posix()
