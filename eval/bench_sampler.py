@@ -20,6 +20,11 @@ the 32 built-in CHAT_PROMPTS as user turns, --n responses each, the same stop id
 (--fixed_length: none, every response runs to the cap). --variants also times our sampler with a
 feature switched off (refill at once instead of in groups, no shared-prefix prefill), same run.
 
+--kv_bytes runs our sampler once with the paged KV cache and reports the K/V bytes its rows held at
+the pass's peak against what the dense cache allocates for --sampling.slots rows at the caps
+(--sampling.max_prompt_tokens + --sampling.max_new_tokens), and how many rows of the pass's mean
+length the dense bytes would hold.
+
 --before DIR also times the sampler of another checkout of this repository (its mt/, e.g. the code
 before a change) on the same model and prompts, in this process. --sweep times our sampler (and
 --before's) at fixed response lengths, --sweep_slots x --sweep_lengths, each point `slots`
@@ -111,6 +116,7 @@ class BenchSamplerArgs:
     sweep: bool = False  # tokens/s at fixed lengths over slots x lengths (see above)
     sweep_slots: str = "1,8,64"
     sweep_lengths: str = "32,128,512"
+    kv_bytes: bool = False  # the paged cache's peak K/V bytes against the dense cache's (see above)
     # slots: concurrent sequences (generate(): rows per call); compile: our decode step only
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=256, slots=32))
 
@@ -207,6 +213,23 @@ def sweep(a: BenchSamplerArgs, ours, prompts, before, device):
     return rows
 
 
+def kv_bytes(ours, prompts, stops, cfg: SamplingConfig, n: int, device) -> dict:
+    """One paged pass: the K/V bytes its rows held at the peak vs the dense cache at the caps."""
+    st = {}
+    dt, lengths = run_ours(ours, prompts, stops, replace(cfg, kv_cache="paged"), n, device, st)
+    pp, caps = st["bytes_per_position"], cfg.max_prompt_tokens + cfg.max_new_tokens
+    dense = cfg.slots * caps * pp
+    mean = sum(map(len, prompts)) / len(prompts) + sum(lengths) / len(lengths)
+    st.update(dense_at_caps_bytes=dense, mean_positions=round(mean, 1),
+              dense_rows_at_mean=int(dense // (mean * pp)))
+    print(f"KV bytes, {cfg.slots} rows, caps {cfg.max_prompt_tokens}+{cfg.max_new_tokens}, {len(lengths)} "
+          f"responses ({describe(lengths, cfg.max_new_tokens)}; {dt:.0f}s): dense cache "
+          f"{dense / 2**20:,.0f} MiB; paged, held at the peak {st['peak_held_bytes'] / 2**20:,.0f} MiB "
+          f"({dense / st['peak_held_bytes']:.1f}x less); the dense bytes hold "
+          f"{st['dense_rows_at_mean']} rows of the mean length ({mean:.0f} positions), paged")
+    return st
+
+
 def stop_set(a: BenchSamplerArgs, ours, prompts, device) -> list[int]:
     """Stop ids whose total probability under the sampling distribution is about 1/mean_len per step."""
     temperature = a.sampling.temperature
@@ -225,10 +248,10 @@ def stop_set(a: BenchSamplerArgs, ours, prompts, device) -> list[int]:
     return ids
 
 
-def run_ours(ours, prompts, stops, cfg: SamplingConfig, n: int, device):
+def run_ours(ours, prompts, stops, cfg: SamplingConfig, n: int, device, stats: dict | None = None):
     sync(device)
     t0 = time.perf_counter()
-    done = generate(ours, prompts, cfg, stop_ids=stops, n=n)
+    done = generate(ours, prompts, cfg, stop_ids=stops, n=n, stats=stats)
     dt = time.perf_counter() - t0
     return dt, [c.num_tokens for cs in done for c in cs]
 
@@ -326,6 +349,8 @@ def main(argv=None):
     if a.sweep:
         print(f"sweep: fixed lengths, no stop ids{'; before: ' + a.before if before else ''}")
         return sweep(a, ours, prompts, before, device)
+    if a.kv_bytes:
+        return kv_bytes(ours, prompts, stops, cfg, a.n, device)
     if cfg.compile:  # a whole pass: the graphs of every bucket the timed passes meet
         run_ours(ours, prompts, stops, cfg, a.n, device)
     run_hf(hf, prompts[: cfg.slots // a.n], stops, warm, a.n, device)

@@ -14,8 +14,11 @@ Records, each with its peak GPU memory (torch's allocator peak, reset before eac
   sampler  our sampler against transformers' generate() at the Llama-3-8B shape (random bf16
            weights), 64 and 256 concurrent sequences, long-tailed lengths (eval/bench_sampler.py's
            build, stop set and runners: a stop set of ~1/48 per-token mass, at most 512 new tokens,
-           2 responses per prompt, 2 x batch responses each), eager; then compiled
-           (--sampling.compile, after an untimed warm-up pass that compiles every bucket it meets).
+           2 responses per prompt, 2 x batch responses each), eager with the default KV cache
+           (paged on CUDA: FlexAttention, compiled) and with the dense one; 128 rows at the
+           paper's caps (2,048 + 4,096 positions a row: the paged pool takes the free memory, 128
+           dense slots would not fit); then compiled (--sampling.compile, after an untimed
+           warm-up pass that compiles every bucket it meets).
   sandbox  the default sandbox run, `python run_em.py --device cuda` (the gold table's tail).
 
 On the CPU (the test suite runs it: tests/test_gpu_check.py) every size is shrunk so the whole
@@ -303,9 +306,12 @@ class Sampler:
                       "vocab": c.vocab_size, "dtype": str(dtype)[6:],
                       "params_M": round(sum(p.numel() for p in self.ours.parameters()) / 1e6, 1)}
 
-    def run(self, batch: int, compiled: bool) -> dict:
+    def run(self, batch: int, compiled: bool, kv_cache: str = "auto", paper_caps: bool = False) -> dict:
         a, n, dev = self.a, self.a.n, self.device
-        cfg = replace(a.sampling, slots=batch, compile=compiled)
+        cfg = replace(a.sampling, slots=batch, compile=compiled, kv_cache=kv_cache)
+        if paper_caps:  # the paper's caps: what the cache is sized for, not what the rows use
+            cfg = replace(cfg, max_prompt_tokens=SamplingConfig.max_prompt_tokens,
+                          max_new_tokens=SamplingConfig.max_new_tokens)
         prompts = self.prompts[:batch]  # x n responses: 2 x batch jobs
         warm = replace(cfg, max_new_tokens=8)
         if compiled:  # an untimed full pass compiles every (rows, window) bucket it meets
@@ -314,11 +320,12 @@ class Sampler:
             BS.run_ours(self.ours, prompts[:4], self.stops, warm, n, dev)
         with Peak(dev) as p_ours:
             dt, lengths = BS.run_ours(self.ours, prompts, self.stops, cfg, n, dev)
-        out = {"batch": batch, "decode": "compiled" if compiled else "eager",
+        out = {"batch": batch, "decode": "compiled" if compiled else "eager", "kv_cache": kv_cache,
+               "caps": [cfg.max_prompt_tokens, cfg.max_new_tokens],
                "responses": len(lengths), "lengths": BS.describe(lengths, cfg.max_new_tokens),
                "ours_tokens_per_s": round(sum(lengths) / dt, 1), "ours_seconds": round(dt, 2),
                "ours_peak_gpu_gib": p_ours.gib}
-        if not compiled:
+        if not compiled and kv_cache == "auto" and not paper_caps:
             BS.run_hf(self.hf, prompts[:max(1, batch // n)], self.stops, warm, n, dev)
             with Peak(dev) as p_hf:
                 dt_hf, lengths_hf = BS.run_hf(self.hf, prompts, self.stops, cfg, n, dev)
@@ -420,7 +427,8 @@ def markdown(d: dict) -> str:
         L += ["| batch | decode | generate() tok/s | ours tok/s | ratio | peak GiB generate() / "
               "ours | our lengths |", "|---|---|---|---|---|---|---|"]
         for _, r in runs:
-            L.append(f"| {r['batch']} | {r['decode']} | {r.get('generate_tokens_per_s', '-')} | "
+            how = f"{r['decode']}, {r.get('kv_cache', 'auto')} KV, caps {'+'.join(map(str, r.get('caps', [])))}"
+            L.append(f"| {r['batch']} | {how} | {r.get('generate_tokens_per_s', '-')} | "
                      f"{r['ours_tokens_per_s']} | {r.get('ratio', '-')} | "
                      f"{_gib(r.get('generate_peak_gpu_gib'))} / {_gib(r['ours_peak_gpu_gib'])} | "
                      f"{r['lengths']} |")
@@ -471,6 +479,14 @@ def main(argv=None) -> dict:
             if "s" in smp:
                 run_part(rec, f"sampler/eager/{b}", lambda: smp["s"].run(b, False),
                          caps["sampler"], deadline, need=30 if cuda else 0)
+        for b in batches:  # the dense cache beside the default (paged on CUDA; dense on CPU)
+            if "s" in smp:
+                run_part(rec, f"sampler/dense/{b}", lambda: smp["s"].run(b, False, "dense"),
+                         caps["sampler"], deadline, need=30 if cuda else 0)
+        rows = 4 if small else 128
+        if "s" in smp:
+            run_part(rec, f"sampler/paper_caps/{rows}", lambda: smp["s"].run(rows, False, paper_caps=True),
+                     caps["sampler"], deadline, need=30 if cuda else 0)
     if "sandbox" in parts:
         if not cuda:
             rec.skip("sandbox", "needs CUDA (it is `python run_em.py --device cuda`); the CPU "

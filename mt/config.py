@@ -38,6 +38,14 @@ class SamplingConfig:
     check_every: int = opt(0, min=0, scheduling=True)
     # torch.compile the decode step (static shapes, a graph per bucket; CUDA graphs on GPU)
     compile: bool = False
+    # the KV cache (mt/sampler.py): "paged", rows take blocks of 128 positions as they grow and read
+    # only their own, through FlexAttention (fused when compiled, on CUDA); "dense", every slot keeps
+    # room for its longest possible row, read through SDPA (faster on CPU, where FlexAttention runs
+    # as an uncompiled reference); auto = paged on CUDA, dense elsewhere. The same tokens either way.
+    kv_cache: str = opt("auto", choices=("auto", "paged", "dense"), scheduling=True)
+    # blocks in the paged cache's pool; 0 = every slot's longest row, on a GPU at most what its free
+    # memory holds. When rows outgrow it, the row started last waits and restarts (the same tokens).
+    kv_blocks: int = opt(0, min=0, scheduling=True)
 
 
 @dataclass
@@ -297,9 +305,10 @@ def _sandbox_variant(diff: dict) -> dict:
 
 # activation checkpointing: what an 8B policy / RM needs on 8 GPUs (no effect on any result); a
 # collective timeout that outlasts rank 0 reading or writing 8B weights while the others wait in a
-# collective (torch's default, 10 minutes, does not)
+# collective (torch's default, 10 minutes, does not); 128 rows decoding at once, which the paged KV
+# cache holds at 8B on an 80 GB card at realistic lengths (mt/plan.py paged_rows; never a result)
 PAPER_GPU = {"dpo.activation_checkpointing": True, "rm_train.activation_checkpointing": True,
-             "dist.timeout_min": 60.0}
+             "dist.timeout_min": 60.0, "sampling.slots": 128}
 
 PRESETS: dict[str, dict] = {
     # Mutual-Taught as the paper runs it: every default of this file,

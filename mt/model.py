@@ -7,12 +7,14 @@ loads strictly with no key map (see mt/checkpoint.py).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from mt.errors import UserError
 
@@ -172,6 +174,108 @@ class KVCache(nn.Module):
         return (cfg.num_hidden_layers, n_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
 
 
+QUERY_BLOCK = 128  # FlexAttention's default query block
+
+
+class PagedKVCache(nn.Module):
+    """A pool of `n_blocks` blocks of `block` positions that rows take as they grow (mt/sampler.py
+    hands them out), and `table` (n_slots, max_len // block): the blocks that hold positions
+    [0, block), [block, 2 block), ... of each row. Block 0 is scratch, never a row's: a table entry
+    not in use points there, so an idle row's or a pad token's write lands nowhere that is read.
+
+    k and v are (layers, 1, kv heads, n_blocks * block, head_dim): one sequence axis for every row,
+    what FlexAttention reads through a block mask (`block_mask`), so each row's keys are read where
+    they lie, only its own blocks, never copied or padded to the longest row (the dense KVCache
+    reads every row over the longest row's window). That is the CUDA path (`flex`, compiled).
+    Elsewhere FlexAttention is an uncompiled reference at ~20 ms a call, so each row's blocks are
+    gathered in order and read like a dense window (`gathered`): the same keys, a copy per layer.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, n_blocks: int, block: int, max_len: int, dtype,
+                 device=None):
+        super().__init__()
+        shape = self.shape(cfg, n_blocks, block)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.block, self.n_blocks = block, n_blocks
+        self.max_len = -(-max_len // block) * block
+        self.table = torch.zeros(n_slots, self.max_len // block, dtype=torch.long, device=device)
+        self.flex = self.use_flex or torch.device(device or "cpu").type == "cuda"
+        if self.flex:  # what the mask reads, rewritten in place by each forward: one mask_mod
+            # function for the cache's life, so compiled FlexAttention never recompiles for a new one
+            self.logical = torch.zeros(n_slots, n_blocks, dtype=torch.long, device=device)
+            self.q_pos = torch.zeros(n_slots, -(-self.max_len // QUERY_BLOCK) * QUERY_BLOCK,
+                                     dtype=torch.long, device=device)
+            logical, q_pos, bs = self.logical, self.q_pos, block
+
+            def mask_mod(b, h, q_idx, kv_idx):  # a key in the row's blocks, at or before the query
+                lb = logical[b, kv_idx // bs]
+                return (lb >= 0) & (lb * bs + kv_idx % bs <= q_pos[b, q_idx])
+            self.mask_mod = mask_mod
+
+    use_flex = False  # tests set it to run the CUDA path's FlexAttention (uncompiled) on CPU
+
+    @staticmethod
+    def shape(cfg: ModelConfig, n_blocks: int, block: int) -> tuple[int, ...]:
+        """k's (and v's) shape: (layers, 1, kv heads, n_blocks * block, head_dim)."""
+        return (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, n_blocks * block, cfg.head_dim)
+
+    def where(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The pool index of each position (B, T) of rows with block tables `table` (B, n)."""
+        return table.gather(1, positions // self.block) * self.block + positions % self.block
+
+    def block_mask(self, table: torch.Tensor, positions: torch.Tensor) -> BlockMask:
+        """What the queries at `positions` (B, T) of rows `table` (B, n) may read: their row's blocks
+        (the kernel visits only those, in order), and in them the positions up to their own.
+        `logical` maps a pool block back to its place in the row (-1: not the row's); an idle row
+        (all scratch) reads scratch position 0, so no query sees nothing."""
+        B, T = positions.shape
+        nq = -(-T // QUERY_BLOCK)
+        logical, q_pos = self.logical[:B], self.q_pos[:B]
+        logical.fill_(-1).scatter_(1, table, torch.arange(table.shape[1], device=table.device).expand_as(table))
+        logical[:, 0] = torch.where(table[:, 0] == 0, 0, -1)  # scratch: an idle row's only block
+        q_pos[:, :T] = positions  # past T: padded queries, whose output is dropped
+        used = (positions.amax(1) // self.block + 1).to(torch.int32)  # (B,) blocks up to the last query
+        return BlockMask.from_kv_blocks(
+            used[:, None, None].expand(B, 1, nq).contiguous(),
+            table.to(torch.int32)[:, None, None, :].expand(B, 1, nq, table.shape[1]).contiguous(),
+            BLOCK_SIZE=(QUERY_BLOCK, self.block), mask_mod=self.mask_mod,
+            seq_lengths=(T, self.n_blocks * self.block), compute_q_blocks=False)
+
+
+    def step(self, table: torch.Tensor, positions: torch.Tensor, rep: int, dtype) -> "PagedStep":
+        """What one forward of rows `table` (B, n) at `positions` (B, T) writes and reads."""
+        write = self.where(table, positions)
+        if self.flex:
+            return PagedStep(write, self.block_mask(table, positions))
+        n = int(positions.max()) // self.block + 1  # a host read: free on CPU
+        keys = torch.arange(n * self.block, device=positions.device)
+        read = self.where(table[:, :n], keys.expand(len(table), -1))  # (B, n * block), in order
+        bias = attention_bias(keys[None, None, :] <= positions[:, :, None], rep, dtype)
+        return PagedStep(write, bias, read)
+
+
+@dataclass
+class PagedStep:
+    """One forward's use of a PagedKVCache: pool indices the tokens (B, T) are written at; the block
+    mask (flex) or the additive mask and the pool indices (B, Tk) of each row's keys (gathered)."""
+    write: torch.Tensor
+    mask: BlockMask | torch.Tensor
+    read: torch.Tensor | None = None
+
+
+@functools.cache
+def _flex_compiled():
+    """FlexAttention compiled: on CUDA the fused Triton kernel that skips blocks outside the mask.
+    Uncompiled, flex_attention is a reference that materialises every score (what CPU runs)."""
+    return torch.compile(flex_attention)
+
+
+def paged_attention(q, k_pool, v_pool, mask: BlockMask) -> torch.Tensor:
+    attend = _flex_compiled() if q.is_cuda else flex_attention
+    return attend(q, k_pool, v_pool, block_mask=mask, enable_gqa=q.shape[1] != k_pool.shape[1])
+
+
 def attention_bias(allowed: torch.Tensor, rep: int, dtype: torch.dtype) -> torch.Tensor:
     """The additive attention mask (B, 1, rep*T, Tk) in the queries' dtype for allowed (B, T, Tk):
     0 where a query may see a key, -inf elsewhere, repeated for the `rep` query heads that
@@ -224,8 +328,16 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(mask, PagedStep):  # the paged cache: every row's blocks on one axis
+            k_pool, v_pool = cache  # (1, nkv, N, hd)
+            k_pool[0][:, mask.write.flatten()] = k.transpose(0, 1).flatten(1, 2)  # (nkv, B*T, hd)
+            v_pool[0][:, mask.write.flatten()] = v.transpose(0, 1).flatten(1, 2)
+            if mask.read is None:
+                y = paged_attention(q, k_pool, v_pool, mask.mask)
+                return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+            k, v, mask = k_pool[0][:, mask.read].transpose(0, 1), v_pool[0][:, mask.read].transpose(0, 1), mask.mask
         # write this step's keys at each row's own positions, attend over the slot
-        if cache is not None:
+        elif cache is not None:
             k_cache, v_cache = cache
             rows = (slots[:, None] if slots is not None
                     else torch.arange(B, device=x.device)[:, None])
@@ -343,7 +455,11 @@ class Transformer(nn.Module):
         dev = input_ids.device
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         allowed = mask = None
-        if cache is not None:
+        rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
+        if isinstance(cache, PagedKVCache):  # written and read through each row's block table
+            table = cache.table[:B] if slots is None else cache.table[slots]
+            mask = cache.step(table, positions, rep, x.dtype)
+        elif cache is not None:
             if positions is None:
                 raise ValueError("a cached forward needs explicit positions (B, T)")
             key_pos = torch.arange(cache.max_len, device=dev)
@@ -357,7 +473,6 @@ class Transformer(nn.Module):
             allowed = ((causal[None] & am[:, None, :])
                        | torch.eye(T, dtype=torch.bool, device=dev)[None])  # (B, T, T)
         if allowed is not None:
-            rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
             mask = attention_bias(allowed, rep, x.dtype)  # (B, 1, rep*T, Tk), built once
         if positions is None:
             positions = torch.arange(T, device=dev)[None].expand(B, T)

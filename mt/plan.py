@@ -215,6 +215,21 @@ def sampling_bytes(mcfg: ModelConfig, s: C.SamplingConfig, slots: int | None = N
     return {"weights": w, "kv_cache": kv, "rows": rows, "logits": logits, "Total": w + kv + rows + logits}
 
 
+def paged_rows(mcfg: ModelConfig, s: C.SamplingConfig, gpu: int, mean_len: float) -> dict[str, float]:
+    """The paged cache on a GPU (sampler.pool_blocks: every slot's longest row, at most the free memory
+    less sampler.HEADROOM): its bytes, and how many rows it holds at once at the caps and at `mean_len`
+    positions (rows beyond wait their turn). `need` is what a pass needs at least: one row at the caps."""
+    samp = sampling_bytes(mcfg, s, dtype=torch.bfloat16)
+    rest = samp["Total"] - samp["kv_cache"]  # weights, per-row state, logits
+    per_pos = 2 * mcfg.num_hidden_layers * mcfg.num_key_value_heads * mcfg.head_dim * 2
+    caps = s.max_prompt_tokens + s.max_new_tokens
+    pool = max(0, min(s.slots * caps * per_pos, gpu - rest - sampler.HEADROOM))
+    return {"rest": rest, "pool": pool, "Total": rest + pool + sampler.HEADROOM,
+            "need": rest + sampler.HEADROOM + caps * per_pos,
+            "at_caps": min(s.slots, pool // (caps * per_pos)),
+            "at_mean": min(s.slots, int(pool // (mean_len * per_pos)))}
+
+
 def max_slots(mcfg: ModelConfig, s: C.SamplingConfig, budget: int) -> int:
     """The largest --sampling.slots whose pass fits `budget` bytes (sampling_bytes is linear in slots)."""
     one, two = sampling_bytes(mcfg, s, 1)["Total"], sampling_bytes(mcfg, s, 2)["Total"]
@@ -284,9 +299,16 @@ def plan(cfg: PlanArgs, out=print) -> int:
     ref = step(pol, "ref", cfg.dpo, 2 * cfg.dpo.micro_batch_size, False)
     rmt = step(rm, "rm", cfg.rm_train, cfg.rm_train.micro_batch_size, cfg.rm_train.activation_checkpointing)
     samp, score = sampling_bytes(pol, S), scoring_bytes(rm)
+    paged = S.kv_cache != "dense"  # auto is paged on a GPU (mt/sampler.py)
+    if paged:
+        pg = paged_rows(pol, S, gpu, mean_prompt + new)
+        samp = dict(samp, kv_cache=pg["pool"], Total=pg["need"] if pg["need"] > gpu else pg["Total"])
+        kv = (f"paged KV {_gib(pg['pool'])} (up to the free memory less {_gib(sampler.HEADROOM)}; "
+              f"{S.slots} slots)")
+    else:
+        kv = f"KV {_gib(samp['kv_cache'])} ({S.slots} slots × {S.max_prompt_tokens}+{S.max_new_tokens})"
     save_gpu = max(p.numel() for p in _meta_params(pol)) * 4  # one fp32 tensor gathered at a time
-    rows = [("sampling", samp["Total"], f"weights {_gib(samp['weights'])} + KV {_gib(samp['kv_cache'])} "
-             f"({S.slots} slots × {S.max_prompt_tokens}+{S.max_new_tokens}) + logits {_gib(samp['logits'])}"),
+    rows = [("sampling", samp["Total"], f"weights {_gib(samp['weights'])} + {kv} + logits {_gib(samp['logits'])}"),
             ("scoring", score["Total"], "estimate: weights + one block's activations"),
             ("reference pass", ref, f"measured, {2 * cfg.dpo.micro_batch_size} pairs, no grad"),
             ("DPO step", dpo, f"measured, micro {cfg.dpo.micro_batch_size}, "
@@ -305,11 +327,19 @@ def plan(cfg: PlanArgs, out=print) -> int:
         f"{k} {_gib(v)}" for k, v in host.items()) + "  (every rank reads the bf16 weights to sample; "
         "rank 0 reads them to train and gathers fp32 + a bf16 copy to save)")
     slots = max_slots(pol, S, gpu)
-    out(f"largest --sampling.slots at the caps ({S.max_prompt_tokens}+{S.max_new_tokens}): {slots} "
-        f"({(sampling_bytes(pol, S, 2)['kv_cache'] - sampling_bytes(pol, S, 1)['kv_cache']) / GiB:.2f} GiB of KV per slot)")
+    per_slot = (sampling_bytes(pol, S, 2)['kv_cache'] - sampling_bytes(pol, S, 1)['kv_cache']) / GiB
+    if paged:
+        out(f"rows decoding at once in the paged KV cache: {pg['at_caps']} at the caps ({S.max_prompt_tokens}"
+            f"+{S.max_new_tokens}), {pg['at_mean']} at the mean length ({mean_prompt:.0f}+{new:.0f}); "
+            f"of --sampling.slots {S.slots}, the rest wait ({per_slot:.2f} GiB of KV per row at the caps)")
+    else:
+        out(f"largest --sampling.slots at the caps ({S.max_prompt_tokens}+{S.max_new_tokens}): {slots} "
+            f"({per_slot:.2f} GiB of KV per slot)")
     if samp["Total"] > gpu:
-        fixes.append(f"sampling: {_gib(samp['Total'])} > {_gib(gpu)}. Fix: --sampling.slots {slots}"
-                     if slots else "sampling: the weights alone do not fit. Fix: a GPU with more memory")
+        fixes.append("sampling: the weights alone do not fit. Fix: a GPU with more memory" if not slots else
+                     f"sampling: the weights and one row at the caps need {_gib(samp['Total'])} > {_gib(gpu)}. "
+                     "Fix: lower --sampling.max_new_tokens, or a GPU with more memory" if paged else
+                     f"sampling: {_gib(samp['Total'])} > {_gib(gpu)}. Fix: --sampling.slots {slots}")
     if score["Total"] > gpu:
         fixes.append(f"scoring: {_gib(score['Total'])} > {_gib(gpu)}. Fix: a GPU with more memory")
 

@@ -31,6 +31,7 @@ and the token rule stay eager everywhere.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -46,7 +47,7 @@ from mt import chat, checkpoint, dist, hub
 from mt.config import SamplingConfig, check_sampling
 from mt.data import read_prompts, write_jsonl
 from mt.flags import ConfigError, opt, parse
-from mt.model import KVCache, Transformer
+from mt.model import KVCache, PagedKVCache, Transformer
 from mt.progress import progress as progress_bar
 from mt.token_rule import M32, draft_token, next_token, stream_key
 
@@ -56,6 +57,7 @@ WINDOW = 64  # decode attends over the cache's first positions, rounded up to th
 REFILL_GROUP = 0.25
 REFILL_WAIT = 8
 SHARE_PREFIX = True  # prefill the prefix all prompts share once (off: bench_sampler.py's ablation)
+PAGE = 128  # positions per block of the paged cache: FlexAttention's default key block
 
 
 @dataclass
@@ -114,6 +116,10 @@ class _Rows:
     # host
     slot_job: list[tuple[int, int] | None]  # the job (prompt i, sample j) in each row; None = free
     pos_host: list[int]  # an upper bound on each row's position, exact after every harvest
+    started: list[int]  # when each row's job started (refill count): the last started waits first
+    # the paged cache's: each row's block table (the PagedKVCache's own tensor) and its blocks
+    table: torch.Tensor | None = None  # (S, max_len // PAGE) pool blocks, 0 = scratch
+    blocks: list[list[int]] | None = None
 
     @classmethod
     def new(cls, S: int, max_new_tokens: int, return_logps: bool, vocab: int | None, dev) -> "_Rows":
@@ -125,7 +131,7 @@ class _Rows:
                    out=z(S, T1), out_logp=z(S, T1, dtype=torch.float32) if return_logps else None,
                    miss=z(S) + NO_MISS,
                    miss_logits=z(S, vocab, dtype=torch.float32) if vocab else None,
-                   slot_job=[None] * S, pos_host=[0] * S)
+                   slot_job=[None] * S, pos_host=[0] * S, started=[0] * S)
 
     def set(self, rows: list[int], **values):
         """Write fields of `rows`: a list (one value per row; one host-to-device copy for a device
@@ -160,6 +166,27 @@ def fit_slots(model_cfg, elem_bytes: int, slots: int, max_len: int, free_bytes: 
     c = model_cfg
     row = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * elem_bytes
     return max(1, min(slots, (free_bytes - HEADROOM) // row - 2))
+
+
+def pool_blocks(model_cfg, elem_bytes: int, slots: int, max_len: int, kv_blocks: int,
+                free_bytes: int | None) -> int:
+    """The paged cache's blocks (block 0 is scratch): --sampling.kv_blocks, or every slot's longest
+    row, on a GPU at most what free_bytes less HEADROOM holds. Rows then hold what they use: at the
+    paper's caps an 8B row may grow to 6,144 positions, but most end far shorter, so 128 rows fit
+    where 74 dense slots do; when they outgrow the pool the row started last waits."""
+    c, one = model_cfg, -(-max_len // PAGE)
+    n = kv_blocks or slots * one + 1
+    if not kv_blocks and free_bytes is not None:
+        block = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * PAGE * elem_bytes
+        n = min(n, (free_bytes - HEADROOM) // block)
+    if n < one + 1:
+        where = (f"--sampling.kv_blocks={kv_blocks}" if kv_blocks else
+                 f"the free GPU memory ({(free_bytes or 0) / 2**30:.1f} GiB)")
+        raise ConfigError(f"{where}: the paged KV cache must hold one row of {max_len} positions, "
+                          f"{one + 1} blocks of {PAGE} (one is scratch). Fix: raise "
+                          "--sampling.kv_blocks (0 = sized for every slot), or lower "
+                          "--sampling.max_prompt_tokens / --sampling.max_new_tokens")
+    return n
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -208,14 +235,22 @@ class _Engine:
         self.shared = _common_prefix([p[:-1] for p in prompts]) if share else 0
         sizes = cache_sizes(cfg, len(self.jobs), max(len(p) for p in prompts), self.shared)
         (S, self.max_len), stage, common = sizes["cache"], sizes["stage"], sizes["common"]
-        if dev.type == "cuda":  # never more slots than the free memory holds (the same tokens)
-            fit = fit_slots(model.cfg, param.element_size(), S, self.max_len, torch.cuda.mem_get_info(dev)[0])
+        self.paged = cfg.kv_cache == "paged" or (cfg.kv_cache == "auto" and dev.type == "cuda")
+        free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
+        if self.paged:  # rows take blocks as they grow; more rows than blocks wait their turn
+            n = pool_blocks(model.cfg, param.element_size(), S, self.max_len, cfg.kv_blocks, free)
+            self.cache = PagedKVCache(model.cfg, S, n, PAGE, self.max_len, dtype, dev)
+            self.free_blocks = list(range(n - 1, 0, -1))  # pop() takes the lowest; 0 is scratch
+            self.peak_blocks = self.preempted = 0  # most blocks held at once; rows sent back to wait
+        elif dev.type == "cuda":  # never more slots than the free memory holds (the same tokens)
+            fit = fit_slots(model.cfg, param.element_size(), S, self.max_len, free)
             if fit < S:
                 print(f"[rank {dist.get().rank}] sampling: {S} slots of {self.max_len} positions do not fit "
                       f"in the free GPU memory; {fit} slots (--sampling.slots)", file=sys.stderr, flush=True)
             S = fit
         self.S = S
-        self.cache = KVCache(model.cfg, S, self.max_len, dtype, dev)
+        if not self.paged:
+            self.cache = KVCache(model.cfg, S, self.max_len, dtype, dev)
         self.stage = KVCache(model.cfg, *stage, dtype, dev)  # a prompt whose samples span refills
         self.staged = None  # which prompt's prefix `stage` holds
         self.common = KVCache(model.cfg, *common, dtype, dev)
@@ -235,6 +270,10 @@ class _Engine:
         self.every = _check_every(cfg, dev)
         self.rows = _Rows.new(S, cfg.max_new_tokens, return_logps,
                               missed_logits_vocab(cfg, model.cfg.vocab_size, dev), dev)
+        if self.paged:
+            self.rows.table, self.rows.blocks = self.cache.table, [[] for _ in range(S)]
+        self.requeue: list[tuple[int, int]] = []  # jobs that waited for blocks, in job order
+        self.refills = 0
         self.idle = 0  # decode steps since a slot became free while jobs were pending
         self.prefills = 0  # prefill forwards run (for the benchmark)
 
@@ -246,12 +285,78 @@ class _Engine:
             w = 1 << (w - 1).bit_length()
         return min(self.max_len, w * WINDOW)
 
-    def _copy(self, dst: KVCache, dst_rows: list[int], src: KVCache, src_rows: list[int], length: int):
+    def _copy(self, dst, dst_rows: list[int], src, src_rows: list[int], length: int):
+        """Positions [0, length) of src's rows into dst's, every layer at once; either cache may be
+        paged (a position past a row's blocks reads or writes the scratch block)."""
         if length == 0 or not dst_rows:
             return
         d, s = torch.tensor(dst_rows, device=self.dev), torch.tensor(src_rows, device=self.dev)
-        dst.k[:, d, :, :length] = src.k[:, s, :, :length]  # every layer at once
-        dst.v[:, d, :, :length] = src.v[:, s, :, :length]
+        at = torch.arange(length, device=self.dev)
+        for name in ("k", "v"):
+            a, b = getattr(src, name), getattr(dst, name)
+            if isinstance(src, PagedKVCache):  # (L, H, r, length, D) -> (L, r, H, length, D)
+                x = a[:, 0][:, :, src.where(src.table[s], at.expand(len(s), length))].transpose(1, 2)
+            else:
+                x = a[:, s, :, :length]
+            if isinstance(dst, PagedKVCache):
+                b[:, 0][:, :, dst.where(dst.table[d], at.expand(len(d), length))] = x.transpose(1, 2)
+            else:
+                b[:, d, :, :length] = x
+
+    # ---- the paged cache's blocks: taken on the host before the steps that write them (no sync)
+
+    def _blocks(self, upto: int) -> int:
+        """Blocks that hold positions [0, upto]."""
+        return min(upto, self.max_len - 1) // PAGE + 1
+
+    def _take(self, rows: list[int], upto: list[int]):
+        """Give each row blocks through position upto (the caller checked there are enough)."""
+        R, writes = self.rows, []
+        for s, u in zip(rows, upto):
+            while len(R.blocks[s]) < self._blocks(u):
+                writes.append((s, len(R.blocks[s]), self.free_blocks[-1]))
+                R.blocks[s].append(self.free_blocks.pop())
+        if writes:
+            r, c, b = (torch.tensor(x, device=self.dev) for x in zip(*writes))
+            R.table[r, c] = b
+        self.peak_blocks = max(self.peak_blocks, self.cache.n_blocks - 1 - len(self.free_blocks))
+
+    def _release(self, rows: list[int]):
+        R = self.rows
+        for s in rows:
+            self.free_blocks.extend(reversed(R.blocks[s]))
+            R.blocks[s] = []
+        R.set(rows, table=0)  # a row's writes go to scratch until it takes blocks again
+
+    def grow(self, steps: int):
+        """Blocks for the next `steps` decode steps of every live row. When the pool is short, the
+        rows started last give theirs back and wait (their jobs go back to the queue and restart
+        from the prompt; counter-based noise draws the same tokens), never an out-of-memory error."""
+        R = self.rows
+        live = [s for s in range(self.m) if R.slot_job[s] is not None]
+        want = {s: self._blocks(R.pos_host[s] + steps - 1) - len(R.blocks[s]) for s in live}
+        short = sum(want.values()) - len(self.free_blocks)
+        for s in sorted(live, key=lambda s: -R.started[s])[:-1]:  # the first started always stays
+            if short <= 0:
+                break
+            short -= want.pop(s) + len(R.blocks[s])
+            bisect.insort(self.requeue, R.slot_job[s])
+            self.preempted += 1
+            self._release([s])
+            R.set([s], slot_job=None, pos=0, pos_host=0, done=True, miss=NO_MISS)
+        self._take(list(want), [R.pos_host[s] + steps - 1 for s in want])
+
+    def _startable(self, jobs: list[tuple[int, int]]) -> int:
+        """How many of `jobs` (in order) the free blocks can start: each needs its prompt and the
+        first check interval, beside what the live rows take in that interval."""
+        R, n = self.rows, len(self.free_blocks)
+        n -= sum(self._blocks(R.pos_host[s] + self.every - 1) - len(R.blocks[s])
+                 for s in range(self.m) if R.slot_job[s] is not None)
+        for k, (i, _) in enumerate(jobs):
+            n -= self._blocks(len(self.prompts[i]) - 2 + self.every)
+            if n < 0:
+                return k
+        return len(jobs)
 
     def _prefill(self, items: list[tuple[int, int]]):
         """Write the prefixes of prompts into slots, items = [(prompt i, slot)]: the shared prefix
@@ -271,23 +376,32 @@ class _Engine:
                 ids[r, : rest[i]] = torch.tensor(P[i][c:-1])
             positions = torch.arange(c, c + L, device=self.dev)[None].expand(len(chunk), L)
             slots = torch.tensor([s for _, s in chunk], device=self.dev)
-            window = _Window(self.cache, self.S, c + L)
-            self.model(ids.to(self.dev), positions=positions, cache=window, slots=slots,
+            cache = self.cache if self.paged else _Window(self.cache, self.S, c + L)
+            self.model(ids.to(self.dev), positions=positions, cache=cache, slots=slots,
                        return_hidden=True)
             self.prefills += 1
 
     def refill(self, free: list[int]):
         """Start the next pending jobs in the free slots; each prompt's prefix is computed once and copied."""
         P, cache = self.prompts, self.cache
-        take = self.jobs[self.next_job: self.next_job + len(free)]
-        self.next_job += len(take)
+        # jobs that waited for blocks first, then the queue
+        take = (self.requeue + self.jobs[self.next_job: self.next_job + len(free)])[: len(free)]
+        if self.paged:
+            take = take[: self._startable(take)]
+        if not take:
+            return
+        again = min(len(take), len(self.requeue))
+        del self.requeue[:again]
+        self.next_job += len(take) - again
         assign = list(zip(free, take))
+        if self.paged:
+            self._take(free[: len(take)], [len(P[i]) - 2 + self.every for i, _ in take])
         slots_of: dict[int, list[int]] = {}
         for s, (i, _) in assign:
             slots_of.setdefault(i, []).append(s)
-        staged = take[0][0] if take[0][1] > 0 else None  # begun in an earlier refill: prefix is in `stage`
+        # begun in an earlier refill: its prefix is in `stage`
+        staged = self.staged if self.staged in slots_of else None
         if staged is not None:
-            assert staged == self.staged
             self._copy(cache, slots_of[staged], self.stage, [0] * len(slots_of[staged]), len(P[staged]) - 1)
         fresh = [i for i in slots_of if i != staged]
         self._prefill([(i, slots_of[i][0]) for i in fresh])
@@ -295,16 +409,18 @@ class _Engine:
         if siblings:  # one batched copy; junk past a shorter prompt's prefix is harmless
             dst, src, lengths = zip(*siblings)
             self._copy(cache, list(dst), cache, list(src), max(lengths))
-        last_i, last_j = take[-1]
-        if last_j < self.n - 1 and last_i != staged:  # its other samples start later: keep its prefix
-            self._copy(self.stage, [0], cache, [slots_of[last_i][0]], len(P[last_i]) - 1)
-            self.staged = last_i
+        nxt = self.jobs[self.next_job][0] if self.next_job < len(self.jobs) else None
+        if nxt in slots_of and nxt != staged:  # its other samples start later: keep its prefix
+            self._copy(self.stage, [0], cache, [slots_of[nxt][0]], len(P[nxt]) - 1)
+            self.staged = nxt
         # the jobs' start state, one small host-to-device copy per device field
         keys = [self.keys[i][j] for i, j in take]
         self.rows.set([s for s, _ in assign], last=[P[i][-1] for i, _ in take],
                       pos=[len(P[i]) - 1 for i, _ in take], n_gen=0, done=False, miss=NO_MISS,
                       key=[[k & M32, (k >> 32) & M32] for k in keys],
-                      slot_job=list(take), pos_host=[len(P[i]) - 1 for i, _ in take])
+                      slot_job=list(take), pos_host=[len(P[i]) - 1 for i, _ in take],
+                      started=self.refills)
+        self.refills += 1
         self.idle = 0
 
     def step(self, window: int):
@@ -317,8 +433,8 @@ class _Engine:
         last, pos, n_gen, done = R.last[:m], R.pos[:m], R.n_gen[:m], R.done[:m]
         if self.static and self.dev.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        logits = self.decode(last[:, None], positions=pos[:, None],
-                             cache=_Window(self.cache, m, window))[:, -1].float()  # (m, V)
+        cache = self.cache if self.paged else _Window(self.cache, m, window)
+        logits = self.decode(last[:, None], positions=pos[:, None], cache=cache)[:, -1].float()  # (m, V)
         if self.every == 1:
             tok, exact = next_token(logits, R.key[:m], n_gen, self.cfg), None
         else:
@@ -360,6 +476,8 @@ class _Engine:
                 i, j = R.slot_job[s]
                 self.results[i][j] = Completion(ids, reason, logps[r][: n_h[s]] if logps else None)
             R.set(fin, slot_job=None, pos=0)  # an empty row idles at position 0, inside any window
+            if self.paged:
+                self._release(fin)
         R.pos_host[:m] = [pos_h[s] if R.slot_job[s] is not None else 0 for s in range(m)]
         return len(fin)
 
@@ -384,7 +502,7 @@ class _Engine:
         """Refill now? New prompts are prefilled together: wait until a REFILL_GROUP share of the
         slots (or every pending job) is free, or a slot has idled REFILL_WAIT steps, or nothing is
         live."""
-        pending = len(self.jobs) - self.next_job
+        pending = len(self.jobs) - self.next_job + len(self.requeue)
         if not free or not pending:
             return False
         group = min(pending, max(1, round(REFILL_GROUP * self.S)))
@@ -398,7 +516,7 @@ class _Engine:
         rest empty."""
         R = self.rows
         live = [s for s in range(self.m) if R.slot_job[s] is not None]
-        if not live or len(live) > self.m // 2 or self.next_job < len(self.jobs):
+        if not live or len(live) > self.m // 2 or self.next_job < len(self.jobs) or self.requeue:
             return
         m = len(live)
         if self.static:
@@ -409,11 +527,13 @@ class _Engine:
                 return
         idx, k = torch.tensor(live, device=self.dev), len(live)
         L = min(self.max_len, max(R.pos_host[: self.m]) + 1)
-        self.cache.k[:, :k, :, :L] = self.cache.k[:, idx, :, :L]  # every layer at once
-        self.cache.v[:, :k, :, :L] = self.cache.v[:, idx, :, :L]
+        if not self.paged:  # paged: the rows' tables move (R.pack), their blocks stay
+            self.cache.k[:, :k, :, :L] = self.cache.k[:, idx, :, :L]  # every layer at once
+            self.cache.v[:, :k, :, :L] = self.cache.v[:, idx, :, :L]
         R.pack(live)
         if m > k:
-            R.set(list(range(k, m)), slot_job=None, pos_host=0, pos=0, done=True)
+            R.set(list(range(k, m)), slot_job=None, pos_host=0, pos=0, done=True,
+                  **({"table": 0, "blocks": [[] for _ in range(k, m)]} if self.paged else {}))
         self.m = m
 
     def run(self, progress: bool) -> list[list[Completion]]:
@@ -422,6 +542,8 @@ class _Engine:
         self.refill(list(range(self.S)))
         while any(job is not None for job in self.rows.slot_job[: self.m]):
             # no row is past hi, and none moves more than one per step
+            if self.paged:
+                self.grow(every)
             hi = max(self.rows.pos_host[: self.m])
             for _ in range(every):
                 self.step(self.window(hi + 1))  # the window covers every row
@@ -430,11 +552,21 @@ class _Engine:
             free = [s for s in range(self.m) if self.rows.slot_job[s] is None]
             if self.due(free):
                 self.refill(free)
-            elif free and self.next_job < len(self.jobs):
+            elif free and (self.next_job < len(self.jobs) or self.requeue):
                 self.idle += every
             self.compact()
         bar.close()
         return self.results
+
+    def kv_stats(self) -> dict:
+        """Bytes of K and V: allocated for the slots, and held by rows at the pass's peak (paged:
+        the blocks in use; dense: every slot's room for its longest row, used or not)."""
+        c, elem = self.model.cfg, self.cache.k.element_size()
+        per_pos = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem
+        held = self.peak_blocks * PAGE if self.paged else self.S * self.max_len
+        return {"kv_cache": "paged" if self.paged else "dense", "slots": self.S, "bytes_per_position": per_pos,
+                "allocated_bytes": self.cache.k.nbytes + self.cache.v.nbytes, "peak_held_bytes": held * per_pos,
+                "preempted": self.preempted if self.paged else 0}
 
 
 def compiled(model: Transformer, device: torch.device):
@@ -472,8 +604,9 @@ def _check_every(cfg: SamplingConfig, device: torch.device) -> int:
 @torch.no_grad()  # not inference_mode: its tensors break the next FSDP training step (DESIGN.md §4)
 def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, keys: list[list[int]] | None = None,
              stop_ids: list[int] = (), n: int = 1, return_logps: bool = False,
-             progress: bool = False) -> list[list[Completion]]:
-    """n completions for each prompt (token ids), as [prompt][sample]; keys[i][j] seeds job (i, j)'s stream."""
+             progress: bool = False, stats: dict | None = None) -> list[list[Completion]]:
+    """n completions for each prompt (token ids), as [prompt][sample]; keys[i][j] seeds job (i, j)'s stream.
+    `stats`, when given, receives the pass's KV-cache figures (_Engine.kv_stats)."""
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={cfg.max_new_tokens}: must be >= 1")
     for i, p in enumerate(prompts):
@@ -483,7 +616,11 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
         keys = [[stream_key(0, "", str(i), j) for j in range(n)] for i in range(len(prompts))]
     if not prompts or n == 0:
         return [[] for _ in prompts]
-    return _Engine(model, prompts, n, cfg, keys, stop_ids, return_logps).run(progress)
+    engine = _Engine(model, prompts, n, cfg, keys, stop_ids, return_logps)
+    out = engine.run(progress)
+    if stats is not None:
+        stats.update(engine.kv_stats())
+    return out
 
 
 # ---- prompts in, samples.jsonl rows out

@@ -9,6 +9,7 @@ stages run once (2 shared CPU cores) and both checks look at the same run.
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 import train_policy
 import train_rm
 from mt import config as C
+from mt import model as M
 from mt.data import write_jsonl
-from mt.model import KVCache, Transformer
+from mt.model import KVCache, PagedKVCache, Transformer
 
 QUESTIONS = ["What is two plus two?", "Write a short poem about the sea.", "Explain why the sky is blue",
              "Hello world, how are you today?"]
@@ -112,7 +114,7 @@ def born(monkeypatch):
     reference cycle, as an FSDP2 module is (on CPU without FSDP nothing else is one, and refcounting
     alone would free it)."""
     refs = []
-    for cls in (Transformer, KVCache, torch.optim.Optimizer):
+    for cls in (Transformer, KVCache, PagedKVCache, torch.optim.Optimizer):
         def init(self, *a, _init=cls.__init__, **k):
             _init(self, *a, **k)
             self.__dict__["_cycle"] = [self]  # past nn.Module.__setattr__: no submodule registered
@@ -132,6 +134,9 @@ def test_every_stage_attends_with_a_fused_cuda_kernel_and_frees_its_models(spy, 
     stages = {
         "sample": lambda: train_policy.sample(tiny_llama_dir, tmp_path / "prompts.jsonl", tmp_path / "s.jsonl",
                                               cfg.sampling, n=3),
+        # the paged cache off CUDA: each row's blocks gathered, read like the dense cache
+        "sample_paged": lambda: train_policy.sample(tiny_llama_dir, tmp_path / "prompts.jsonl", tmp_path / "p.jsonl",
+                                                    replace(cfg.sampling, kv_cache="paged"), n=3),
         "score": lambda: train_policy.score(rm_dir, tmp_path / "s.jsonl", tmp_path / "scores.jsonl"),
         "ref_logps": lambda: train_policy.ref_logps(tiny_llama_dir, pairs, tmp_path / "ref.jsonl",
                                                     max_length=cfg.dpo.max_length),
@@ -151,6 +156,27 @@ def test_every_stage_attends_with_a_fused_cuda_kernel_and_frees_its_models(spy, 
         assert not bad, f"{name}: calls CUDA would run on the math kernel: {bad[:3]}"
         seen[name] = {(masked, causal) for _, _, masked, causal, _ in spy}
     # the sampler's cached forwards are masked (memory-efficient); the rest is causal without a mask (flash)
-    assert seen["sample"] == {(True, False)}
+    assert seen["sample"] == seen["sample_paged"] == {(True, False)}
     for name in ("score", "ref_logps", "dpo", "rm"):
         assert seen[name] == {(False, True)}, name
+
+
+def test_the_paged_cache_on_cuda_attends_through_flex_attention_only(spy, born, monkeypatch, tiny_llama_dir,
+                                                                      tmp_path):
+    """On CUDA the paged cache reads the pool through FlexAttention (mt/model.py paged_attention, compiled
+    there: a Triton kernel, fused by construction, visiting only each row's blocks) and never through
+    SDPA. Here FlexAttention runs uncompiled (use_flex), and every prefill and decode of the slots goes
+    through it."""
+    monkeypatch.setattr(PagedKVCache, "use_flex", True)
+    flex, real = [], M.flex_attention
+    monkeypatch.setattr(M, "flex_attention", lambda *a, **k: flex.append(a[0].shape) or real(*a, **k))
+    cfg = C.parse(["--preset", "tiny", "--device", "cpu"], C.StageConfig())
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt_id": f"q{i}", "prompt": q} for i, q in enumerate(QUESTIONS)])
+    train_policy.sample(tiny_llama_dir, tmp_path / "prompts.jsonl", tmp_path / "s.jsonl",
+                        replace(cfg.sampling, kv_cache="paged", max_new_tokens=4), n=2)
+    assert flex, "the paged cache's forwards through FlexAttention"
+    # SDPA only for the prefix every prompt shares, prefilled once into its dense one-row cache
+    assert spy and all(c[0][0] == 1 and c[4] for c in spy), spy
+    assert {s[2] for s in flex} > {1}, "prefill (many queries) and decode (one) both"
+    alive = [kind for kind, ref in born if ref() is not None]
+    assert born and not alive, alive

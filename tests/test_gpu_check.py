@@ -17,7 +17,8 @@ def test_gpu_check_on_cpu_writes_json_and_markdown(tmp_path, capsys):
     assert saved["size"] == "small" and saved["device"].startswith("cpu")
     P = saved["parts"]
     ok = [k for k, v in P.items() if v["status"] == "ok"]
-    assert ok == ["logits", "dpo", "sampler", "sampler/eager/4", "sampler/eager/8"], P
+    assert ok == ["logits", "dpo", "sampler", "sampler/eager/4", "sampler/eager/8", "sampler/dense/4",
+                  "sampler/dense/8", "sampler/paper_caps/4"], P
     # what needs CUDA (or a long CPU compile) is skipped, and says why
     for k in ("sandbox", "sampler/compiled/4", "sampler/compiled/8"):
         assert P[k]["status"] == "skipped" and P[k]["reason"]
@@ -36,6 +37,8 @@ def test_gpu_check_on_cpu_writes_json_and_markdown(tmp_path, capsys):
     for b in (4, 8):
         r = P[f"sampler/eager/{b}"]
         assert r["responses"] == 2 * b and r["ours_tokens_per_s"] > 0 and r["ratio"] > 0
+        assert P[f"sampler/dense/{b}"]["lengths"] == r["lengths"], "the same tokens from either cache"
+    assert P["sampler/paper_caps/4"]["caps"] == [2048, 4096]
     md = out.with_suffix(".md").read_text()
     for heading in ("# GPU check: cpu", "## Not measured", "## bf16 logits vs transformers",
                     "## DPO step", "## Sampler vs generate()"):

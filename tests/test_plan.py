@@ -109,6 +109,24 @@ def test_planned_kv_bytes_equal_sampler_allocation(monkeypatch):
     assert per_slot == 32 * 8 * 6144 * 128 * 2 * 2
 
 
+def test_paged_rows_at_the_paper_caps_on_an_80_gb_gpu():
+    """The paged cache (the GPU default) takes what is free less the sampler's headroom: at 8B on an
+    80 GB card (76 GiB for tensors) it holds 128+ rows of a realistic length (a 169-token prompt and a
+    1,331-token response), 73 at the full caps, where 128 dense slots would need 96 GiB."""
+    big, paper = shape(**LLAMA3_8B), C.SamplingConfig(slots=C.PRESETS["paper"]["sampling.slots"])
+    gpu, per_pos = 76 * 2**30, 32 * 8 * 128 * 2 * 2
+    pg = plan.paged_rows(big, paper, gpu, 1500)
+    dense = plan.sampling_bytes(big, paper)
+    rest = dense["Total"] - dense["kv_cache"]
+    assert pg["pool"] == gpu - rest - sampler.HEADROOM and pg["Total"] == gpu
+    assert pg["at_caps"] == pg["pool"] // (6144 * per_pos) == 73
+    assert pg["pool"] // (1500 * per_pos) >= 256 and pg["at_mean"] == paper.slots == 128
+    assert pg["need"] == rest + sampler.HEADROOM + 6144 * per_pos
+    # without a GPU's limit the pool is every slot's longest row: the dense cache's bytes
+    roomy = plan.paged_rows(big, paper, 10**15, 1500)
+    assert roomy["pool"] == paper.slots * 6144 * per_pos
+
+
 # ---- the memory policy at 8B: activation checkpointing keeps a step under 30 GiB on 8 ranks
 
 
