@@ -329,6 +329,18 @@ def report(seeds: list[int], variants: list[str], out: Path, world: str, wall_s:
     return table
 
 
+def mean_curve(recs) -> list[tuple[float, float]]:
+    """(cumulative DPO steps, gold) of every checkpoint of every iteration, each the mean over the
+    runs (records of one variant) that reached it, in step order."""
+    pts = {}
+    for rec in recs:
+        for it in rec["iters"]:
+            for p in it["curve"]:
+                pts.setdefault((it["iter"], p["checkpoint"]), []).append((p["cum_step"], p["gold"]))
+    return sorted((statistics.mean(a for a, _ in v), statistics.mean(b for _, b in v))
+                  for v in pts.values())
+
+
 def figures(recs: dict, seeds: list[int], variants: list[str], out: Path, world: str):
     """curves.png, agreement.png, paired.png under out (skipped, saying so, without matplotlib)."""
     try:
@@ -340,14 +352,7 @@ def figures(recs: dict, seeds: list[int], variants: list[str], out: Path, world:
     # over-optimisation: gold against cumulative DPO steps, mean over seeds, per variant
     ax = fig.subplots(1, 1)
     for j, v in enumerate(variants):
-        pts = {}
-        for rec in recs[v].values():
-            for it in rec["iters"]:
-                for p in it["curve"]:
-                    pts.setdefault((it["iter"], p["checkpoint"]), []).append((p["cum_step"],
-                                                                            p["gold"]))
-        xs = sorted((statistics.mean(a for a, _ in v_), statistics.mean(b for _, b in v_))
-                    for v_ in pts.values())
+        xs = mean_curve(recs[v].values())
         ax.plot([a for a, _ in xs], [b for _, b in xs], marker="o", ms=3,
                 color=f"C{j % 10}", ls="-" if j < 10 else "--", label=v)
     ax.set_xlabel("cumulative DPO steps (checkpoints of every iteration)")
