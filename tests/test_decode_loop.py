@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mt import sampler
+from mt.model import PagedKVCache
 from mt.sampler import SamplingConfig, generate
 from mt.token_rule import next_token
 from tests.test_sampler import ragged_prompts, tiny
@@ -63,3 +64,16 @@ def test_decode_steps_do_not_sync_and_draw_what_the_exact_rule_draws(no_reads_in
             assert c.finish_reason == r.finish_reason
             assert torch.allclose(torch.tensor(c.logps), torch.tensor(r.logps), atol=1e-6, rtol=0)
 
+
+
+def test_paged_decode_steps_through_flex_attention_do_not_sync(no_reads_in_step, monkeypatch):
+    """The GPU path of the paged cache: blocks are taken on the host before the steps (grow), and the
+    block mask is built on the device, so a step reads nothing back (the CPU's gathered read does: a
+    host read is free there)."""
+    monkeypatch.setattr(PagedKVCache, "use_flex", True)
+    monkeypatch.setattr(sampler, "PAGE", 8)
+    _, model = tiny("llama")
+    cfg = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=10, slots=3, check_every=4,
+                         kv_cache="paged", kv_blocks=8)
+    got = generate(model, ragged_prompts((5, 1, 9, 12)), cfg, stop_ids=[3, 4], n=2)
+    assert no_reads_in_step["steps"] > 0 and all(c.num_tokens for cs in got for c in cs)
