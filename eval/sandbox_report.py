@@ -38,6 +38,7 @@ from mt import config as C  # noqa: E402
 from mt import dist, flags, gold, sandbox  # noqa: E402
 from mt.flags import opt  # noqa: E402
 from mt.errors import UserError  # noqa: E402
+from mt.manifest import lock_run_dir  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -408,6 +409,9 @@ def main(argv=None):
         raise flags.ConfigError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     seeds = parse_seeds(a.seeds)
     out = Path(a.out)
+    # a second report into this folder is refused, naming this one; its run_em.py children write
+    # inside it as this process's own (mt/manifest.py ANCESTORS_ENV)
+    lock_run_dir(out)
     t0 = time.perf_counter()
     run_all(seeds, variants, out, a.jobs, a.world, a.dpo_lr)
     print(report(seeds, variants, out, a.world, time.perf_counter() - t0, a.name, a.dpo_lr))

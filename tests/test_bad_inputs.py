@@ -20,9 +20,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import run_em
-from eval import plot_run, winrate
+from eval import plot_run, sandbox_calibrate, sandbox_report, soak, winrate
 from mt import dist, sandbox
 from mt.data import write_jsonl
+from mt.manifest import ANCESTORS_ENV, lock_run_dir
 from test_run_em import REPO, args, artifacts, inputs, kill_when, reference  # noqa: F401
 
 
@@ -367,3 +368,88 @@ def test_a_user_error_under_torchrun_is_printed_once(inputs, reference, tmp_path
     errors = [x for x in (p.stdout + p.stderr).splitlines() if "error: " in x and "Fix:" in x]
     assert len(errors) == 1 and "world size (2)" in errors[0], p.stderr[-3000:]
     assert "mt/train.py" not in p.stderr  # torchrun's agent prints its own traceback, ours none
+
+
+# every command that writes into a directory holds it: a second writer refused at once, naming the
+# first, and the first's output what a lone run writes. The first is held right after its lock is
+# taken (tests/tools/held.py), the second runs through its exit path in a forked child.
+TINY = ["--preset", "tiny", "--em.keep_truncated", "true"]
+
+
+def _writers(d, ins, ref):
+    """name: (script, its main, argv, the file a finished first writer must equal byte for byte;
+    None: a long command, stopped once the second is refused)."""
+    it = ref / "iter1"
+    return {
+        "sample": ("run_em.py", run_em.main, ["sample", "--model", str(ins / "policy"), "--prompts",
+                   str(ref / "splits" / "D_1.jsonl"), "--out", str(d / "samples.jsonl"), "--stream",
+                   "iter1/e-step", *TINY], it / "samples.jsonl"),
+        "score": ("run_em.py", run_em.main, ["score", "--rm", str(ins / "rm"), "--samples",
+                  str(it / "samples.jsonl"), "--out", str(d / "scores.jsonl"), *TINY], it / "scores.jsonl"),
+        "pairs": ("run_em.py", run_em.main, ["pairs", "--samples", str(it / "samples.jsonl"), "--scores",
+                  str(it / "scores.jsonl"), "--out", str(d / "pairs.jsonl"), *TINY], it / "pairs.jsonl"),
+        "filter": ("run_em.py", run_em.main, ["filter", "--pseudo_pairs", str(it / "pseudo_pairs.jsonl"),
+                   "--out", str(d / "pseudo_pairs.jsonl"), *TINY], it / "pseudo_pairs.jsonl"),
+        "sandbox_report": ("eval/sandbox_report.py", sandbox_report.main,
+                           ["--seeds", "0", "--variants", "mutual-taught", "--out", str(d)], None),
+        "sandbox_calibrate": ("eval/sandbox_calibrate.py", sandbox_calibrate.main,
+                              ["--out", str(d), "--result", str(d / "calibration.json")], None),
+        "soak": ("eval/soak.py", soak.main, ["--trials", "1", "--args", " ".join(args(ins, d)[:-4]),
+                 "--out", str(d)], None),
+    }
+
+
+@pytest.mark.parametrize("name", ["sample", "score", "pairs", "filter", "sandbox_report",
+                                  "sandbox_calibrate", "soak"])
+def test_a_second_writer_is_refused_naming_the_first(name, inputs, reference, tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    d = d.resolve()  # as the lock's message names it
+    (d / "earlier.txt").write_text("written before\n")  # soak clears its --out: not under another's
+    script, main, argv, lone = _writers(d, inputs, reference)[name]
+    release = tmp_path / "release"
+    first = _start([str(release), str(REPO / script), *argv], script=REPO / "tests" / "tools" / "held.py")
+    try:
+        held = next((x for x in first.stdout if x.startswith("holding ")), "")
+        assert held.strip() == f"holding {d}", first.stderr.read()[-3000:]
+        before, t0 = tree_hash(d), time.time()
+        code, _, err = cli(main, argv, tmp_path)
+        assert code == 2 and "Traceback" not in err, err[-3000:]
+        assert f"{d}: is in use by pid {first.pid} on " in err and "Fix:" in err, err
+        assert time.time() - t0 < 30 and first.poll() is None
+        assert tree_hash(d) == before, "the refused writer changed the first's directory"
+        if lone is None:
+            return
+        release.touch()
+        _, first_err = first.communicate(timeout=300)
+        assert first.returncode == 0, first_err[-3000:]
+        assert (d / lone.name).read_bytes() == lone.read_bytes()
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def _filter_into(out, env, reference):
+    return subprocess.run([sys.executable, str(REPO / "run_em.py"), "filter", "--pseudo_pairs",
+                           str(reference / "iter1" / "pseudo_pairs.jsonl"), "--out", str(out), *TINY],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def test_a_writer_s_own_children_write_inside_its_directory(reference, tmp_path):
+    """eval/sandbox_report.py holds its --out and starts run_em.py runs inside it: its children may
+    write into the directory and below it; a process it did not start may not."""
+    d = tmp_path.resolve() / "held"
+
+    def holder(_argv):
+        lock_run_dir(d)
+        own = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        stranger = {k: v for k, v in own.items() if k != ANCESTORS_ENV}
+        runs = [_filter_into(d / "f.jsonl", own, reference), _filter_into(d / "sub" / "f.jsonl", own, reference),
+                _filter_into(d / "g.jsonl", stranger, reference)]
+        print(json.dumps([[p.returncode, p.stderr[-2000:]] for p in runs]))
+    code, out, err = cli(holder, [], tmp_path)
+    assert code == 0, err[-3000:]
+    (same, e1), (below, e2), (other, e3) = json.loads(out)
+    assert same == 0 and below == 0, (e1, e2)
+    assert other == 2 and f"{d}: is in use by pid " in e3 and "Traceback" not in e3, e3
+    assert (d / "f.jsonl").is_file() and (d / "sub" / "f.jsonl").is_file() and not (d / "g.jsonl").exists()
