@@ -263,14 +263,14 @@ def default_samples_path(out: Path, fmt: str) -> Path:
 
 
 def sample_answers(policy, prompts: list[dict], sampling, samples_out, seed: int = 0, device=None,
-                   dtype: str = "auto") -> list[dict]:
+                   dtype: str = "auto", source="the prompt rows") -> list[dict]:
     """One response per prompt row {"prompt_id", "prompt"}, data-parallel; returns the samples rows in
-    prompt order."""
+    prompt order. `source`: the prompt file, named by an over-long prompt's error."""
     d = dist.init_distributed(device)
     tok = chat.load_tokenizer(policy)
     model = checkpoint.load_model(policy, dtype=dtype, device=d.device, head="lm").eval()
     s = sample_to_file(model, tok, prompts, sampling, samples_out, seed=seed, stream="eval/answers", n=1,
-                       stop_ids=chat.stop_ids(tok, policy))
+                       stop_ids=chat.stop_ids(tok, policy), source=source)
     dist.print0(summary_line(s) + f" -> {samples_out}")
     by_id = {r["prompt_id"]: r for r in read_samples(samples_out)}
     return [by_id[p["prompt_id"]] for p in prompts]
@@ -321,7 +321,8 @@ def main(argv=None) -> dict:
     device = None if a.device == "auto" else a.device
     dist.init_distributed(device)
     policy = resolve_model(a.policy, "policy")  # a run directory: its selected checkpoint
-    samples = sample_answers(policy, prompts, a.sampling, samples_out, a.seed, device, a.dtype)
+    samples = sample_answers(policy, prompts, a.sampling, samples_out, a.seed, device, a.dtype,
+                             f"{a.prompts} (ids: row numbers from 0)")
     first = [s["responses"][0] for s in samples]
     answers = first if a.no_strip else [y.strip() for y in first]
     truncated = sum(s["finish_reasons"][0] == "length" for s in samples)

@@ -74,23 +74,35 @@ def render(tok, messages: list[dict], add_generation_prompt: bool) -> str:
                                 "chat_template.jinja)") from None
 
 
-def check_prompt_lengths(tok, prompts: list[dict], limit: int, prompts_path, model_dir):
+def check_prompt_lengths(tok, prompts: list[dict], limit: int, prompts_path, model_dir=None):
     """Every prompt within --sampling.max_prompt_tokens under the model's chat template, or a
-    UserError naming the first that is not. A prompt longer in characters than `limit` of the
-    vocabulary's longest tokens is over the limit without tokenizing it (a 20 MB line)."""
-    longest = max((len(t) for t in tok.get_vocab()), default=1)
+    UserError naming the first that is not (encode_within)."""
     for p in prompts:
-        chars = sum(len(m["content"]) for m in p["prompt"])
-        if chars > limit * longest:
-            n = f"{chars} characters (more than {limit} tokens can hold)"
-        else:
-            k = len(encode_prompt(tok, p["prompt"]))
-            if k <= limit:
-                continue
-            n = f"{k} tokens"
-        raise UserError(f"{prompts_path}: prompt {p['prompt_id']!r} is {n} under {model_dir}'s chat "
-                        f"template, over --sampling.max_prompt_tokens={limit}. Fix: raise "
-                        "--sampling.max_prompt_tokens or drop the prompt from the file")
+        encode_within(tok, p, limit, prompts_path, model_dir)
+
+
+@lru_cache(maxsize=None)
+def _longest_token(tok) -> int:
+    return max((len(t) for t in tok.get_vocab()), default=1)
+
+
+def encode_within(tok, p: dict, limit: int, source, model_dir=None) -> list[int]:
+    """The prompt row's ids (encode_prompt), or the UserError naming the row of `source` (its file)
+    that is over --sampling.max_prompt_tokens=limit: its id, its length and the flag. A prompt
+    longer in characters than `limit` of the vocabulary's longest tokens is over the limit without
+    tokenizing it (a 20 MB line)."""
+    chars = sum(len(m["content"]) for m in p["prompt"])
+    if chars > limit * _longest_token(tok):
+        n = f"{chars} characters (more than {limit} tokens can hold)"
+    else:
+        ids = encode_prompt(tok, p["prompt"])
+        if len(ids) <= limit:
+            return ids
+        n = f"{len(ids)} tokens"
+    raise UserError(f"{source}: prompt {p['prompt_id']!r} is {n} under "
+                    f"{model_dir or tok.name_or_path}'s chat template, over "
+                    f"--sampling.max_prompt_tokens={limit}. Fix: raise "
+                    "--sampling.max_prompt_tokens or drop the prompt from the file")
 
 
 def encode_prompt(tok, messages: list[dict]) -> list[int]:

@@ -226,7 +226,7 @@ def diagnose(out_path: Path, pi_t: Path, pi_prev: Path, r0: Path, r_prev: Path, 
         model = load_model(policy, "auto", dist.get().device).eval()
         sample_to_file(model, tok, read_prompts(d_ms), sampling, d / f"{name}.samples.jsonl",
                        seed=seed, stream=f"{stream}/gold", n=n,
-                       stop_ids=chat.stop_ids(tok, policy))
+                       stop_ids=chat.stop_ids(tok, policy), source=d_ms)
         samples[name] = read_samples(d / f"{name}.samples.jsonl")
     scores = {}
     for rm, path in rms.items():

@@ -20,8 +20,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import run_em
-from eval import plot_run, sandbox_calibrate, sandbox_report, soak, winrate
-from mt import dist, sandbox
+from eval import generate, plot_run, sandbox_calibrate, sandbox_report, soak, winrate
+from mt import dist, sandbox, sampler
 from mt.data import write_jsonl
 from mt.manifest import ANCESTORS_ENV, lock_run_dir
 from test_run_em import REPO, args, artifacts, inputs, kill_when, reference  # noqa: F401
@@ -78,6 +78,21 @@ def long_prompt(d, ins, ref):
     write_jsonl(d / "p.jsonl", [{"id": "p0", "prompt": "hi"}, {"id": "p1", "prompt": "word " * 200}])
     return run_em.main, ["sample", "--model", str(ins / "policy"), "--prompts", str(d / "p.jsonl"),
                          "--out", str(d / "s.jsonl"), "--preset", "tiny"]
+
+
+def long_prompt_sampler(d, ins, ref):  # python -m mt.sampler: the sampler's own check
+    write_jsonl(d / "p.jsonl", [{"id": "p0", "prompt": "hi"}, {"id": "p1", "prompt": "word " * 200}])
+    return sampler.main, ["--model", str(ins / "policy"), "--prompts", str(d / "p.jsonl"),
+                          "--out", str(d / "s.jsonl"), "--sampling.max_new_tokens", "2", "--sampling.max_prompt_tokens",
+                          "64", "--device", "cpu"]
+
+
+def long_prompt_generate(d, ins, ref):  # eval/generate.py: the sampler's own check
+    (d / "a.json").write_text(json.dumps([{"instruction": "hi"}, {"instruction": "word " * 200}]))
+    return generate.main, ["--policy", str(ins / "policy"), "--format", "alpacaeval", "--prompts",
+                           str(d / "a.json"), "--out", str(d / "res" / "model_outputs.json"),
+                           "--sampling.max_new_tokens", "2", "--sampling.max_prompt_tokens", "64",
+                           "--device", "cpu"]
 
 
 def huge_line(d, ins, ref):
@@ -210,6 +225,10 @@ def shard_size_one_process(d, ins, ref):
 
 CASES = {  # name: (builder, words the one paragraph must hold)
     "prompt over --sampling.max_prompt_tokens": (long_prompt, ["prompt 'p1'", "tokens", "--sampling.max_prompt_tokens"]),
+    "prompt over the limit (python -m mt.sampler)": (long_prompt_sampler, [
+        "p.jsonl: prompt 'p1'", "tokens", "--sampling.max_prompt_tokens=64"]),
+    "prompt over the limit (eval/generate.py)": (long_prompt_generate, [
+        "a.json (ids: row numbers from 0): prompt '1'", "tokens", "--sampling.max_prompt_tokens=64"]),
     "one 20 MB prompt line": (huge_line, ["prompt 'big'", "characters", "--sampling.max_prompt_tokens"]),
     ".parquet that is not parquet": (not_parquet, ["p.parquet", "not a readable parquet file"]),
     "truncated .parquet": (cut_parquet, ["p.parquet", "not a readable parquet file"]),
