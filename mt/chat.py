@@ -15,6 +15,7 @@ from pathlib import Path
 from jinja2.exceptions import SecurityError, TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from mt.data import read_json
 from mt.errors import UserError
 
 _SENTINEL = "\u2063MT-RESPONSE\u2063"
@@ -142,6 +143,15 @@ def encode_conversation(tok, messages: list[dict], response: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def generation_config(path: Path) -> dict:
+    """A model directory's generation_config.json (the stop ids), or the error naming it."""
+    cfg = read_json(path, fix="correct it, or delete it (generation then stops at the "
+                              "tokenizer's eos and end of turn)")
+    if not isinstance(cfg, dict):
+        raise ChatTemplateError(f"{path}: not a JSON object. Fix: correct it, or delete it")
+    return cfg
+
+
 def stop_ids(tok, model_dir=None) -> list[int]:
     """Every id that ends generation: generation_config's eos list, the tokenizer's eos, end of turn.
 
@@ -150,8 +160,11 @@ def stop_ids(tok, model_dir=None) -> list[int]:
     ids = []
     gen = Path(model_dir or tok.name_or_path) / "generation_config.json"
     if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
+        eos = generation_config(gen).get("eos_token_id")
         ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ChatTemplateError(f"{gen}: eos_token_id {eos!r} is not a token id or a list of "
+                                    "them. Fix: correct it, or delete the file")
     if tok.eos_token_id is not None:
         ids.append(tok.eos_token_id)
     ids.append(end_of_turn_id(tok))

@@ -223,6 +223,31 @@ def shard_size_one_process(d, ins, ref):
                          "--out", str(d / "s.jsonl"), "--dist.shard_size", "3"]
 
 
+def bad_generation_config(d, ins, ref, text="{\"eos_token_id\": [2,"):
+    m = _copy_model(ins / "policy", d)
+    (m / "generation_config.json").write_text(text)
+    return run_em.main, ["sample", "--model", str(m), "--prompts", str(ins / "prompts.jsonl"),
+                         "--out", str(d / "s.jsonl")]
+
+
+def eos_not_ids(d, ins, ref):
+    return bad_generation_config(d, ins, ref, '{"eos_token_id": "</s>"}')
+
+
+def plot_bad_metrics_row(d, ins, ref):
+    run = _run_copy(d, ref)
+    lines = (run / "iter1" / "policy" / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][: len(lines[1]) // 2]  # a row cut in the middle of the file, not its tail
+    (run / "iter1" / "policy" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return plot_run.main, [str(run), "--out", str(d / "plots")]
+
+
+def report_run_without_iterations(d, ins, ref):
+    (d / "run").mkdir()
+    shutil.copy(ref / "config.json", d / "run" / "config.json")
+    return sandbox_report.main, ["--run", str(d / "run")]
+
+
 CASES = {  # name: (builder, words the one paragraph must hold)
     "prompt over --sampling.max_prompt_tokens": (long_prompt, ["prompt 'p1'", "tokens", "--sampling.max_prompt_tokens"]),
     "prompt over the limit (python -m mt.sampler)": (long_prompt_sampler, [
@@ -246,6 +271,14 @@ CASES = {  # name: (builder, words the one paragraph must hold)
     "a bad samples line for pairs": (bad_samples_line, ["s.jsonl:4", "num_tokens"]),
     "a model directory without tokenizer files": (no_tokenizer_files, ["m:", "no tokenizer files"]),
     "--model a file": (model_is_file, ["prompts.jsonl", "is a file, not a model directory"]),
+    "generation_config.json cut short": (bad_generation_config, [
+        "m/generation_config.json", "not valid JSON", "Fix: correct it"]),
+    "generation_config.json eos not token ids": (eos_not_ids, [
+        "m/generation_config.json", "eos_token_id '</s>'"]),
+    "plot_run: a cut metrics.jsonl row": (plot_bad_metrics_row, [
+        "iter1/policy/metrics.jsonl:2", "not a JSON object row"]),
+    "sandbox_report --run: no iterations": (report_run_without_iterations, [
+        "run: no iteration directories"]),
     "--dist.shard_size 3 in one process": (shard_size_one_process, ["--dist.shard_size=3", "1 process"]),
 }
 
