@@ -88,13 +88,14 @@ def read_alpacaeval(path) -> list[dict]:
     out = []
     for where, row in iter_rows(Path(path)):
         if not isinstance(row, dict):
-            raise PromptFileError(f"{where}: row is not an object")
+            raise PromptFileError(f"{where}: row is not an object. Fix: AlpacaEval rows are "
+                                  '{"instruction", "dataset"} objects')
         r = {"instruction": _text(row, "instruction", where, "give every row a non-empty 'instruction'")}
         if "dataset" in row:
             r["dataset"] = row["dataset"]
         out.append(r)
     if not out:
-        raise PromptFileError(f"{path}: no rows")
+        raise PromptFileError(f"{path}: no rows. Fix: give the benchmark's prompt file")
     return out
 
 
@@ -108,7 +109,8 @@ def read_arenahard(path) -> list[dict]:
     out, seen, first = [], {}, None
     for where, row in iter_rows(Path(path)):
         if not isinstance(row, dict):
-            raise PromptFileError(f"{where}: row is not an object")
+            raise PromptFileError(f"{where}: row is not an object. Fix: Arena-Hard rows are "
+                                  '{"uid", "category", "prompt"} objects')
         layout = ("current" if "uid" in row or "prompt" in row else
                   "v0.1" if "question_id" in row or "turns" in row else None)
         if layout is None:
@@ -129,7 +131,7 @@ def read_arenahard(path) -> list[dict]:
         blank = isinstance(qid, str) and not qid.strip()
         if isinstance(qid, bool) or not isinstance(qid, (str, int)) or blank:
             raise PromptFileError(f"{where}: field {key!r} must be a non-empty string or an "
-                                  "integer")
+                                  "integer. Fix: give every row its own id")
         if qid in seen:
             raise PromptFileError(f"{where}: field {key!r} {qid!r} repeats {seen[qid]}. Fix: drop "
                                   "the duplicate")
@@ -140,7 +142,7 @@ def read_arenahard(path) -> list[dict]:
             content = _v01_content(row, where)
         out.append({"uid": qid, "content": content, "layout": layout})
     if not out:
-        raise PromptFileError(f"{path}: no rows")
+        raise PromptFileError(f"{path}: no rows. Fix: give the benchmark's prompt file")
     return out
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import run_em
 from eval import generate, plot_run, sandbox_calibrate, sandbox_report, soak, winrate
-from mt import dist, sandbox, sampler
+from mt import checkpoint, dist, sandbox, sampler
 from mt.data import write_jsonl
 from mt.manifest import ANCESTORS_ENV, lock_run_dir
 from test_run_em import REPO, args, artifacts, inputs, kill_when, reference  # noqa: F401
@@ -248,6 +248,32 @@ def report_run_without_iterations(d, ins, ref):
     return sandbox_report.main, ["--run", str(d / "run")]
 
 
+def _generate(d, ins, prompts, fmt="alpacaeval", out="model_outputs.json"):
+    return generate.main, ["--policy", str(ins / "policy"), "--format", fmt, "--prompts", str(prompts),
+                           "--out", str(d / out), "--device", "cpu"]
+
+
+def alpacaeval_row_not_object(d, ins, ref):
+    (d / "a.json").write_text(json.dumps([{"instruction": "hi"}, "what?"]))
+    return _generate(d, ins, d / "a.json")
+
+
+def arenahard_row_not_object(d, ins, ref):
+    (d / "q.jsonl").write_text('{"uid": "a", "prompt": "hi"}\n[1, 2]\n')
+    return _generate(d, ins, d / "q.jsonl", "arenahard", "policy.jsonl")
+
+
+def generate_out_a_directory(d, ins, ref):
+    (d / "a.json").write_text(json.dumps([{"instruction": "hi"}]))
+    (d / "res").mkdir()
+    return _generate(d, ins, d / "a.json", out="res")
+
+
+def plot_config_without_section(d, ins, ref):
+    status_config_without_section(d, ins, ref)
+    return plot_run.main, [str(d / "run"), "--out", str(d / "plots")]
+
+
 CASES = {  # name: (builder, words the one paragraph must hold)
     "prompt over --sampling.max_prompt_tokens": (long_prompt, ["prompt 'p1'", "tokens", "--sampling.max_prompt_tokens"]),
     "prompt over the limit (python -m mt.sampler)": (long_prompt_sampler, [
@@ -279,6 +305,13 @@ CASES = {  # name: (builder, words the one paragraph must hold)
         "iter1/policy/metrics.jsonl:2", "not a JSON object row"]),
     "sandbox_report --run: no iterations": (report_run_without_iterations, [
         "run: no iteration directories"]),
+    "eval/generate.py: an AlpacaEval row not an object": (alpacaeval_row_not_object, [
+        "a.json", "row is not an object"]),
+    "eval/generate.py: an Arena-Hard row not an object": (arenahard_row_not_object, [
+        "q.jsonl:2", "row is not an object"]),
+    "eval/generate.py --out an existing directory": (generate_out_a_directory, [
+        "res: is a directory", "res/model_outputs.json"]),
+    "plot_run: config.json lacks a section": (plot_config_without_section, ["config.json", "'em'"]),
     "--dist.shard_size 3 in one process": (shard_size_one_process, ["--dist.shard_size=3", "1 process"]),
 }
 
@@ -297,6 +330,26 @@ def test_a_bad_input_is_one_paragraph(name, inputs, reference, tmp_path):
     assert tree_hash(tmp_path) == before, "a refused command changed files written before it"
     if name == "a bad samples line for pairs":
         assert "sc.jsonl" not in err  # the samples file's error, not reported as the scores file's
+
+
+def test_a_full_disk_is_one_paragraph(inputs, reference, tmp_path):
+    """A checkpoint write that hits ENOSPC (safetensors' own error, as it raises it) names the path and
+    the space needed; the inputs are untouched."""
+    def full(*a, **k):
+        raise Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                        'message: "No space left on device" })')
+
+    def dpo_on_a_full_disk(argv):
+        checkpoint.save_file = full  # in the forked child only
+        return run_em.main(argv)
+    before = tree_hash(reference)
+    code, _, err = cli(dpo_on_a_full_disk, ["dpo", "--policy", str(inputs / "policy"), "--pairs",
+                                            str(reference / "iter1" / "pairs.jsonl"), "--out",
+                                            str(tmp_path / "dpo"), "--preset", "tiny"], tmp_path)
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert "the disk is full" in err and "GiB to write" in err and "Fix: free space" in err, err
+    assert str(tmp_path / "dpo") in err
+    assert tree_hash(reference) == before
 
 
 def test_a_missing_or_edited_side_file_reruns_its_stage(inputs, reference, tmp_path):
