@@ -25,8 +25,7 @@ from mt import plan as mt_plan
 from mt.checkpoint import read_config
 from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples,
                      read_scores, write_json, write_jsonl)
-from mt.manifest import (Manifest, hold_run_dir, iteration_dir, iteration_stages,
-                         refuse_if_held)
+from mt.manifest import Manifest, hold_run_dir, iteration_dir, iteration_stages
 from mt.scoring import score_files
 from mt.status import status_main
 
@@ -480,13 +479,12 @@ def stage_main(name: str, argv: list[str]):
     models = ("model", "rm", "policy", "prev", "new", "init")  # the flags naming a model
     hub.resolve_flags(cfg, *(k for k in files if k in models))  # a Hub id -> its cached snapshot
     a = {k: Path(getattr(cfg, k)) for k in files}
-    if name in FILE_STAGES:  # one file, written atomically: refused only inside a live run
-        if a["out"].is_dir():
-            raise C.ConfigError(f"--out {a['out']}: is a directory; `{name}` writes one file. Fix: "
-                                f"give a file path, e.g. {a['out'] / FILE_STAGES[name]}")
-        refuse_if_held(a["out"])
-    else:  # a directory: held for the whole stage, as run_em.py holds its run
-        hold_run_dir(a["out"])
+    if name in FILE_STAGES and a["out"].is_dir():
+        raise C.ConfigError(f"--out {a['out']}: is a directory; `{name}` writes one file. Fix: "
+                            f"give a file path, e.g. {a['out'] / FILE_STAGES[name]}")
+    # the directory written into is held for the whole stage, as run_em.py holds its run (a file
+    # stage's: its file's, so a second writer is refused at once, naming this one)
+    hold_run_dir(a["out"].parent if name in FILE_STAGES else a["out"])
     # --log.*: a file output's directory stands for the run
     track.start(cfg.log, a["out"].parent if a["out"].suffix else a["out"], C.to_dict(cfg))
     stream, E = cfg.stream or name, cfg.em

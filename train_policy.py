@@ -58,7 +58,7 @@ def sample(policy_dir: Path, prompts_path: Path, out_path: Path, sampling: C.Sam
     chat.check_prompt_lengths(tok, prompts, sampling.max_prompt_tokens, prompts_path, policy_dir)
     model = load_model(policy_dir, "auto", d.device).eval()
     s = sample_to_file(model, tok, prompts, sampling, out_path, seed=seed,
-                       stream=stream, n=n, stop_ids=chat.stop_ids(tok, policy_dir))
+                       stream=stream, n=n, stop_ids=chat.stop_ids(tok, policy_dir), source=prompts_path)
     dist.print0(summary_line(s) + f" -> {out_path}")
     return s
 

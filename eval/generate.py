@@ -88,13 +88,14 @@ def read_alpacaeval(path) -> list[dict]:
     out = []
     for where, row in iter_rows(Path(path)):
         if not isinstance(row, dict):
-            raise PromptFileError(f"{where}: row is not an object")
+            raise PromptFileError(f"{where}: row is not an object. Fix: AlpacaEval rows are "
+                                  '{"instruction", "dataset"} objects')
         r = {"instruction": _text(row, "instruction", where, "give every row a non-empty 'instruction'")}
         if "dataset" in row:
             r["dataset"] = row["dataset"]
         out.append(r)
     if not out:
-        raise PromptFileError(f"{path}: no rows")
+        raise PromptFileError(f"{path}: no rows. Fix: give the benchmark's prompt file")
     return out
 
 
@@ -108,7 +109,8 @@ def read_arenahard(path) -> list[dict]:
     out, seen, first = [], {}, None
     for where, row in iter_rows(Path(path)):
         if not isinstance(row, dict):
-            raise PromptFileError(f"{where}: row is not an object")
+            raise PromptFileError(f"{where}: row is not an object. Fix: Arena-Hard rows are "
+                                  '{"uid", "category", "prompt"} objects')
         layout = ("current" if "uid" in row or "prompt" in row else
                   "v0.1" if "question_id" in row or "turns" in row else None)
         if layout is None:
@@ -129,7 +131,7 @@ def read_arenahard(path) -> list[dict]:
         blank = isinstance(qid, str) and not qid.strip()
         if isinstance(qid, bool) or not isinstance(qid, (str, int)) or blank:
             raise PromptFileError(f"{where}: field {key!r} must be a non-empty string or an "
-                                  "integer")
+                                  "integer. Fix: give every row its own id")
         if qid in seen:
             raise PromptFileError(f"{where}: field {key!r} {qid!r} repeats {seen[qid]}. Fix: drop "
                                   "the duplicate")
@@ -140,7 +142,7 @@ def read_arenahard(path) -> list[dict]:
             content = _v01_content(row, where)
         out.append({"uid": qid, "content": content, "layout": layout})
     if not out:
-        raise PromptFileError(f"{path}: no rows")
+        raise PromptFileError(f"{path}: no rows. Fix: give the benchmark's prompt file")
     return out
 
 
@@ -263,14 +265,14 @@ def default_samples_path(out: Path, fmt: str) -> Path:
 
 
 def sample_answers(policy, prompts: list[dict], sampling, samples_out, seed: int = 0, device=None,
-                   dtype: str = "auto") -> list[dict]:
+                   dtype: str = "auto", source="the prompt rows") -> list[dict]:
     """One response per prompt row {"prompt_id", "prompt"}, data-parallel; returns the samples rows in
-    prompt order."""
+    prompt order. `source`: the prompt file, named by an over-long prompt's error."""
     d = dist.init_distributed(device)
     tok = chat.load_tokenizer(policy)
     model = checkpoint.load_model(policy, dtype=dtype, device=d.device, head="lm").eval()
     s = sample_to_file(model, tok, prompts, sampling, samples_out, seed=seed, stream="eval/answers", n=1,
-                       stop_ids=chat.stop_ids(tok, policy))
+                       stop_ids=chat.stop_ids(tok, policy), source=source)
     dist.print0(summary_line(s) + f" -> {samples_out}")
     by_id = {r["prompt_id"]: r for r in read_samples(samples_out)}
     return [by_id[p["prompt_id"]] for p in prompts]
@@ -321,7 +323,8 @@ def main(argv=None) -> dict:
     device = None if a.device == "auto" else a.device
     dist.init_distributed(device)
     policy = resolve_model(a.policy, "policy")  # a run directory: its selected checkpoint
-    samples = sample_answers(policy, prompts, a.sampling, samples_out, a.seed, device, a.dtype)
+    samples = sample_answers(policy, prompts, a.sampling, samples_out, a.seed, device, a.dtype,
+                             f"{a.prompts} (ids: row numbers from 0)")
     first = [s["responses"][0] for s in samples]
     answers = first if a.no_strip else [y.strip() for y in first]
     truncated = sum(s["finish_reasons"][0] == "length" for s in samples)

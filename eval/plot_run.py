@@ -130,7 +130,7 @@ def rm_series(run: Path, gold: bool = True) -> dict[str, dict]:
     if gold and str(cfg.get("preset", "")).startswith("sandbox"):
         try:
             golds = {r["iter"]: r for r in gold_metrics.gold_view(run)}
-        except FileNotFoundError:  # a run that has not finished its first selection
+        except gold_metrics.NoGoldYet:  # a run that has not finished its first selection
             golds = {}
     out = {}
     for it in _iters(run):

@@ -34,6 +34,7 @@ from mt import config as C  # noqa: E402
 from mt import dist, flags, sandbox  # noqa: E402
 from mt.flags import opt  # noqa: E402
 from mt.data import read_samples, write_json, write_jsonl  # noqa: E402
+from mt.manifest import lock_run_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT = REPO / "eval" / "sandbox_calibration.json"
@@ -108,6 +109,7 @@ def calibrate(a: CalibrateConfig, world_overrides: dict | None = None,
 def main(argv=None):
     a = flags.parse(sys.argv[1:] if argv is None else argv, CalibrateConfig(),
                 "python eval/sandbox_calibrate.py", __doc__)
+    lock_run_dir(Path(a.out))  # a second calibration into this folder is refused, naming this one
     result = calibrate(a)
     write_json(a.result, result)
     print("| lr | " + " | ".join(f"{p['checkpoint']} ({p['step']})"

@@ -36,8 +36,10 @@ if __package__ in (None, ""):
 from eval import plot_run  # noqa: E402
 from mt import config as C  # noqa: E402
 from mt import dist, flags, gold, sandbox  # noqa: E402
+from mt.data import read_json, read_samples  # noqa: E402
 from mt.flags import opt  # noqa: E402
 from mt.errors import UserError  # noqa: E402
+from mt.manifest import lock_run_dir  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,14 +98,14 @@ def tau_view(it: Path) -> dict:
     """The τ test of one iteration (selection.json, Eq. 6 on D_MS): the best candidate's win rate
     strict (as written) and with half credit for ties, its tie share, and gold's strict win and tie
     share on the very responses r_{t-1} judged (what a perfect judge would have decided)."""
-    sel = json.loads((it / "selection.json").read_text())
+    sel = read_json(it / "selection.json")
     cands = sel["candidates"]
     best = max(cands, key=lambda k: cands[k]["wins"] / cands[k]["n"])
     half = max(cands, key=lambda k: (cands[k]["wins"] + cands[k]["ties"] / 2) / cands[k]["n"])
     d = it / "selection"
-    prev = [json.loads(line) for line in open(d / "prev.samples.jsonl")]
+    prev = read_samples(d / "prev.samples.jsonl")
     judged = sel.get("best") or sel["chosen"]  # with --em.select false: the final checkpoint
-    new = [json.loads(line) for line in open(d / f"{judged}.samples.jsonl")]
+    new = read_samples(d / f"{judged}.samples.jsonl")
     g = sandbox.gold_win_rate(new, prev)
     c = cands[best]
     return {"best_strict": c["wins"] / c["n"], "best_ties": c["ties"] / c["n"],
@@ -124,8 +126,8 @@ def run_record(run: Path) -> dict:
             break
         it = run / row["iter"]
         step = sandbox.gold_win_rate(
-            [json.loads(x) for x in open(it / "gold" / "pi_t.samples.jsonl")],
-            [json.loads(x) for x in open(it / "gold" / "pi_prev.samples.jsonl")])
+            read_samples(it / "gold" / "pi_t.samples.jsonl"),
+            read_samples(it / "gold" / "pi_prev.samples.jsonl"))
         curve = [{**p, "cum_step": steps_before + p["step"]} for p in row.get("curve", [])]
         steps_before = curve[-1]["cum_step"] if curve else steps_before
         its.append({"iter": row["iter"], "chosen": row["chosen"], "gold": g["policy"]["gold"],
@@ -413,6 +415,9 @@ def main(argv=None):
         raise flags.ConfigError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     seeds = parse_seeds(a.seeds)
     out = Path(a.out)
+    # a second report into this folder is refused, naming this one; its run_em.py children write
+    # inside it as this process's own (mt/manifest.py ANCESTORS_ENV)
+    lock_run_dir(out)
     t0 = time.perf_counter()
     run_all(seeds, variants, out, a.jobs, a.world, a.dpo_lr)
     print(report(seeds, variants, out, a.world, time.perf_counter() - t0, a.name, a.dpo_lr))

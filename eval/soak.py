@@ -27,7 +27,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/soak.py`: make `mt` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mt import dist  # noqa: E402
 from mt.flags import opt, parse  # noqa: E402
+from mt.manifest import lock_run_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING_KEYS = {"elapsed", "seconds", "tokens_per_s"}
@@ -80,7 +82,12 @@ def artifacts(run: Path) -> dict[str, object]:
 def main(argv=None):
     a = parse(sys.argv[1:] if argv is None else argv, SoakArgs(), "python eval/soak.py", __doc__)
     flags, root = shlex.split(a.args), Path(a.out)
-    shutil.rmtree(root, ignore_errors=True)
+    # a second soak into this folder is refused, naming this one; the run_em.py children write
+    # inside it as this process's own (mt/manifest.py ANCESTORS_ENV)
+    lock_run_dir(root)
+    for p in root.iterdir():  # a fresh soak: an earlier one's runs go, the lock just taken stays
+        if p.name != ".lock":
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     t0 = time.time()
     assert _run(flags, root / "reference").wait() == 0, (
         "the uninterrupted run failed: fix it before soaking")
@@ -123,4 +130,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    dist.run(main)  # a user error (its --out in use): one `error: ...` line, exit status 2

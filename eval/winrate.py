@@ -130,7 +130,7 @@ def sample_policies(new_policy, old_policy, prompts_path, samples_dir, sampling,
         model = checkpoint.load_model(policy, dtype=dtype, device=d.device, head="lm").eval()
         # distinct streams: the two policies' samples are drawn independently, as in Eq. 6
         s = sample_to_file(model, tok, prompts, sampling, out, seed=seed, stream=f"winrate/{name}", n=1,
-                           stop_ids=chat.stop_ids(tok, policy))
+                           stop_ids=chat.stop_ids(tok, policy), source=prompts_path)
         dist.print0(f"{name} policy {policy}: " + summary_line(s) + f" -> {out}")
         del model
         paths.append(out)

@@ -15,6 +15,7 @@ from pathlib import Path
 from jinja2.exceptions import SecurityError, TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from mt.data import read_json
 from mt.errors import UserError
 
 _SENTINEL = "\u2063MT-RESPONSE\u2063"
@@ -74,23 +75,35 @@ def render(tok, messages: list[dict], add_generation_prompt: bool) -> str:
                                 "chat_template.jinja)") from None
 
 
-def check_prompt_lengths(tok, prompts: list[dict], limit: int, prompts_path, model_dir):
+def check_prompt_lengths(tok, prompts: list[dict], limit: int, prompts_path, model_dir=None):
     """Every prompt within --sampling.max_prompt_tokens under the model's chat template, or a
-    UserError naming the first that is not. A prompt longer in characters than `limit` of the
-    vocabulary's longest tokens is over the limit without tokenizing it (a 20 MB line)."""
-    longest = max((len(t) for t in tok.get_vocab()), default=1)
+    UserError naming the first that is not (encode_within)."""
     for p in prompts:
-        chars = sum(len(m["content"]) for m in p["prompt"])
-        if chars > limit * longest:
-            n = f"{chars} characters (more than {limit} tokens can hold)"
-        else:
-            k = len(encode_prompt(tok, p["prompt"]))
-            if k <= limit:
-                continue
-            n = f"{k} tokens"
-        raise UserError(f"{prompts_path}: prompt {p['prompt_id']!r} is {n} under {model_dir}'s chat "
-                        f"template, over --sampling.max_prompt_tokens={limit}. Fix: raise "
-                        "--sampling.max_prompt_tokens or drop the prompt from the file")
+        encode_within(tok, p, limit, prompts_path, model_dir)
+
+
+@lru_cache(maxsize=None)
+def _longest_token(tok) -> int:
+    return max((len(t) for t in tok.get_vocab()), default=1)
+
+
+def encode_within(tok, p: dict, limit: int, source, model_dir=None) -> list[int]:
+    """The prompt row's ids (encode_prompt), or the UserError naming the row of `source` (its file)
+    that is over --sampling.max_prompt_tokens=limit: its id, its length and the flag. A prompt
+    longer in characters than `limit` of the vocabulary's longest tokens is over the limit without
+    tokenizing it (a 20 MB line)."""
+    chars = sum(len(m["content"]) for m in p["prompt"])
+    if chars > limit * _longest_token(tok):
+        n = f"{chars} characters (more than {limit} tokens can hold)"
+    else:
+        ids = encode_prompt(tok, p["prompt"])
+        if len(ids) <= limit:
+            return ids
+        n = f"{len(ids)} tokens"
+    raise UserError(f"{source}: prompt {p['prompt_id']!r} is {n} under "
+                    f"{model_dir or tok.name_or_path}'s chat template, over "
+                    f"--sampling.max_prompt_tokens={limit}. Fix: raise "
+                    "--sampling.max_prompt_tokens or drop the prompt from the file")
 
 
 def encode_prompt(tok, messages: list[dict]) -> list[int]:
@@ -130,6 +143,15 @@ def encode_conversation(tok, messages: list[dict], response: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def generation_config(path: Path) -> dict:
+    """A model directory's generation_config.json (the stop ids), or the error naming it."""
+    cfg = read_json(path, fix="correct it, or delete it (generation then stops at the "
+                              "tokenizer's eos and end of turn)")
+    if not isinstance(cfg, dict):
+        raise ChatTemplateError(f"{path}: not a JSON object. Fix: correct it, or delete it")
+    return cfg
+
+
 def stop_ids(tok, model_dir=None) -> list[int]:
     """Every id that ends generation: generation_config's eos list, the tokenizer's eos, end of turn.
 
@@ -138,8 +160,11 @@ def stop_ids(tok, model_dir=None) -> list[int]:
     ids = []
     gen = Path(model_dir or tok.name_or_path) / "generation_config.json"
     if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
+        eos = generation_config(gen).get("eos_token_id")
         ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ChatTemplateError(f"{gen}: eos_token_id {eos!r} is not a token id or a list of "
+                                    "them. Fix: correct it, or delete the file")
     if tok.eos_token_id is not None:
         ids.append(tok.eos_token_id)
     ids.append(end_of_turn_id(tok))

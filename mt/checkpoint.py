@@ -260,7 +260,7 @@ def policy_generation_config(tok, tokenizer_dir, given: dict | None = None) -> d
     at the end-of-turn token too (vllm#4180: a Llama-3 config listing <|end_of_text|> alone).
     None means copy tokenizer_dir's file unchanged: it already lists every stop id."""
     path = Path(tokenizer_dir) / "generation_config.json"
-    base = given if given is not None else json.loads(path.read_text()) if path.is_file() else None
+    base = given if given is not None else chat.generation_config(path) if path.is_file() else None
     stops = sorted(set(chat.stop_ids(tok, tokenizer_dir)) | set(_ids((given or {}).get("eos_token_id"))))
     if base is not None and set(_ids(base.get("eos_token_id"))) == set(stops):
         return given

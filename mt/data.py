@@ -530,9 +530,10 @@ class Record(dict):
         return dict, (dict(self),)
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike, fix: str = "") -> Any:
     """One JSON document this project wrote (stats, selection, metrics);
-    a corrupt one names the file, and so does a missing key of any of its objects (Record)."""
+    a corrupt one names the file, and so does a missing key of any of its objects (Record).
+    `fix`: what to change when the file is not ours (a model's), in place of rerunning a stage."""
     path = Path(path)
 
     def record(obj: dict) -> Record:
@@ -545,18 +546,32 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"), object_hook=record)
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file. Fix: rerun the command that wrote the run (a finished "
-                        "stage whose outputs are missing runs again)") from None
+        raise DataError(f"{path}: no such file. Fix: " + (fix or "rerun the command that wrote the "
+                        "run (a finished stage whose outputs are missing runs again)")) from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise DataError(f"{path}: not valid JSON ({why}). Fix: delete it and rerun the stage that "
-                        "writes it") from None
+        raise DataError(f"{path}: not valid JSON ({why}). Fix: "
+                        + (fix or "delete it and rerun the stage that writes it")) from None
 
 
 def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:
-    """Rows of a JSONL file this project wrote (no schema: manifests, metrics, ref log-probs)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Rows of a JSONL file this project wrote (no schema: manifests, metrics, ref log-probs);
+    a row that is not a JSON object names its file and line."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+                    if not isinstance(rows[-1], dict):
+                        raise json.JSONDecodeError("not a JSON object", line, 0)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"{path}:{n}: not a JSON object row ({type(e).__name__}: {e}). Fix: delete "
+                        "the file and rerun the stage that writes it") from None
+    except OSError as e:
+        raise DataError(f"{path}: unreadable ({e.strerror}). Fix: rerun the stage that writes it"
+                        ) from None
+    return rows
 
 
 # ---- padding / collation

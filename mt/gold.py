@@ -29,6 +29,7 @@ from mt import config as C
 from mt.checkpoint import load_model
 from mt.data import (read_json, read_pairs, read_prompts, read_pseudo_pairs, read_samples,
                      read_scores, write_json)
+from mt.errors import UserError
 from mt.logps import response_logps
 from mt.manifest import Manifest, iteration_dir, iteration_dirs
 from mt.sampler import sample_to_file
@@ -226,7 +227,7 @@ def diagnose(out_path: Path, pi_t: Path, pi_prev: Path, r0: Path, r_prev: Path, 
         model = load_model(policy, "auto", dist.get().device).eval()
         sample_to_file(model, tok, read_prompts(d_ms), sampling, d / f"{name}.samples.jsonl",
                        seed=seed, stream=f"{stream}/gold", n=n,
-                       stop_ids=chat.stop_ids(tok, policy))
+                       stop_ids=chat.stop_ids(tok, policy), source=d_ms)
         samples[name] = read_samples(d / f"{name}.samples.jsonl")
     scores = {}
     for rm, path in rms.items():
@@ -297,13 +298,22 @@ class Diagnostics:
 # ---- the gold view of a run directory (what run_em.py prints after a sandbox run)
 
 
+class NoGoldYet(UserError):
+    """A run (or a directory) with no finished selection: nothing for gold to view yet."""
+
+
 def gold_view(run: Path) -> list[dict]:
     """One row per iteration of a sandbox run directory with its gold numbers, from its files."""
     run = Path(run)
     its = iteration_dirs(run)
     if not its:
-        raise FileNotFoundError(f"{run}: no iteration directories: not a run_em.py run directory")
-    pi0 = read_samples(its[0] / "selection" / "prev.samples.jsonl")  # π0 on D_MS, sampled once
+        raise NoGoldYet(f"{run}: no iteration directories, so no gold numbers yet. Fix: pass a "
+                        "run_em.py --out directory whose first iteration has finished")
+    first = its[0] / "selection" / "prev.samples.jsonl"  # π0 on D_MS, sampled once
+    if not first.is_file():
+        raise NoGoldYet(f"{first}: missing, so no gold numbers yet (the first selection has not "
+                        "run). Fix: rerun the run's command to go on, or wait for it")
+    pi0 = read_samples(first)
     rows = []
     for it in its:
         if not (it / "selection.json").is_file():

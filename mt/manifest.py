@@ -36,13 +36,32 @@ class RunLockedError(UserError):
 
 # run directory -> its open, locked .lock file (held until the process ends)
 _HELD: dict[Path, object] = {}
+# the holders ('pid N on HOST') of the processes above this one that hold a directory: a command
+# holding its --out (eval/sandbox_report.py) starts run_em.py children into it, which must not
+# refuse their own parent. Inherited through the environment; one entry per process, not per dir
+ANCESTORS_ENV = "MT_LOCK_HOLDERS"
+
+
+def _ours(holder: str) -> bool:
+    """The holder is this process or one that started it (through the environment)."""
+    return holder in os.environ.get(ANCESTORS_ENV, "").split(";")
+
+
+def held_above(path: Path) -> tuple[Path, str] | None:
+    """The nearest directory above `path` that another live process holds, and its holder."""
+    for parent in Path(path).resolve().parents:
+        holder = None if parent in _HELD else live_holder(parent)
+        if holder and not _ours(holder):
+            return parent, holder
+    return None
 
 
 def lock_run_dir(run_dir: Path, inside_live_run: bool = False):
-    """An advisory lock on run_dir/.lock for this process's lifetime: two runs into one directory
-    would corrupt it (and the manifest would certify the result). The OS releases it when the
-    process dies, so a SIGKILL never leaves a stale lock. A directory inside one a live process
-    holds is refused too, unless inside_live_run."""
+    """An advisory lock on run_dir/.lock for this process's lifetime: two writers into one
+    directory would corrupt it (and the manifest would certify the result). The OS releases it
+    when the process dies, so a SIGKILL never leaves a stale lock. A directory inside one a live
+    process holds is refused too, unless inside_live_run; one this process's parent holds (or
+    one inside it) is this process's to write."""
     run_dir = Path(run_dir).resolve()
     if run_dir in _HELD:
         return
@@ -50,12 +69,11 @@ def lock_run_dir(run_dir: Path, inside_live_run: bool = False):
         raise UserError(f"{run_dir}: is a file, and this command writes a directory there. Fix: "
                         "give --out a directory (new or a run's), or move the file away")
     # a stage command into a live run's iteration directory (a plot of a live run may write there)
-    for parent in [] if inside_live_run else run_dir.parents:
-        holder = None if parent in _HELD else live_holder(parent)
-        if holder:
-            raise RunLockedError(f"{run_dir}: lies inside {parent}, which is in use by {holder}. "
-                                 "Fix: wait for that run to finish (or stop it), or give this "
-                                 "command another --out")
+    above = None if inside_live_run else held_above(run_dir)
+    if above:
+        raise RunLockedError(f"{run_dir}: lies inside {above[0]}, which is in use by {above[1]}. "
+                             "Fix: wait for that run to finish (or stop it), or give this "
+                             "command another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     f = open(run_dir / ".lock", "a+")
     try:
@@ -64,13 +82,19 @@ def lock_run_dir(run_dir: Path, inside_live_run: bool = False):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
+        if _ours(holder):  # the parent holds it for this child
+            _HELD[run_dir] = None
+            return
         raise RunLockedError(f"{run_dir}: is in use by {holder}. Fix: wait for that run to finish "
                              "(or stop it), or give this run another --out") from None
+    me = f"pid {os.getpid()} on {socket.gethostname()}"
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.write(me + "\n")
     f.flush()
     _HELD[run_dir] = f
+    if not _ours(me):
+        os.environ[ANCESTORS_ENV] = ";".join(filter(None, [os.environ.get(ANCESTORS_ENV), me]))
 
 
 def live_holder(run_dir: Path) -> str | None:
@@ -90,18 +114,6 @@ def live_holder(run_dir: Path) -> str | None:
             return f.read().strip() or "another process"
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
-
-
-def refuse_if_held(path: Path):
-    """For a command that writes one file (atomically) rather than a directory: refuse it when the
-    file's directory, or one above it, is held by a live run."""
-    path = Path(path).resolve()
-    for parent in path.parents:
-        holder = None if parent in _HELD else live_holder(parent)
-        if holder:
-            raise RunLockedError(f"{path}: lies inside {parent}, which is in use by {holder}. "
-                                 "Fix: wait for that run to finish (or stop it), or write the "
-                                 "file elsewhere")
 
 
 def hold_run_dir(run_dir: Path):

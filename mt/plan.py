@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mt import chat, dist, em, sampler
 from mt import config as C
 from mt.checkpoint import read_config
-from mt.data import read_prompts
+from mt.data import read_prompts, write_json
 from mt.losses import BRADLEY_TERRY, preference_objective, response_logps
 from mt.model import KVCache, ModelConfig, Transformer
 from mt.train import collate, make_optimizer
@@ -180,7 +180,10 @@ def plan_step(mcfg: ModelConfig, kind: str, tcfg: C.TrainConfig, micro: int, len
                       micro, length, world, exact, torch.__version__], sort_keys=True, default=str)
     path = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json" if cache_dir else None
     if path and path.is_file():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # a cut or foreign cache entry: measured again, rewritten
+            pass
     L = mcfg.num_hidden_layers
     with _fake_world(world):
         if exact or L <= 5:
@@ -189,8 +192,7 @@ def plan_step(mcfg: ModelConfig, kind: str, tcfg: C.TrainConfig, micro: int, len
             a, b = (measure_step(_depth(mcfg, d), kind, tcfg, micro, length) for d in (3, 5))
             out = {k: round(a[k] + (b[k] - a[k]) * (L - 3) / 2) for k in a.keys() & b.keys()}
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out))
+        write_json(path, out)  # atomically: a kill leaves no cut entry
     return out
 
 

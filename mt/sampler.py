@@ -650,21 +650,15 @@ def gathered(model: torch.nn.Module):
 
 def sample(model: Transformer, tok, prompts: list, cfg: SamplingConfig, seed: int = 0, stream: str = "sample",
            n: int = 1, stop_ids: list[int] | None = None, return_logps: bool = False,
-           progress: bool = False) -> list[dict]:
+           progress: bool = False, source="the prompt rows") -> list[dict]:
     """samples.jsonl rows, in input order, for prompt rows {"prompt_id", "prompt"} (this process only).
 
     `stream` names the use ("iter1/policy", "iter1/d_ms/ckpt-50", ...) so independent passes draw
     independent randomness; the same (seed, stream, prompt id, sample index) always gives the same response.
     With return_logps the rows also carry "token_ids" and "logps" (untempered) per response.
+    A prompt over cfg.max_prompt_tokens is a UserError naming it in `source` (the prompt file).
     """
-    ids = []
-    for p in prompts:
-        x = chat.encode_prompt(tok, p["prompt"])
-        if len(x) > cfg.max_prompt_tokens:
-            raise ValueError(f"prompt {p['prompt_id']!r} is {len(x)} tokens, over "
-                             f"max_prompt_tokens={cfg.max_prompt_tokens}. Fix: raise "
-                             "--sampling.max_prompt_tokens or drop this prompt from the prompt file")
-        ids.append(x)
+    ids = [chat.encode_within(tok, p, cfg.max_prompt_tokens, source) for p in prompts]
     stops = chat.stop_ids(tok) if stop_ids is None else list(stop_ids)
     keys = [[stream_key(seed, stream, p["prompt_id"], j) for j in range(n)] for p in prompts]
     with gathered(model):
@@ -685,14 +679,15 @@ def sample(model: Transformer, tok, prompts: list, cfg: SamplingConfig, seed: in
 
 def sample_to_file(model: Transformer, tok, prompts: list, cfg: SamplingConfig, out, seed: int = 0,
                    stream: str = "sample", n: int = 1, stop_ids: list[int] | None = None,
-                   return_logps: bool = False, progress: bool = True) -> dict:
+                   return_logps: bool = False, progress: bool = True, source="the prompt rows") -> dict:
     """Data-parallel sampling to one samples.jsonl: rank r takes prompts[r::world] and writes its shard,
-    rank 0 merges the shards in input order (atomically). Returns the global summary on every rank."""
+    rank 0 merges the shards in input order (atomically). Returns the global summary on every rank.
+    `source`: where the prompts came from, for the error that names an over-long one."""
     d = dist.get()
     out = Path(out)
     t0 = time.perf_counter()
     rows = sample(model, tok, dist.shard(prompts), cfg, seed, stream, n, stop_ids, return_logps,
-                  progress and d.is_main)
+                  progress and d.is_main, source)
     seconds = time.perf_counter() - t0
     if d.world_size == 1:
         write_jsonl(out, rows)
@@ -771,7 +766,8 @@ def main(argv: list[str] | None = None) -> dict:
     tok = chat.load_tokenizer(a.model)
     model = checkpoint.load_model(a.model, dtype=a.dtype, device=d.device).eval()
     s = sample_to_file(model, tok, prompts, a.sampling, a.out, seed=a.seed, stream=a.stream,
-                       n=a.num_samples or a.n, stop_ids=chat.stop_ids(tok, a.model), return_logps=a.logps)
+                       n=a.num_samples or a.n, stop_ids=chat.stop_ids(tok, a.model), return_logps=a.logps,
+                       source=a.prompts)
     dist.print0(summary_line(s) + f" -> {a.out}")
     return s
 

@@ -20,9 +20,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import run_em
-from eval import plot_run, winrate
-from mt import dist, sandbox
+from eval import generate, plot_run, sandbox_calibrate, sandbox_report, soak, winrate
+from mt import checkpoint, dist, sandbox, sampler
 from mt.data import write_jsonl
+from mt.manifest import ANCESTORS_ENV, lock_run_dir
 from test_run_em import REPO, args, artifacts, inputs, kill_when, reference  # noqa: F401
 
 
@@ -77,6 +78,21 @@ def long_prompt(d, ins, ref):
     write_jsonl(d / "p.jsonl", [{"id": "p0", "prompt": "hi"}, {"id": "p1", "prompt": "word " * 200}])
     return run_em.main, ["sample", "--model", str(ins / "policy"), "--prompts", str(d / "p.jsonl"),
                          "--out", str(d / "s.jsonl"), "--preset", "tiny"]
+
+
+def long_prompt_sampler(d, ins, ref):  # python -m mt.sampler: the sampler's own check
+    write_jsonl(d / "p.jsonl", [{"id": "p0", "prompt": "hi"}, {"id": "p1", "prompt": "word " * 200}])
+    return sampler.main, ["--model", str(ins / "policy"), "--prompts", str(d / "p.jsonl"),
+                          "--out", str(d / "s.jsonl"), "--sampling.max_new_tokens", "2", "--sampling.max_prompt_tokens",
+                          "64", "--device", "cpu"]
+
+
+def long_prompt_generate(d, ins, ref):  # eval/generate.py: the sampler's own check
+    (d / "a.json").write_text(json.dumps([{"instruction": "hi"}, {"instruction": "word " * 200}]))
+    return generate.main, ["--policy", str(ins / "policy"), "--format", "alpacaeval", "--prompts",
+                           str(d / "a.json"), "--out", str(d / "res" / "model_outputs.json"),
+                           "--sampling.max_new_tokens", "2", "--sampling.max_prompt_tokens", "64",
+                           "--device", "cpu"]
 
 
 def huge_line(d, ins, ref):
@@ -207,8 +223,63 @@ def shard_size_one_process(d, ins, ref):
                          "--out", str(d / "s.jsonl"), "--dist.shard_size", "3"]
 
 
+def bad_generation_config(d, ins, ref, text="{\"eos_token_id\": [2,"):
+    m = _copy_model(ins / "policy", d)
+    (m / "generation_config.json").write_text(text)
+    return run_em.main, ["sample", "--model", str(m), "--prompts", str(ins / "prompts.jsonl"),
+                         "--out", str(d / "s.jsonl")]
+
+
+def eos_not_ids(d, ins, ref):
+    return bad_generation_config(d, ins, ref, '{"eos_token_id": "</s>"}')
+
+
+def plot_bad_metrics_row(d, ins, ref):
+    run = _run_copy(d, ref)
+    lines = (run / "iter1" / "policy" / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][: len(lines[1]) // 2]  # a row cut in the middle of the file, not its tail
+    (run / "iter1" / "policy" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return plot_run.main, [str(run), "--out", str(d / "plots")]
+
+
+def report_run_without_iterations(d, ins, ref):
+    (d / "run").mkdir()
+    shutil.copy(ref / "config.json", d / "run" / "config.json")
+    return sandbox_report.main, ["--run", str(d / "run")]
+
+
+def _generate(d, ins, prompts, fmt="alpacaeval", out="model_outputs.json"):
+    return generate.main, ["--policy", str(ins / "policy"), "--format", fmt, "--prompts", str(prompts),
+                           "--out", str(d / out), "--device", "cpu"]
+
+
+def alpacaeval_row_not_object(d, ins, ref):
+    (d / "a.json").write_text(json.dumps([{"instruction": "hi"}, "what?"]))
+    return _generate(d, ins, d / "a.json")
+
+
+def arenahard_row_not_object(d, ins, ref):
+    (d / "q.jsonl").write_text('{"uid": "a", "prompt": "hi"}\n[1, 2]\n')
+    return _generate(d, ins, d / "q.jsonl", "arenahard", "policy.jsonl")
+
+
+def generate_out_a_directory(d, ins, ref):
+    (d / "a.json").write_text(json.dumps([{"instruction": "hi"}]))
+    (d / "res").mkdir()
+    return _generate(d, ins, d / "a.json", out="res")
+
+
+def plot_config_without_section(d, ins, ref):
+    status_config_without_section(d, ins, ref)
+    return plot_run.main, [str(d / "run"), "--out", str(d / "plots")]
+
+
 CASES = {  # name: (builder, words the one paragraph must hold)
     "prompt over --sampling.max_prompt_tokens": (long_prompt, ["prompt 'p1'", "tokens", "--sampling.max_prompt_tokens"]),
+    "prompt over the limit (python -m mt.sampler)": (long_prompt_sampler, [
+        "p.jsonl: prompt 'p1'", "tokens", "--sampling.max_prompt_tokens=64"]),
+    "prompt over the limit (eval/generate.py)": (long_prompt_generate, [
+        "a.json (ids: row numbers from 0): prompt '1'", "tokens", "--sampling.max_prompt_tokens=64"]),
     "one 20 MB prompt line": (huge_line, ["prompt 'big'", "characters", "--sampling.max_prompt_tokens"]),
     ".parquet that is not parquet": (not_parquet, ["p.parquet", "not a readable parquet file"]),
     "truncated .parquet": (cut_parquet, ["p.parquet", "not a readable parquet file"]),
@@ -226,6 +297,21 @@ CASES = {  # name: (builder, words the one paragraph must hold)
     "a bad samples line for pairs": (bad_samples_line, ["s.jsonl:4", "num_tokens"]),
     "a model directory without tokenizer files": (no_tokenizer_files, ["m:", "no tokenizer files"]),
     "--model a file": (model_is_file, ["prompts.jsonl", "is a file, not a model directory"]),
+    "generation_config.json cut short": (bad_generation_config, [
+        "m/generation_config.json", "not valid JSON", "Fix: correct it"]),
+    "generation_config.json eos not token ids": (eos_not_ids, [
+        "m/generation_config.json", "eos_token_id '</s>'"]),
+    "plot_run: a cut metrics.jsonl row": (plot_bad_metrics_row, [
+        "iter1/policy/metrics.jsonl:2", "not a JSON object row"]),
+    "sandbox_report --run: no iterations": (report_run_without_iterations, [
+        "run: no iteration directories"]),
+    "eval/generate.py: an AlpacaEval row not an object": (alpacaeval_row_not_object, [
+        "a.json", "row is not an object"]),
+    "eval/generate.py: an Arena-Hard row not an object": (arenahard_row_not_object, [
+        "q.jsonl:2", "row is not an object"]),
+    "eval/generate.py --out an existing directory": (generate_out_a_directory, [
+        "res: is a directory", "res/model_outputs.json"]),
+    "plot_run: config.json lacks a section": (plot_config_without_section, ["config.json", "'em'"]),
     "--dist.shard_size 3 in one process": (shard_size_one_process, ["--dist.shard_size=3", "1 process"]),
 }
 
@@ -244,6 +330,26 @@ def test_a_bad_input_is_one_paragraph(name, inputs, reference, tmp_path):
     assert tree_hash(tmp_path) == before, "a refused command changed files written before it"
     if name == "a bad samples line for pairs":
         assert "sc.jsonl" not in err  # the samples file's error, not reported as the scores file's
+
+
+def test_a_full_disk_is_one_paragraph(inputs, reference, tmp_path):
+    """A checkpoint write that hits ENOSPC (safetensors' own error, as it raises it) names the path and
+    the space needed; the inputs are untouched."""
+    def full(*a, **k):
+        raise Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                        'message: "No space left on device" })')
+
+    def dpo_on_a_full_disk(argv):
+        checkpoint.save_file = full  # in the forked child only
+        return run_em.main(argv)
+    before = tree_hash(reference)
+    code, _, err = cli(dpo_on_a_full_disk, ["dpo", "--policy", str(inputs / "policy"), "--pairs",
+                                            str(reference / "iter1" / "pairs.jsonl"), "--out",
+                                            str(tmp_path / "dpo"), "--preset", "tiny"], tmp_path)
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert "the disk is full" in err and "GiB to write" in err and "Fix: free space" in err, err
+    assert str(tmp_path / "dpo") in err
+    assert tree_hash(reference) == before
 
 
 def test_a_missing_or_edited_side_file_reruns_its_stage(inputs, reference, tmp_path):
@@ -367,3 +473,88 @@ def test_a_user_error_under_torchrun_is_printed_once(inputs, reference, tmp_path
     errors = [x for x in (p.stdout + p.stderr).splitlines() if "error: " in x and "Fix:" in x]
     assert len(errors) == 1 and "world size (2)" in errors[0], p.stderr[-3000:]
     assert "mt/train.py" not in p.stderr  # torchrun's agent prints its own traceback, ours none
+
+
+# every command that writes into a directory holds it: a second writer refused at once, naming the
+# first, and the first's output what a lone run writes. The first is held right after its lock is
+# taken (tests/tools/held.py), the second runs through its exit path in a forked child.
+TINY = ["--preset", "tiny", "--em.keep_truncated", "true"]
+
+
+def _writers(d, ins, ref):
+    """name: (script, its main, argv, the file a finished first writer must equal byte for byte;
+    None: a long command, stopped once the second is refused)."""
+    it = ref / "iter1"
+    return {
+        "sample": ("run_em.py", run_em.main, ["sample", "--model", str(ins / "policy"), "--prompts",
+                   str(ref / "splits" / "D_1.jsonl"), "--out", str(d / "samples.jsonl"), "--stream",
+                   "iter1/e-step", *TINY], it / "samples.jsonl"),
+        "score": ("run_em.py", run_em.main, ["score", "--rm", str(ins / "rm"), "--samples",
+                  str(it / "samples.jsonl"), "--out", str(d / "scores.jsonl"), *TINY], it / "scores.jsonl"),
+        "pairs": ("run_em.py", run_em.main, ["pairs", "--samples", str(it / "samples.jsonl"), "--scores",
+                  str(it / "scores.jsonl"), "--out", str(d / "pairs.jsonl"), *TINY], it / "pairs.jsonl"),
+        "filter": ("run_em.py", run_em.main, ["filter", "--pseudo_pairs", str(it / "pseudo_pairs.jsonl"),
+                   "--out", str(d / "pseudo_pairs.jsonl"), *TINY], it / "pseudo_pairs.jsonl"),
+        "sandbox_report": ("eval/sandbox_report.py", sandbox_report.main,
+                           ["--seeds", "0", "--variants", "mutual-taught", "--out", str(d)], None),
+        "sandbox_calibrate": ("eval/sandbox_calibrate.py", sandbox_calibrate.main,
+                              ["--out", str(d), "--result", str(d / "calibration.json")], None),
+        "soak": ("eval/soak.py", soak.main, ["--trials", "1", "--args", " ".join(args(ins, d)[:-4]),
+                 "--out", str(d)], None),
+    }
+
+
+@pytest.mark.parametrize("name", ["sample", "score", "pairs", "filter", "sandbox_report",
+                                  "sandbox_calibrate", "soak"])
+def test_a_second_writer_is_refused_naming_the_first(name, inputs, reference, tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    d = d.resolve()  # as the lock's message names it
+    (d / "earlier.txt").write_text("written before\n")  # soak clears its --out: not under another's
+    script, main, argv, lone = _writers(d, inputs, reference)[name]
+    release = tmp_path / "release"
+    first = _start([str(release), str(REPO / script), *argv], script=REPO / "tests" / "tools" / "held.py")
+    try:
+        held = next((x for x in first.stdout if x.startswith("holding ")), "")
+        assert held.strip() == f"holding {d}", first.stderr.read()[-3000:]
+        before, t0 = tree_hash(d), time.time()
+        code, _, err = cli(main, argv, tmp_path)
+        assert code == 2 and "Traceback" not in err, err[-3000:]
+        assert f"{d}: is in use by pid {first.pid} on " in err and "Fix:" in err, err
+        assert time.time() - t0 < 30 and first.poll() is None
+        assert tree_hash(d) == before, "the refused writer changed the first's directory"
+        if lone is None:
+            return
+        release.touch()
+        _, first_err = first.communicate(timeout=300)
+        assert first.returncode == 0, first_err[-3000:]
+        assert (d / lone.name).read_bytes() == lone.read_bytes()
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def _filter_into(out, env, reference):
+    return subprocess.run([sys.executable, str(REPO / "run_em.py"), "filter", "--pseudo_pairs",
+                           str(reference / "iter1" / "pseudo_pairs.jsonl"), "--out", str(out), *TINY],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def test_a_writer_s_own_children_write_inside_its_directory(reference, tmp_path):
+    """eval/sandbox_report.py holds its --out and starts run_em.py runs inside it: its children may
+    write into the directory and below it; a process it did not start may not."""
+    d = tmp_path.resolve() / "held"
+
+    def holder(_argv):
+        lock_run_dir(d)
+        own = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        stranger = {k: v for k, v in own.items() if k != ANCESTORS_ENV}
+        runs = [_filter_into(d / "f.jsonl", own, reference), _filter_into(d / "sub" / "f.jsonl", own, reference),
+                _filter_into(d / "g.jsonl", stranger, reference)]
+        print(json.dumps([[p.returncode, p.stderr[-2000:]] for p in runs]))
+    code, out, err = cli(holder, [], tmp_path)
+    assert code == 0, err[-3000:]
+    (same, e1), (below, e2), (other, e3) = json.loads(out)
+    assert same == 0 and below == 0, (e1, e2)
+    assert other == 2 and f"{d}: is in use by pid " in e3 and "Traceback" not in e3, e3
+    assert (d / "f.jsonl").is_file() and (d / "sub" / "f.jsonl").is_file() and not (d / "g.jsonl").exists()

@@ -85,6 +85,16 @@ def test_depth_extrapolation_equals_full_depth():
     assert plan.plan_step(mc, "dpo", tcfg, 2, 128, 4)["Total"] == pytest.approx(full, rel=0.01)
 
 
+def test_a_cut_cache_entry_is_measured_again(tmp_path):
+    """A kill while the plan cache was written (or a foreign file) costs a measurement, never a crash."""
+    mc, tcfg = shape(**TINY), C.DPOConfig(activation_checkpointing=False)
+    want = plan.plan_step(mc, "dpo", tcfg, 2, 32, 1, exact=True, cache_dir=str(tmp_path))
+    (entry,) = tmp_path.glob("*.json")
+    entry.write_text(entry.read_text()[:5])
+    assert plan.plan_step(mc, "dpo", tcfg, 2, 32, 1, exact=True, cache_dir=str(tmp_path)) == want
+    assert json.loads(entry.read_text()) == want  # rewritten whole
+
+
 # ---- the sampler allocates what the plan says
 
 

@@ -15,6 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mt import sampler
+from mt.errors import UserError
 from mt.model import ModelConfig, Transformer
 from mt.sampler import SamplingConfig, generate, sample
 from mt.token_rule import stream_key
@@ -312,8 +313,10 @@ def test_sample_rows_and_world_size_1_vs_2(tmp_path):
             assert (ids[-1] in (2, 3)) == (why == "stop")
             assert text == tok.decode(ids[:-1] if why == "stop" else ids, skip_special_tokens=True)
             assert "</s>" not in text and "<|eot|>" not in text
-    with pytest.raises(ValueError, match="prompt 'q0' is .* tokens, over max_prompt_tokens=3"):
-        sample(model, tok, read_prompts(prompts), replace(cfg, max_prompt_tokens=3))
+    # the user's error, not a bug: its file, the prompt, its length and the flag (mt/errors.py)
+    with pytest.raises(UserError, match=r"^p.jsonl: prompt 'q0' is \d+ tokens under .*, over "
+                                        r"--sampling.max_prompt_tokens=3\. Fix: raise"):
+        sample(model, tok, read_prompts(prompts), replace(cfg, max_prompt_tokens=3), source="p.jsonl")
 
 
 # ---- under FSDP2 (2 gloo ranks): one gather per pass, ranks decode independently, training resumes
