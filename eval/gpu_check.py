@@ -318,13 +318,14 @@ class Sampler:
             BS.run_ours(self.ours, prompts, self.stops, cfg, n, dev)
         else:
             BS.run_ours(self.ours, prompts[:4], self.stops, warm, n, dev)
+        kv = {}
         with Peak(dev) as p_ours:
-            dt, lengths = BS.run_ours(self.ours, prompts, self.stops, cfg, n, dev)
+            dt, lengths = BS.run_ours(self.ours, prompts, self.stops, cfg, n, dev, kv)
         out = {"batch": batch, "decode": "compiled" if compiled else "eager", "kv_cache": kv_cache,
                "caps": [cfg.max_prompt_tokens, cfg.max_new_tokens],
                "responses": len(lengths), "lengths": BS.describe(lengths, cfg.max_new_tokens),
                "ours_tokens_per_s": round(sum(lengths) / dt, 1), "ours_seconds": round(dt, 2),
-               "ours_peak_gpu_gib": p_ours.gib}
+               "ours_peak_gpu_gib": p_ours.gib, "kv": kv}
         if not compiled and kv_cache == "auto" and not paper_caps:
             BS.run_hf(self.hf, prompts[:max(1, batch // n)], self.stops, warm, n, dev)
             with Peak(dev) as p_hf:
@@ -427,7 +428,10 @@ def markdown(d: dict) -> str:
         L += ["| batch | decode | generate() tok/s | ours tok/s | ratio | peak GiB generate() / "
               "ours | our lengths |", "|---|---|---|---|---|---|---|"]
         for _, r in runs:
-            how = f"{r['decode']}, {r.get('kv_cache', 'auto')} KV, caps {'+'.join(map(str, r.get('caps', [])))}"
+            kv = r.get("kv", {})
+            how = (f"{r['decode']}, {kv.get('kv_cache', r.get('kv_cache'))} KV "
+                   f"({kv.get('peak_held_bytes', 0) / 2**30:.1f} GiB held at the peak), caps "
+                   f"{'+'.join(map(str, r.get('caps', [])))}")
             L.append(f"| {r['batch']} | {how} | {r.get('generate_tokens_per_s', '-')} | "
                      f"{r['ours_tokens_per_s']} | {r.get('ratio', '-')} | "
                      f"{_gib(r.get('generate_peak_gpu_gib'))} / {_gib(r['ours_peak_gpu_gib'])} | "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -200,7 +201,9 @@ class PagedKVCache(nn.Module):
         self.block, self.n_blocks = block, n_blocks
         self.max_len = -(-max_len // block) * block
         self.table = torch.zeros(n_slots, self.max_len // block, dtype=torch.long, device=device)
-        self.flex = self.use_flex or torch.device(device or "cpu").type == "cuda"
+        dev = torch.device(device or "cpu")
+        self.flex = self.use_flex or (dev.type == "cuda" and flex_compiles(
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, dtype, dev))
         if self.flex:  # what the mask reads, rewritten in place by each forward: one mask_mod
             # function for the cache's life, so compiled FlexAttention never recompiles for a new one
             self.logical = torch.zeros(n_slots, n_blocks, dtype=torch.long, device=device)
@@ -269,6 +272,27 @@ def _flex_compiled():
     """FlexAttention compiled: on CUDA the fused Triton kernel that skips blocks outside the mask.
     Uncompiled, flex_attention is a reference that materialises every score (what CPU runs)."""
     return torch.compile(flex_attention)
+
+
+@functools.cache
+def flex_compiles(hq: int, hk: int, d: int, dtype, device) -> bool:
+    """Does compiled FlexAttention run here at this model's head shape? A one-block probe before a
+    pass relies on it: where it cannot (no Triton, an unsupported GPU), the paged cache gathers each
+    row's blocks and reads them through SDPA instead (the same tokens, more memory traffic), and
+    says so once, rather than a sampling stage failing at 8B."""
+    try:
+        q = torch.zeros(1, hq, 1, d, dtype=dtype, device=device)
+        kv = torch.zeros(1, hk, 128, d, dtype=dtype, device=device)
+        one = torch.ones(1, 1, 1, dtype=torch.int32, device=device)
+        mask = BlockMask.from_kv_blocks(one, one[..., None] * 0, BLOCK_SIZE=(QUERY_BLOCK, 128),
+                                        seq_lengths=(1, 128), compute_q_blocks=False)
+        paged_attention(q, kv, kv, mask)
+        return True
+    except Exception as e:  # noqa: BLE001 -- any failure of the compile stack means: do not use it
+        print(f"warning: compiled FlexAttention does not run on {device} ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); the paged KV cache reads through SDPA "
+              "instead (slower; the same tokens)", file=sys.stderr, flush=True)
+        return False
 
 
 def paged_attention(q, k_pool, v_pool, mask: BlockMask) -> torch.Tensor:

@@ -242,6 +242,7 @@ class _Engine:
             self.cache = PagedKVCache(model.cfg, S, n, PAGE, self.max_len, dtype, dev)
             self.free_blocks = list(range(n - 1, 0, -1))  # pop() takes the lowest; 0 is scratch
             self.peak_blocks = self.preempted = 0  # most blocks held at once; rows sent back to wait
+            self.hold = False
         elif dev.type == "cuda":  # never more slots than the free memory holds (the same tokens)
             fit = fit_slots(model.cfg, param.element_size(), S, self.max_len, free)
             if fit < S:
@@ -342,6 +343,7 @@ class _Engine:
             short -= want.pop(s) + len(R.blocks[s])
             bisect.insort(self.requeue, R.slot_job[s])
             self.preempted += 1
+            self.hold = True  # no job starts until a row finishes: a restart now would only be sent back
             self._release([s])
             R.set([s], slot_job=None, pos=0, pos_host=0, done=True, miss=NO_MISS)
         self._take(list(want), [R.pos_host[s] + steps - 1 for s in want])
@@ -387,7 +389,7 @@ class _Engine:
         # jobs that waited for blocks first, then the queue
         take = (self.requeue + self.jobs[self.next_job: self.next_job + len(free)])[: len(free)]
         if self.paged:
-            take = take[: self._startable(take)]
+            take = [] if self.hold else take[: self._startable(take)]
         if not take:
             return
         again = min(len(take), len(self.requeue))
@@ -478,6 +480,7 @@ class _Engine:
             R.set(fin, slot_job=None, pos=0)  # an empty row idles at position 0, inside any window
             if self.paged:
                 self._release(fin)
+                self.hold = False
         R.pos_host[:m] = [pos_h[s] if R.slot_job[s] is not None else 0 for s in range(m)]
         return len(fin)
 
@@ -564,7 +567,8 @@ class _Engine:
         c, elem = self.model.cfg, self.cache.k.element_size()
         per_pos = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem
         held = self.peak_blocks * PAGE if self.paged else self.S * self.max_len
-        return {"kv_cache": "paged" if self.paged else "dense", "slots": self.S, "bytes_per_position": per_pos,
+        kind = ("paged, " + ("FlexAttention" if self.cache.flex else "gathered")) if self.paged else "dense"
+        return {"kv_cache": kind, "slots": self.S, "bytes_per_position": per_pos,
                 "allocated_bytes": self.cache.k.nbytes + self.cache.v.nbytes, "peak_held_bytes": held * per_pos,
                 "preempted": self.preempted if self.paged else 0}
 

@@ -39,6 +39,7 @@ def test_gpu_check_on_cpu_writes_json_and_markdown(tmp_path, capsys):
         assert r["responses"] == 2 * b and r["ours_tokens_per_s"] > 0 and r["ratio"] > 0
         assert P[f"sampler/dense/{b}"]["lengths"] == r["lengths"], "the same tokens from either cache"
     assert P["sampler/paper_caps/4"]["caps"] == [2048, 4096]
+    assert P["sampler/eager/4"]["kv"]["kv_cache"] == "dense", "auto is dense off CUDA"
     md = out.with_suffix(".md").read_text()
     for heading in ("# GPU check: cpu", "## Not measured", "## bf16 logits vs transformers",
                     "## DPO step", "## Sampler vs generate()"):

@@ -9,6 +9,7 @@ import torch
 
 from mt import sampler
 from mt.flags import ConfigError
+from mt import model as M
 from mt.model import KVCache, ModelConfig, PagedKVCache
 from mt.sampler import SamplingConfig, generate, pool_blocks
 from tests.test_sampler import V, tiny
@@ -172,3 +173,18 @@ def test_paper_caps_fit_128_rows_of_an_8b_model_on_an_80_gb_gpu():
     assert n * page * per_position <= free - sampler.HEADROOM
     assert n * page >= 2 * 128 * 1500 and n // -(-6144 // page) >= 74
     assert pool_blocks(cfg, 2, 128, 6144, 0, None) * page * per_position > 96 * 2 ** 30, "no GPU: room for all"
+
+
+def test_where_compiled_flex_attention_cannot_run_the_pool_is_read_through_sdpa(monkeypatch, capsys):
+    """A GPU without a working compile stack: the probe fails once, says so, and the cache reads
+    each row's blocks gathered (the path every CPU test above checks)."""
+    def broken(*a, **k):
+        raise RuntimeError("triton: no kernel for this device\nmore detail")
+    monkeypatch.setattr(M, "paged_attention", broken)
+    M.flex_compiles.cache_clear()
+    try:
+        assert not M.flex_compiles(4, 2, 16, torch.float32, torch.device("cpu"))
+    finally:
+        M.flex_compiles.cache_clear()
+    err = capsys.readouterr().err
+    assert "RuntimeError: triton: no kernel for this device)" in err and "reads through SDPA" in err
