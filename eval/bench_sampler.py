@@ -222,9 +222,10 @@ def kv_bytes(ours, prompts, stops, cfg: SamplingConfig, n: int, device) -> dict:
     mean = sum(map(len, prompts)) / len(prompts) + sum(lengths) / len(lengths)
     st.update(dense_at_caps_bytes=dense, mean_positions=round(mean, 1),
               dense_rows_at_mean=int(dense // (mean * pp)))
-    print(f"KV bytes, {cfg.slots} rows, caps {cfg.max_prompt_tokens}+{cfg.max_new_tokens}, {len(lengths)} "
+    print(f"KV, {cfg.slots} rows, caps {cfg.max_prompt_tokens}+{cfg.max_new_tokens}, {len(lengths)} "
           f"responses ({describe(lengths, cfg.max_new_tokens)}; {dt:.0f}s): dense cache "
-          f"{dense / 2**20:,.0f} MiB; paged, held at the peak {st['peak_held_bytes'] / 2**20:,.0f} MiB "
+          f"{dense // pp:,} positions = {dense / 2**20:,.0f} MiB; paged, held at the peak "
+          f"{st['peak_held_bytes'] // pp:,} positions = {st['peak_held_bytes'] / 2**20:,.0f} MiB "
           f"({dense / st['peak_held_bytes']:.1f}x less); the dense bytes hold "
           f"{st['dense_rows_at_mean']} rows of the mean length ({mean:.0f} positions), paged")
     return st
