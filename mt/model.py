@@ -217,6 +217,7 @@ class PagedKVCache(nn.Module):
             self.mask_mod = mask_mod
 
     use_flex = False  # tests set it to run the CUDA path's FlexAttention (uncompiled) on CPU
+    whole = False  # gathered: read every row's whole table (static shapes for --sampling.compile)
 
     @staticmethod
     def shape(cfg: ModelConfig, n_blocks: int, block: int) -> tuple[int, ...]:
@@ -251,7 +252,8 @@ class PagedKVCache(nn.Module):
         write = self.where(table, positions)
         if self.flex:
             return PagedStep(write, self.block_mask(table, positions))
-        n = int(positions.max()) // self.block + 1  # a host read: free on CPU
+        # the blocks up to the furthest query: a host read, free on CPU (static: all of them)
+        n = table.shape[1] if self.whole else int(positions.max()) // self.block + 1
         keys = torch.arange(n * self.block, device=positions.device)
         read = self.where(table[:, :n], keys.expand(len(table), -1))  # (B, n * block), in order
         bias = attention_bias(keys[None, None, :] <= positions[:, :, None], rep, dtype)

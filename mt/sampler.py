@@ -273,6 +273,7 @@ class _Engine:
                               missed_logits_vocab(cfg, model.cfg.vocab_size, dev), dev)
         if self.paged:
             self.rows.table, self.rows.blocks = self.cache.table, [[] for _ in range(S)]
+            self.cache.whole = self.static
         self.requeue: list[tuple[int, int]] = []  # jobs that waited for blocks, in job order
         self.refills = 0
         self.idle = 0  # decode steps since a slot became free while jobs were pending
