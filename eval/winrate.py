@@ -25,6 +25,7 @@ from mt.config import SamplingConfig  # noqa: E402
 from mt.flags import ConfigError, opt, parse  # noqa: E402
 from mt.data import DataError, ReadReport, read_pairs, read_prompts, read_samples, write_json  # noqa: E402
 from mt.em import win_rate  # noqa: E402  (Eq. 6, shared with model selection)
+from mt.manifest import hold_run_dir  # noqa: E402
 from mt.runs import resolve_model  # noqa: E402
 from mt.sampler import check_sampling, require, sample_to_file, summary_line  # noqa: E402
 from mt.scoring import score_conversations  # noqa: E402
@@ -122,6 +123,7 @@ def sample_policies(new_policy, old_policy, prompts_path, samples_dir, sampling,
                     ) -> tuple[Path, Path]:
     """One response per prompt from each policy, written as samples files; returns their paths."""
     d = dist.get()
+    hold_run_dir(Path(samples_dir))  # one writer at a time: a second is refused, naming this one
     prompts = read_prompts(prompts_path)
     paths = []
     for name, policy in (("new", new_policy), ("old", old_policy)):

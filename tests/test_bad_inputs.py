@@ -501,11 +501,15 @@ def _writers(d, ins, ref):
                               ["--out", str(d), "--result", str(d / "calibration.json")], None),
         "soak": ("eval/soak.py", soak.main, ["--trials", "1", "--args", " ".join(args(ins, d)[:-4]),
                  "--out", str(d)], None),
+        "winrate": ("eval/winrate.py", winrate.main, ["--rm", str(ins / "rm"), "--new_policy", str(ins / "policy"),
+                    "--old_policy", str(ins / "policy"), "--prompts", str(ref / "splits" / "D_1.jsonl"),
+                    "--samples_dir", str(d), "--out", str(d.parent / "wr.json"), "--sampling.max_new_tokens",
+                    "8"], None),
     }
 
 
 @pytest.mark.parametrize("name", ["sample", "score", "pairs", "filter", "sandbox_report",
-                                  "sandbox_calibrate", "soak"])
+                                  "sandbox_calibrate", "soak", "winrate"])
 def test_a_second_writer_is_refused_naming_the_first(name, inputs, reference, tmp_path):
     d = tmp_path / "out"
     d.mkdir()
