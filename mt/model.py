@@ -13,8 +13,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from mt.errors import UserError
+
+# compiled once per shape: eager flex_attention materialises the whole score matrix (it is the
+# reference implementation); the compiled one is the fused kernel, with the block mask's sparsity
+_flex_compiled = torch.compile(flex_attention, dynamic=False)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -192,6 +197,32 @@ def attention_bias(allowed: torch.Tensor, rep: int, dtype: torch.dtype) -> torch
     return bias.expand(B, 1, rep, Tk) if rep > 1 and T == 1 else bias
 
 
+def segment_mask(doc: torch.Tensor, branch: torch.Tensor, rep: int, dtype: torch.dtype,
+                 flex: bool | None = None):
+    """The mask of a packed batch (mt/packing.py) from its document ids and branches (R, W): a
+    query sees the keys before it in its row that are in its document and either shared (branch 0,
+    a pair's prompt) or on its own branch (chosen or rejected). Padding is a document of its own
+    (id -1), so no query is fully masked.
+
+    The attention backend, decided here: on CUDA a FlexAttention block mask, so the kernel skips
+    the blocks between documents and takes grouped-query heads as they are (a dense mask would
+    send SDPA to the memory-efficient kernel at full (W, W) cost, or to the math kernel with GQA);
+    elsewhere SDPA's additive mask in q's dtype with the grouped heads folded into the queries
+    (attention_bias), the masked branch of Attention that tests/test_attention_contract.py holds
+    to a fused kernel. Rows are only as wide as the longest document, so the dense mask costs
+    rows × W², what a padded batch of those documents would cost. `flex` None = on CUDA."""
+    if doc.is_cuda if flex is None else flex:
+        def mask_mod(b, h, q, k):
+            same = (doc[b, q] == doc[b, k]) & (k <= q)
+            return same & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
+        R, W = doc.shape
+        return create_block_mask(mask_mod, R, None, W, W, device=doc.device)
+    causal = torch.ones(doc.shape[1], doc.shape[1], dtype=torch.bool, device=doc.device).tril()
+    allowed = (causal[None] & (doc[:, :, None] == doc[:, None, :])
+               & ((branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])))
+    return attention_bias(allowed, rep, dtype)  # (R, 1, rep*W, W)
+
+
 # ---- the transformer
 
 
@@ -232,7 +263,9 @@ class Attention(nn.Module):
             k_cache[rows, :, positions] = k.transpose(1, 2)
             v_cache[rows, :, positions] = v.transpose(1, 2)
             k, v = (k_cache, v_cache) if slots is None else (k_cache[slots], v_cache[slots])
-        if mask is None:  # training, scoring, the reference pass: causal, right-padded, no mask;
+        if isinstance(mask, BlockMask):  # a packed batch on CUDA (segment_mask)
+            y = _flex_compiled(q, k, v, block_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        elif mask is None:  # training, scoring, the reference pass: causal, right-padded, no mask;
             # on CUDA flash takes it, grouped-query heads included (enable_gqa)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                enable_gqa=self.n_kv != self.n_heads)
@@ -330,14 +363,16 @@ class Transformer(nn.Module):
         self.inv_freq.copy_(rope_inv_freq(self.cfg))
 
     def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
-                slots=None, return_hidden: bool = False):
+                slots=None, return_hidden: bool = False, segments=None):
         """Logits (B, T, V) for the LM head, per-token scores (B, T) for the score head.
 
         attention_mask (B, T), 1 for real tokens, handles left and right padding (positions count
         real tokens only). With `cache`, `positions` (B, T) say where each row's tokens go in its
         slot (`slots` (B,) picks cache rows; None = all rows in order) and each query sees its
-        slot's keys up to its own position. Without either, the batch is causal from position 0
-        (right padding needs no mask: real tokens never attend to the pads after them).
+        slot's keys up to its own position. `segments` = (doc, branch) (B, T) is a packed batch
+        (mt/packing.py; its `positions` restart per document): attention stays inside a document's
+        branch (segment_mask). Without any of these, the batch is causal from position 0 (right
+        padding needs no mask: real tokens never attend to the pads after them).
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -356,9 +391,11 @@ class Transformer(nn.Module):
             # a pad query sees itself only, so no row is fully masked (which would give NaN)
             allowed = ((causal[None] & am[:, None, :])
                        | torch.eye(T, dtype=torch.bool, device=dev)[None])  # (B, T, T)
+        rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
         if allowed is not None:
-            rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
             mask = attention_bias(allowed, rep, x.dtype)  # (B, 1, rep*T, Tk), built once
+        elif segments is not None:
+            mask = segment_mask(*segments, rep, x.dtype)  # built once for every layer
         if positions is None:
             positions = torch.arange(T, device=dev)[None].expand(B, T)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)

@@ -39,7 +39,8 @@ from mt import chat, dist, em, sampler
 from mt import config as C
 from mt.checkpoint import read_config
 from mt.data import read_prompts
-from mt.losses import BRADLEY_TERRY, preference_objective, response_logps
+from mt.logps import response_logps
+from mt.losses import BRADLEY_TERRY, preference_objective
 from mt.model import KVCache, ModelConfig, Transformer
 from mt.train import collate, make_optimizer
 
