@@ -67,39 +67,52 @@ def score_conversations(rm, items: list[tuple[list[dict], str]], tok=None, batch
 def _score_distinct(rm, tok, items, batch_size, max_tokens, progress, desc,
                     packing) -> list[float]:
     d = dist.get()
-    dev = next(rm.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     mine = list(range(len(items)))[d.rank::d.world_size]
-    seqs = {i: encode_conversation(tok, *items[i]) for i in mine}
-    order = sorted(mine, key=lambda i: -len(seqs[i]))
+    seqs = [encode_conversation(tok, *items[i]) for i in mine]
     bar = progress_bar(len(items), desc, progress and d.is_main, unit="resp")
-    local, pending = [], []
+    # the other ranks advance at about the same pace
+    pending = score_token_rows(rm, seqs, pad, batch_size, max_tokens, packing,
+                               lambda n: bar.update(n * d.world_size))
+    bar.close()
+    local = []
+    for idx, s in pending:  # host sync once, after every forward was queued
+        local += [(mine[i], v) for i, v in zip(idx, s.tolist())]
+    out = [0.0] * len(items)
+    for part in dist.gather_objects(local):
+        for i, s in part:
+            out[i] = s
+    return out
+
+
+def score_token_rows(rm, seqs: list[list[int]], pad: int, batch_size: int, max_tokens: int,
+                     packing: bool, done=lambda n: None) -> list[tuple[list[int], torch.Tensor]]:
+    """The RM's score at each token row's last token, as (indices into seqs, scores (n,)) per
+    forward, queued without a host sync. Longest first; packed batches of <= max_tokens real tokens,
+    or right-padded ones of <= max_tokens padded tokens and <= batch_size rows."""
+    dev = next(rm.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    pending = []
     if packing:  # a start at the end: no log-prob targets, only the last token's score is read
         examples = [Example("", "", tuple(seqs[i]), len(seqs[i])) for i in order]
         layout = Packing(examples, False, False, 1, max_tokens, pad, dev)
         for group in layout.micro(list(range(len(order))), 0, 1):
-            if not group:  # a rank with nothing to score (no collectives here: skip)
+            if not group:  # nothing to score (no collectives here: skip)
                 continue
             batch = layout.batch([examples[g] for g in group])
             pending.append(([order[g] for g in group], batch.rewards(rm).float()))  # (n,)
-            bar.update(len(group) * d.world_size)
+            done(len(group))
+        return pending
     j = 0
-    while not packing and j < len(order):
+    while j < len(order):
         T = len(seqs[order[j]])  # the longest remaining: it sets this batch's width
         n = max(1, min(batch_size, max_tokens // max(T, 1), len(order) - j))
         idx = order[j:j + n]
         j += n
         ids, lengths = pad_sequences([seqs[i] for i in idx], pad)  # right-padded (n, T), (n,)
         pending.append((idx, rm.rewards(ids.to(dev), lengths=lengths.to(dev)).float()))  # (n,)
-        bar.update(n * d.world_size)  # the other ranks advance at about the same pace
-    bar.close()
-    for idx, s in pending:  # host sync once, after every forward was queued
-        local += list(zip(idx, s.tolist()))
-    out = [0.0] * len(items)
-    for part in dist.gather_objects(local):
-        for i, s in part:
-            out[i] = s
-    return out
+        done(n)
+    return pending
 
 
 def score_samples(rm, samples, tok=None, **kw) -> list[dict]:
