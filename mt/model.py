@@ -17,9 +17,11 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from mt.errors import UserError
 
-# compiled once per shape: eager flex_attention materialises the whole score matrix (it is the
-# reference implementation); the compiled one is the fused kernel, with the block mask's sparsity
-_flex_compiled = torch.compile(flex_attention, dynamic=False)
+# eager flex_attention materialises the whole score matrix (the reference implementation); the
+# compiled one is the fused kernel that skips masked blocks. Default dynamic: a packed row's
+# length changes per micro-batch, and after the first recompile dynamo marks it dynamic instead
+# of compiling each length until its cache limit sends the rest to the eager path.
+_flex_compiled = torch.compile(flex_attention)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")

@@ -119,11 +119,12 @@ def first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
 
 def pack(examples: list[Example], pairwise: bool, share_prompt: bool = True, pad_id: int = 0,
          device="cpu", refs: dict[str, tuple[float, float]] | None = None,
-         align: int = 1) -> Packed:
+         one_row: bool = False, align: int = 1) -> Packed:
     """Lay the examples' documents into rows (first fit decreasing) as wide as the longest
-    document, rounded up to `align`."""
+    document, or all into one row with `one_row`; the width rounded up to `align`."""
     docs = _documents(examples, pairwise, share_prompt)
-    W = -(-max(len(d[0]) for d in docs) // align) * align
+    W = sum(len(d[0]) for d in docs) if one_row else max(len(d[0]) for d in docs)
+    W = -(-W // align) * align
     rows = first_fit_decreasing([len(d[0]) for d in docs], W)
     ids, pos = torch.full((len(rows), W), pad_id), torch.zeros(len(rows), W, dtype=torch.long)
     doc = torch.full((len(rows), W), -1)
@@ -176,7 +177,11 @@ class Packing:
 
     `budget` 0 = `micro_batch_size` × the largest example's documents: never more tokens than a
     padded micro-batch of the same rows could hold, so a `micro_batch_size` sized for memory stays
-    safe. On CUDA rows are rounded up to FlexAttention's 128-position blocks."""
+    safe. Rows: on CUDA one row per micro-batch, rounded up to FlexAttention's 128-position blocks
+    (its block mask skips the blocks between documents, so one long row costs what the documents
+    cost, with no row padding and few distinct shapes to compile); elsewhere rows as wide as the
+    longest document (SDPA's dense mask costs rows × width², so one long row would cost the square
+    of the budget)."""
 
     def __init__(self, examples: list[Example], pairwise: bool, share_prompt: bool,
                  micro_batch_size: int, budget: int = 0, pad_id: int = 0, device="cpu",
@@ -190,5 +195,6 @@ class Packing:
         return micro_batches(batch, self.sizes, rank, world, self.budget)
 
     def batch(self, examples: list[Example]) -> Packed:
+        cuda = self.device.type == "cuda"
         return pack(examples, self.pairwise, self.share, self.pad_id, self.device, self.refs,
-                    align=128 if self.device.type == "cuda" else 1)
+                    one_row=cuda, align=128 if cuda else 1)

@@ -279,7 +279,7 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        """Real tokens (a host sync: read at log time only, with the step's other sums)."""
+        """Real tokens, a device tensor (no host sync: read with the step's other sums)."""
         return self.lengths.sum()
 
     def logps(self, model, average: bool = False, full_logits: bool = False) -> torch.Tensor:

@@ -111,7 +111,7 @@ def test_flex_path_of_the_model_equals_the_padded_forward(monkeypatch):
     monkeypatch.setattr(M, "segment_mask", functools.partial(M.segment_mask, flex=True))
     monkeypatch.setattr(M, "_flex_compiled", flex_attention)
     ex = _shared_prompt_examples(4, seed=4)
-    pk, padded = P.pack(ex, True, share_prompt=True), T.collate(ex, True)
+    pk, padded = P.pack(ex, True, share_prompt=True, one_row=True, align=128), T.collate(ex, True)  # as on CUDA
     lm, rm = tiny_model(dtype=torch.float64), tiny_model("score", dtype=torch.float64)
     torch.testing.assert_close(pk.logps(lm), padded.logps(lm), atol=EXACT, rtol=0)
     torch.testing.assert_close(pk.rewards(rm), padded.rewards(rm), atol=EXACT, rtol=0)
@@ -135,16 +135,18 @@ def test_micro_batches_by_a_token_budget_the_same_count_on_every_rank():
 
 
 @pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("share, one_row", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("objective", ["dpo", "simpo", "rm", "sft"])
-def test_packed_step_equals_padded_step(objective, share, tie):
-    """Per-example loss, every metric, and every gradient."""
+def test_packed_step_equals_padded_step(objective, share, one_row, tie):
+    """Per-example loss, every metric, and every gradient; rows as wide as the longest document (CPU)
+    or one row (CUDA's layout)."""
     sft = objective == "sft"
     ex = random_examples(6, seed=1, sft=True) if sft else _shared_prompt_examples(6, seed=1)
     model = tiny_model("score" if objective == "rm" else "lm", tie=tie and objective != "rm", dtype=torch.float64)
     refs = {e.key: (-3.0 - i, -4.0 + i) for i, e in enumerate(ex)}
     want = _step(model, objective, T.collate(ex, not sft, 0, refs=refs), CFG[objective])
-    pk = P.pack(ex, not sft, share, pad_id=9, refs=refs)
+    pk = P.pack(ex, not sft, share, pad_id=9, refs=refs, one_row=one_row, align=8 if one_row else 1)
+    assert pk.ids.shape[0] == 1 if one_row else pk.ids.shape[0] > 1
     assert pk.slots - pk.tokens <= T.collate(ex, not sft).ids.numel() - pk.tokens  # never more padding
     got = _step(model, objective, pk, CFG[objective])
     torch.testing.assert_close(got[0], want[0], atol=EXACT, rtol=0)
@@ -225,3 +227,17 @@ def test_training_packed_equals_padded_after_n_steps(tmp_path, objective, share)
             slots = sum(x.slots for x in batches)
             assert row["pad_fraction"] == round((slots - sum(int(x.tokens) for x in batches)) / slots, 4)
     assert min(x["pad_fraction"] for x in a) > 0.01  # the data are ragged: every padded step pads
+
+
+def test_benchmark_lengths_follow_the_stated_spread():
+    """eval/bench_train.py --lengths ultrafeedback: pairs within --seq sharing their prompt, with the
+    medians SPREAD states (scaled by seq / 2048); a pad-free fixed-length builder would fail this."""
+    from eval.bench_train import SPREAD, spread_examples
+    ex = spread_examples(400, 1024, 100)
+    scale = 1024 / SPREAD["cap"]
+    assert all(max(len(e.chosen), len(e.rejected)) <= 1024 and e.chosen[:e.chosen_start] == e.rejected[:e.chosen_start]
+               for e in ex)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    assert med([e.chosen_start for e in ex]) == pytest.approx(SPREAD["prompt"][0] * scale, rel=0.2)
+    assert med([len(e.chosen) - e.chosen_start for e in ex]) == pytest.approx(SPREAD["response"][0] * scale, rel=0.2)
+    assert max(len(e.rejected) for e in ex) > 4 * min(len(e.rejected) for e in ex)  # a spread, not a constant
