@@ -183,10 +183,14 @@ def read_ref_logps(path, examples: list[Example] | None = None) -> dict[str, tup
 
 def reference_args(cfg: C.DPOConfig) -> dict:
     """The DPO settings ref_logps takes."""
-    return {"loss": cfg.loss, "max_length": cfg.max_length,
-            "micro_batch_size": cfg.micro_batch_size, "dtype": cfg.dtype,
-            "packing": cfg.packing, "share_prompt": cfg.share_prompt,
-            "micro_batch_tokens": cfg.micro_batch_tokens}
+    args = {"loss": cfg.loss, "max_length": cfg.max_length,
+            "micro_batch_size": cfg.micro_batch_size, "dtype": cfg.dtype}
+    # the layout's settings only where they differ from the defaults: the manifest records these
+    # arguments, and a run begun before packing existed keeps its finished reference pass
+    default = C.DPOConfig()
+    args.update({k: getattr(cfg, k) for k in ("packing", "share_prompt", "micro_batch_tokens")
+                 if getattr(cfg, k) != getattr(default, k)})
+    return args
 
 
 def _policy_and_examples(policy_dir, pairs_path, cfg: C.DPOConfig):
