@@ -11,7 +11,7 @@ their tokens/s (real tokens: the same count for both) and each layout's padding 
 --lengths ultrafeedback draws pair lengths from an UltraFeedback-like spread (SPREAD below: an
 assumption stated in numbers, not a fit to the data set), scaled so its 2,048-token cap is --seq;
 `--objective score` times the scoring forward (mt/scoring.py score_token_rows) on the same
-sequences.
+sequences, and `transformers`' LlamaForSequenceClassification on them in length-sorted batches.
 
 Runs the real loop (mt/train.py: FSDP2 and bf16 on GPU, fp32 on CPU) on random weights and random tokens and
 times the optimizer steps after the first (warm-up). FLOPs follow the 6·N·tokens convention: N = parameters
@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,6 +54,7 @@ from mt import dist  # noqa: E402
 from mt import train as T  # noqa: E402
 from mt.chat import Example  # noqa: E402
 from mt.config import DPOConfig, RMConfig  # noqa: E402
+from mt.data import pad_sequences  # noqa: E402
 from mt.flags import opt, parse  # noqa: E402
 from mt.losses import BRADLEY_TERRY, preference_objective  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
@@ -239,6 +241,39 @@ def bench_score(a, device: torch.device, packing: bool) -> dict:
             "pad_fraction": 1 - tokens / computed}
 
 
+@torch.no_grad()
+def bench_score_transformers(a, device: torch.device) -> dict:
+    """The same sequences and weights through `transformers`' LlamaForSequenceClassification (SDPA
+    attention), in length-sorted right-padded batches as the padded scoring path forms them: the
+    plain batched forward a user would otherwise write. Timing only (random token ids may equal the
+    pad id, where transformers' pooling would read another position)."""
+    model, shape = _model(a, "score")
+    cfg = LlamaConfig(**{k: v for k, v in shape.items() if k != "model_type"}, num_labels=1,
+                      pad_token_id=0, attn_implementation="sdpa")
+    hf = LlamaForSequenceClassification(cfg)
+    hf.load_state_dict(model.state_dict())  # Hugging Face names (mt/model.py): no key map
+    hf = hf.to(device, dist.resolve_dtype(a.dtype, device)).eval()
+    ex = _data(a, a.batch * a.steps, shape["vocab_size"])
+    seqs = sorted([list(e.chosen) for e in ex] + [list(e.rejected) for e in ex], key=lambda x: -len(x))
+    tokens = sum(map(len, seqs))
+
+    def run(rows):
+        out, j = [], 0
+        while j < len(rows):
+            n = max(1, min(64, a.score_tokens // len(rows[j]), len(rows) - j))
+            ids, lengths = pad_sequences(rows[j:j + n], 0)
+            mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+            out.append(hf(input_ids=ids.to(device), attention_mask=mask.to(device)).logits)
+            j += n
+        return torch.cat(out).tolist()  # host sync: the forwards are done
+    run(seqs[:8])  # warm-up
+    t0 = time.perf_counter()
+    run(seqs)
+    seconds = time.perf_counter() - t0
+    return {"objective": "score", "layout": "transformers", "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "pad_fraction": float("nan")}
+
+
 def bench(objective: str, a, device: torch.device, peak_tflops: float,
           full_logits: bool = False, packing: bool = True) -> dict:
     """One training run on a fresh random model; DPO's log-probs through the fused head, or the
@@ -337,12 +372,15 @@ def compare_layouts(a, device: torch.device, peak: float) -> list[dict]:
     results = []
     for rnd in range(a.repeats):
         for obj in objectives:
-            for packing in layouts:
-                r = (bench_score(a, device, packing) if obj == "score"
-                     else bench(obj, a, device, peak, packing=packing))
+            runs = [lambda p=p: (bench_score(a, device, p) if obj == "score"
+                                 else bench(obj, a, device, peak, packing=p)) for p in layouts]
+            if obj == "score":  # and the plain transformers forward, length-sorted
+                runs.append(lambda: bench_score_transformers(a, device))
+            for run in runs:
+                r = run()
                 r["round"] = rnd
                 results.append(r)
-                dist.print0(f"round {rnd} {obj:>5} {r['layout']:>6}: {r['tokens_per_s']:,.0f} "
+                dist.print0(f"round {rnd} {obj:>5} {r['layout']:>12}: {r['tokens_per_s']:,.0f} "
                             f"tokens/s, padding {100 * r['pad_fraction']:.1f}%")
     for obj in objectives:
         by = {(r["round"], r["layout"]): r for r in results if r["objective"] == obj}
@@ -354,6 +392,11 @@ def compare_layouts(a, device: torch.device, peak: float) -> list[dict]:
         if ratios:
             line += (f"; packed / padded tokens/s: median {ratios[len(ratios) // 2]:.2f}x "
                      f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+        hf = sorted(by[k, "packed"]["tokens_per_s"] / by[k, "transformers"]["tokens_per_s"]
+                    for k in range(a.repeats) if (k, "packed") in by and (k, "transformers") in by)
+        if hf:
+            line += (f"; packed / transformers (length-sorted) tokens/s: median "
+                     f"{hf[len(hf) // 2]:.2f}x (rounds: {', '.join(f'{x:.2f}' for x in hf)})")
         dist.print0(f"{obj} ({a.lengths} lengths, seq {a.seq}, micro {a.micro}): {line}")
     return results
 
