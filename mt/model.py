@@ -211,8 +211,9 @@ def segment_mask(doc: torch.Tensor, branch: torch.Tensor, rep: int, dtype: torch
     send SDPA to the memory-efficient kernel at full (W, W) cost, or to the math kernel with GQA);
     elsewhere SDPA's additive mask in q's dtype with the grouped heads folded into the queries
     (attention_bias), the masked branch of Attention that tests/test_attention_contract.py holds
-    to a fused kernel. Rows are only as wide as the longest document, so the dense mask costs
-    rows × W², what a padded batch of those documents would cost. `flex` None = on CUDA."""
+    to a fused kernel; there mt/packing.py makes rows only as wide as the longest document, so the
+    dense mask costs rows × W², what a padded batch of those documents would cost. `flex` None =
+    on CUDA."""
     if doc.is_cuda if flex is None else flex:
         def mask_mod(b, h, q, k):
             same = (doc[b, q] == doc[b, k]) & (k <= q)

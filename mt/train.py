@@ -278,8 +278,8 @@ class Batch:
         return self.ids.numel()
 
     @property
-    def tokens(self) -> int:
-        """Real tokens, a device tensor (no host sync: read with the step's other sums)."""
+    def tokens(self) -> torch.Tensor:
+        """Real tokens, a device scalar (no host sync: read with the step's other sums)."""
         return self.lengths.sum()
 
     def logps(self, model, average: bool = False, full_logits: bool = False) -> torch.Tensor:

@@ -117,18 +117,25 @@ def test_flex_path_of_the_model_equals_the_padded_forward(monkeypatch):
     torch.testing.assert_close(pk.rewards(rm), padded.rewards(rm), atol=EXACT, rtol=0)
 
 
-def test_micro_batches_by_a_token_budget_the_same_count_on_every_rank():
-    sizes = [(i * 37) % 23 + 2 for i in range(40)]
+@pytest.mark.parametrize("per_example", [1, 2])  # one document per example (shared prompt, SFT) or two
+def test_micro_batches_by_a_token_budget_the_same_count_on_every_rank(per_example):
+    docs = [[(i * 37 + j * 11) % 23 + 2 for j in range(per_example)] for i in range(40)]
     batch = list(range(3, 33))
     for world in (1, 2, 3):
-        for budget in (24, 60):
-            parts = [P.micro_batches(batch, sizes, r, world, budget) for r in range(world)]
+        for budget in (48, 120):
+            parts = [P.micro_batches(batch, docs, r, world, budget) for r in range(world)]
             assert len({len(p) for p in parts}) == 1  # FSDP: as many forwards on every rank
             assert sorted(i for p in parts for m in p for i in m) == sorted(batch)
             for r, p in enumerate(parts):
                 assert sorted(i for m in p for i in m) == sorted(batch[r::world])  # the padded path's share
-                assert all(sum(sizes[i] for i in m) <= budget for m in p)
-    assert P.micro_batches([0, 1], [50, 3], 0, 1, 10) == [[0], [1]]  # over the budget: alone
+                filled = [m for m in p if m]
+                assert p[:len(filled)] == filled  # a rank's empty micro-batches come last
+                for m in p:
+                    assert sum(sum(docs[i]) for i in m) <= budget
+                    if per_example == 1 and m:  # the rows pack() lays out fit the budget too
+                        assert P.pack([Example(str(i), "p", (1,) * docs[i][0], 1) for i in m], False).slots <= budget
+    assert P.micro_batches([0, 1], [[50], [3]], 0, 1, 10) == [[0], [1]]  # over the budget: alone
+    assert P.micro_batches([0, 1], [[10, 9], [3, 2]], 0, 1, 10) == [[0], [1]]  # a pair over one row: alone
 
 
 # ---- exactness: one micro-batch, packed == padded
