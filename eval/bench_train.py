@@ -4,6 +4,7 @@
     python eval/bench_train.py --model llama-3.2-1b --seq 2048 --micro 2 --batch 16 --device cuda
     python eval/bench_train.py --objective dpo --vocab 128256 --seq 1024 --head both  # memory
     python eval/bench_train.py --objective all --lengths ultrafeedback --layout both --repeats 3
+    python eval/bench_train.py --objective padding --lengths ultrafeedback --seq 2048 --batch 128
 
 --layout both times packed micro-batches (mt/packing.py) and padded ones (the reference) in this
 process, interleaved round by round on the same data and fresh models, and reports the ratio of
@@ -79,7 +80,8 @@ class BenchTrainArgs:
     micro: int = opt(2, above=0)  # pairs per forward
     batch: int = opt(4, above=0)  # pairs per optimizer step (global)
     steps: int = opt(4, above=0)  # timed steps (after one warm-up step)
-    objective: str = opt("both", choices=("dpo", "rm", "score", "both", "all"))  # both: dpo, rm
+    # both: dpo, rm; padding: only the layouts' padding (no model, nothing timed)
+    objective: str = opt("both", choices=("dpo", "rm", "score", "both", "all", "padding"))
     layout: str = opt("packed", choices=("packed", "padded", "both"))  # both: interleaved, ratios
     lengths: str = opt("fixed", choices=("fixed", "ultrafeedback"))  # fixed: every sequence --seq
     repeats: int = opt(1, above=0)  # rounds of the interleaved layouts (--layout both)
@@ -333,6 +335,8 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     dist.print0(f"device {device} ({where}), peak {peak:.3f} TFLOP/s ({how}); "
                 f"command: python eval/bench_train.py {' '.join(argv)}")
+    if a.objective == "padding":
+        return padding_report(a)
     if a.layout == "both" or a.objective in ("score", "all"):
         return compare_layouts(a, device, peak)
     results = []
@@ -361,6 +365,43 @@ def main(argv=None):
                     f"{fu['tokens_per_s'] / fl['tokens_per_s']:.2f}x; last-step loss "
                     f"{fl['last_loss']:.6f} vs {fu['last_loss']:.6f}")
     return results
+
+
+def padding_report(a) -> dict:
+    """Positions computed and the padding among them, padded vs packed, for the training steps
+    (pairs, a rank's micro-batches as mt/train.py forms them) and for scoring (the sequences), on
+    --steps global batches of the benchmark's pairs: host-side layouts only."""
+    ex = _data(a, a.batch * a.steps, SHAPES[a.model]["vocab_size"])
+    seqs = [Example("", "", e.chosen, len(e.chosen)) for e in ex] + [
+        Example("", "", e.rejected, len(e.rejected)) for e in ex]
+    stages = {
+        "training": (ex, T.Padded(ex, True, a.micro), Packing(ex, True, True, a.micro), a.batch),
+        "scoring": (seqs, None, Packing(seqs, False, False, 1, a.score_tokens), len(seqs))}
+    out = {}
+    for stage, (items, padded, packed, batch) in stages.items():
+        for name, layout in (("padded", padded), ("packed", packed)):
+            slots = tokens = 0
+            for s in range(0, len(items), batch):
+                idx = list(range(s, min(s + batch, len(items))))
+                if layout is None:  # scoring's padded batches: mt/scoring.py score_token_rows
+                    order = sorted(idx, key=lambda i: -len(items[i].chosen))
+                    j = 0
+                    while j < len(order):
+                        T_ = len(items[order[j]].chosen)
+                        n = max(1, min(64, a.score_tokens // T_, len(order) - j))
+                        slots += n * T_
+                        tokens += sum(len(items[i].chosen) for i in order[j:j + n])
+                        j += n
+                    continue
+                for m in layout.micro(idx, 0, 1):
+                    b = layout.batch([items[i] for i in m])
+                    slots, tokens = slots + b.slots, tokens + int(b.tokens)
+            out[stage, name] = (slots, 1 - tokens / slots)
+        (ps, pf), (qs, qf) = out[stage, "padded"], out[stage, "packed"]
+        dist.print0(f"{stage} ({a.lengths} lengths, seq {a.seq}, batch {batch}, micro {a.micro}): "
+                    f"positions computed {ps:,} padded -> {qs:,} packed ({ps / qs:.2f}x fewer); "
+                    f"padding {100 * pf:.1f}% -> {100 * qf:.1f}%")
+    return out
 
 
 def compare_layouts(a, device: torch.device, peak: float) -> list[dict]:
