@@ -17,7 +17,6 @@ refuses changed flags. Each step is also a function here, so run_em.py calls the
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -32,13 +31,13 @@ from mt.data import (DataError, read_pairs, read_prompts, read_samples, read_sco
                      write_jsonl)
 from mt.em import make_pairs
 from mt.flags import ConfigError
-from mt.logps import response_logps
 from mt.losses import LOSSES, preference_objective
 from mt.manifest import Manifest
 from mt.progress import progress as progress_bar
 from mt.sampler import sample_to_file, summary_line
 from mt.scoring import score_file
-from mt.train import TrainError, collate, metrics_summary, train
+from mt.packing import Packing
+from mt.train import Padded, TrainError, metrics_summary, train
 
 # ---- E-step / sample: M responses per prompt from π_{t-1} (T=0.8, top-p 0.95)
 
@@ -100,13 +99,16 @@ def pairs(samples_path: Path, scores_path: Path, out_path: Path, rule: str = "le
 
 @dist.releases  # the stage's model (and optimizer, cache) freed on return (DESIGN.md §4)
 def ref_logps(policy_dir: Path, pairs_path: Path, out_path: Path, loss: str = "dpo",
-              max_length: int = 2048, micro_batch_size: int = 2, dtype: str = "auto") -> dict:
+              max_length: int = 2048, micro_batch_size: int = 2, dtype: str = "auto",
+              packing: bool = True, share_prompt: bool = True,
+              micro_batch_tokens: int = 0) -> dict:
     """ref_logps.jsonl: summed log-probs of chosen and rejected under π_{t-1}, keyed by pair id.
 
     Takes only the DPO settings the reference pass depends on, so a run that changes another
     (β, lr) keeps its reference log-probs (mt/manifest.py records exactly these arguments)."""
     cfg = C.DPOConfig(loss=loss, max_length=max_length, micro_batch_size=micro_batch_size,
-                      dtype=dtype)
+                      dtype=dtype, packing=packing, share_prompt=share_prompt,
+                      micro_batch_tokens=micro_batch_tokens)
     model, examples, info, pad_id = _policy_and_examples(policy_dir, pairs_path, cfg)
     _compute_ref(model, examples, out_path, cfg, pad_id, policy_dir)
     return info
@@ -114,28 +116,28 @@ def ref_logps(policy_dir: Path, pairs_path: Path, out_path: Path, loss: str = "d
 
 @torch.no_grad()
 def reference_logps(model, examples: list[Example], micro_batch_size: int, pad_id: int = 0,
-                    progress: bool = True,
-                    full_logits: bool = False) -> dict[str, tuple[float, float]]:
+                    progress: bool = True, full_logits: bool = False, packing: bool = True,
+                    share_prompt: bool = True,
+                    micro_batch_tokens: int = 0) -> dict[str, tuple[float, float]]:
     """Summed log-probs of chosen and rejected responses under `model`,
     data-parallel: {pair id: (c, r)}. The head is fused with the log-softmax at response positions
     (mt/logps.py response_logps: no (2b, T, V) logits); `full_logits=True` is the reference path.
+    Packed micro-batches (mt/packing.py) unless `packing=False`, as in training.
 
     no_grad, not inference_mode: inference tensors would break the FSDP training forward that
     follows.
     """
     d = dist.get()
     dev = dist.model_device(model)
+    layout = (Packing(examples, True, share_prompt, micro_batch_size, micro_batch_tokens, pad_id,
+                      dev) if packing else Padded(examples, True, micro_batch_size, pad_id, dev))
     order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens)
-    share = order[d.rank::d.world_size]
-    # equal forwards on every rank
-    k = math.ceil(math.ceil(len(order) / d.world_size) / micro_batch_size)
+    micro = layout.micro(order, d.rank, d.world_size)  # equal forwards on every rank
     local = []
-    bar = progress_bar(k, "reference log-probs", progress and d.is_main, unit="batch")
-    for j in range(k):
-        idx = share[j * micro_batch_size:(j + 1) * micro_batch_size]
-        batch = collate([examples[i] for i in (idx or order[:1])], True, pad_id, dev)
-        lp = response_logps(model, batch.ids, batch.loss_mask,
-                            full_logits=full_logits)  # (2b,)
+    bar = progress_bar(len(micro), "reference log-probs", progress and d.is_main, unit="batch")
+    for idx in micro:
+        batch = layout.batch([examples[i] for i in (idx or order[:1])])
+        lp = batch.logps(model, full_logits=full_logits)  # (2b,)
         if idx:
             local.append((idx, lp.view(2, -1).T))
         bar.update(1)
@@ -181,8 +183,14 @@ def read_ref_logps(path, examples: list[Example] | None = None) -> dict[str, tup
 
 def reference_args(cfg: C.DPOConfig) -> dict:
     """The DPO settings ref_logps takes."""
-    return {"loss": cfg.loss, "max_length": cfg.max_length,
+    args = {"loss": cfg.loss, "max_length": cfg.max_length,
             "micro_batch_size": cfg.micro_batch_size, "dtype": cfg.dtype}
+    # the layout's settings only where they differ from the defaults: the manifest records these
+    # arguments, and a run begun before packing existed keeps its finished reference pass
+    default = C.DPOConfig()
+    args.update({k: getattr(cfg, k) for k in ("packing", "share_prompt", "micro_batch_tokens")
+                 if getattr(cfg, k) != getattr(default, k)})
+    return args
 
 
 def _policy_and_examples(policy_dir, pairs_path, cfg: C.DPOConfig):
@@ -199,7 +207,11 @@ def _policy_and_examples(policy_dir, pairs_path, cfg: C.DPOConfig):
 
 def _compute_ref(model, examples, out_path, cfg, pad_id, policy_dir):
     uses_ref = LOSSES[cfg.loss].uses_reference
-    refs = reference_logps(model, examples, 2 * cfg.micro_batch_size, pad_id) if uses_ref else {}
+    # no gradients: twice the training micro-batch fits
+    refs = (reference_logps(model, examples, 2 * cfg.micro_batch_size, pad_id,
+                            packing=cfg.packing, share_prompt=cfg.share_prompt,
+                            micro_batch_tokens=2 * cfg.micro_batch_tokens)
+            if uses_ref else {})
     if dist.get().is_main:
         write_ref_logps(out_path, [e for e in examples if e.key in refs], refs, policy_dir)
     dist.barrier()

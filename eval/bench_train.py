@@ -3,6 +3,16 @@
     python eval/bench_train.py                                   # small Llama on this CPU
     python eval/bench_train.py --model llama-3.2-1b --seq 2048 --micro 2 --batch 16 --device cuda
     python eval/bench_train.py --objective dpo --vocab 128256 --seq 1024 --head both  # memory
+    python eval/bench_train.py --objective all --lengths ultrafeedback --layout both --repeats 3
+    python eval/bench_train.py --objective padding --lengths ultrafeedback --seq 2048 --batch 128
+
+--layout both times packed micro-batches (mt/packing.py) and padded ones (the reference) in this
+process, interleaved round by round on the same data and fresh models, and reports the ratio of
+their tokens/s (real tokens: the same count for both) and each layout's padding fraction.
+--lengths ultrafeedback draws pair lengths from an UltraFeedback-like spread (SPREAD below: an
+assumption stated in numbers, not a fit to the data set), scaled so its 2,048-token cap is --seq;
+`--objective score` times the scoring forward (mt/scoring.py score_token_rows) on the same
+sequences, and `transformers`' LlamaForSequenceClassification on them in length-sorted batches.
 
 Runs the real loop (mt/train.py: FSDP2 and bf16 on GPU, fp32 on CPU) on random weights and random tokens and
 times the optimizer steps after the first (warm-up). FLOPs follow the 6·N·tokens convention: N = parameters
@@ -36,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,9 +55,12 @@ from mt import dist  # noqa: E402
 from mt import train as T  # noqa: E402
 from mt.chat import Example  # noqa: E402
 from mt.config import DPOConfig, RMConfig  # noqa: E402
+from mt.data import pad_sequences  # noqa: E402
 from mt.flags import opt, parse  # noqa: E402
 from mt.losses import BRADLEY_TERRY, preference_objective  # noqa: E402
 from mt.model import ModelConfig, Transformer  # noqa: E402
+from mt.packing import Packing  # noqa: E402
+from mt.scoring import score_token_rows  # noqa: E402
 
 SHAPES = {
     "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -66,7 +80,12 @@ class BenchTrainArgs:
     micro: int = opt(2, above=0)  # pairs per forward
     batch: int = opt(4, above=0)  # pairs per optimizer step (global)
     steps: int = opt(4, above=0)  # timed steps (after one warm-up step)
-    objective: str = opt("both", choices=("dpo", "rm", "both"))
+    # both: dpo, rm; padding: only the layouts' padding (no model, nothing timed)
+    objective: str = opt("both", choices=("dpo", "rm", "score", "both", "all", "padding"))
+    layout: str = opt("packed", choices=("packed", "padded", "both"))  # both: interleaved, ratios
+    lengths: str = opt("fixed", choices=("fixed", "ultrafeedback"))  # fixed: every sequence --seq
+    repeats: int = opt(1, above=0)  # rounds of the interleaved layouts (--layout both)
+    score_tokens: int = opt(8192, above=0)  # scoring: tokens per forward (max_tokens)
     ac: bool = False  # activation checkpointing
     dtype: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU
     vocab: int = opt(0, min=0)  # 0 = the shape's vocabulary; else this one (e.g. 128256)
@@ -151,11 +170,34 @@ def examples(n_pairs: int, seq: int, vocab: int, seed: int = 0) -> list[Example]
     return out
 
 
-def bench(objective: str, a, device: torch.device, peak_tflops: float,
-          full_logits: bool = False) -> dict:
-    """One training run on a fresh random model; DPO's log-probs through the fused head, or the
-    full (2b, T, V) logits with `full_logits`."""
-    head = "score" if objective == "rm" else "lm"
+# UltraFeedback-like lengths, in Llama-3 tokens before scaling: log-normal prompt and responses
+# (chosen and rejected drawn independently) with these medians and log-spreads, each clipped to
+# [min, the 2,048-token training cap]; a pair over the cap is redrawn (training drops it). An
+# assumption that gives UltraFeedback's shape (tens to thousands of tokens, long right tail),
+# not a fit: say so beside any figure it produces.
+SPREAD = {"prompt": (100, 0.9), "response": (250, 0.8), "min": 8, "cap": 2048}
+
+
+def spread_examples(n_pairs: int, seq: int, vocab: int, seed: int = 0) -> list[Example]:
+    """Pairs with SPREAD's lengths scaled by seq / 2048 (prompt shared by chosen and rejected)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = seq / SPREAD["cap"]
+
+    def draw(median, sigma):
+        x = median * float(torch.exp(sigma * torch.randn((), generator=g, dtype=torch.float64)))
+        return max(1, round(max(SPREAD["min"], x) * scale))
+    out = []
+    while len(out) < n_pairs:
+        p, c, r = draw(*SPREAD["prompt"]), draw(*SPREAD["response"]), draw(*SPREAD["response"])
+        if p + max(c, r) > seq:
+            continue
+        ids = torch.randint(0, vocab, (p + c + r,), generator=g).tolist()
+        i = len(out)
+        out.append(Example(f"k{i}", f"p{i}", tuple(ids[:p + c]), p, tuple(ids[:p] + ids[p + c:]), p))
+    return out
+
+
+def _model(a, head: str) -> tuple[Transformer, dict]:
     shape = {"model_type": "llama", "max_position_embeddings": max(4096, a.seq), **SHAPES[a.model]}
     if a.vocab:
         shape["vocab_size"] = a.vocab
@@ -165,15 +207,89 @@ def bench(objective: str, a, device: torch.device, peak_tflops: float,
     model.to_empty(device="cpu")
     model.tie_weights()
     model.init_weights()
+    return model, shape
+
+
+def _data(a, n_pairs: int, vocab: int) -> list[Example]:
+    return (spread_examples if a.lengths == "ultrafeedback" else examples)(n_pairs, a.seq, vocab)
+
+
+@torch.no_grad()
+def bench_score(a, device: torch.device, packing: bool) -> dict:
+    """The scoring forward (mt/scoring.py score_token_rows) over the chosen and rejected sequences
+    of the benchmark's pairs, once as warm-up, then timed."""
+    model, shape = _model(a, "score")
+    model = model.to(device, dist.resolve_dtype(a.dtype, device)).eval()
+    ex = _data(a, a.batch * a.steps, shape["vocab_size"])
+    seqs = [list(e.chosen) for e in ex] + [list(e.rejected) for e in ex]
+    tokens = sum(map(len, seqs))
+    score_token_rows(model, seqs[:8], 0, 64, a.score_tokens, packing)
+    slots = []
+
+    def done(n):  # padded: a right-padded batch of the n longest remaining
+        slots.append(n)
+    t0 = time.perf_counter()
+    out = score_token_rows(model, seqs, 0, 64, a.score_tokens, packing, done)
+    torch.cat([s for _, s in out]).tolist()  # host sync: the forwards are done
+    seconds = time.perf_counter() - t0
+    computed = sum(len(idx) * max(len(seqs[i]) for i in idx) for idx, _ in out)
+    if packing:  # rows of the longest document in each batch: count them as pack() lays them
+        lay = Packing([Example("", "", tuple(x), len(x)) for x in seqs], False, False, 1,
+                      a.score_tokens)
+        computed = sum(lay.batch([Example("", "", tuple(seqs[i]), len(seqs[i])) for i in idx]).slots
+                       for idx, _ in out)
+    return {"objective": "score", "layout": "packed" if packing else "padded", "tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "pad_fraction": 1 - tokens / computed}
+
+
+@torch.no_grad()
+def bench_score_transformers(a, device: torch.device) -> dict:
+    """The same sequences and weights through `transformers`' LlamaForSequenceClassification (SDPA
+    attention), in length-sorted right-padded batches as the padded scoring path forms them: the
+    plain batched forward a user would otherwise write. Timing only (random token ids may equal the
+    pad id, where transformers' pooling would read another position)."""
+    model, shape = _model(a, "score")
+    cfg = LlamaConfig(**{k: v for k, v in shape.items() if k != "model_type"}, num_labels=1,
+                      pad_token_id=0, attn_implementation="sdpa")
+    hf = LlamaForSequenceClassification(cfg)
+    hf.load_state_dict(model.state_dict())  # Hugging Face names (mt/model.py): no key map
+    hf = hf.to(device, dist.resolve_dtype(a.dtype, device)).eval()
+    ex = _data(a, a.batch * a.steps, shape["vocab_size"])
+    seqs = sorted([list(e.chosen) for e in ex] + [list(e.rejected) for e in ex], key=lambda x: -len(x))
+    tokens = sum(map(len, seqs))
+
+    def run(rows):
+        out, j = [], 0
+        while j < len(rows):
+            n = max(1, min(64, a.score_tokens // len(rows[j]), len(rows) - j))
+            ids, lengths = pad_sequences(rows[j:j + n], 0)
+            mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+            out.append(hf(input_ids=ids.to(device), attention_mask=mask.to(device)).logits)
+            j += n
+        return torch.cat(out).tolist()  # host sync: the forwards are done
+    run(seqs[:8])  # warm-up
+    t0 = time.perf_counter()
+    run(seqs)
+    seconds = time.perf_counter() - t0
+    return {"objective": "score", "layout": "transformers", "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "pad_fraction": float("nan")}
+
+
+def bench(objective: str, a, device: torch.device, peak_tflops: float,
+          full_logits: bool = False, packing: bool = True) -> dict:
+    """One training run on a fresh random model; DPO's log-probs through the fused head, or the
+    full (2b, T, V) logits with `full_logits`."""
+    model, shape = _model(a, "score" if objective == "rm" else "lm")
     n_matmul = matmul_params(model)
     steps = a.steps + 1
-    ex = examples(a.batch * steps, a.seq, shape["vocab_size"])
+    ex = _data(a, a.batch * steps, shape["vocab_size"])
     kw = dict(lr=1e-6, batch_size=a.batch, micro_batch_size=a.micro, save_every=0, warmup_ratio=0.0,
-              activation_checkpointing=a.ac, dtype=a.dtype, max_length=a.seq)
+              activation_checkpointing=a.ac, dtype=a.dtype, max_length=a.seq, packing=packing)
     cfg = DPOConfig(beta=0.1, **kw) if objective == "dpo" else RMConfig(**kw)
     model = dist.prepare_model(model, cfg, device)
     refs = (train_policy.reference_logps(model, ex, a.micro, progress=False,
-                                         full_logits=full_logits)
+                                         full_logits=full_logits, packing=packing)
             if objective == "dpo" else None)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -188,7 +304,9 @@ def bench(objective: str, a, device: torch.device, peak_tflops: float,
     seconds = timed[-1]["elapsed"] - rows[0]["elapsed"]
     tokens = sum(r["tokens"] for r in timed)
     flops = 6 * n_matmul * tokens
-    r = {"objective": objective, "model": a.model, "vocab": shape["vocab_size"],
+    r = {"objective": objective, "layout": "packed" if packing else "padded",
+         "pad_fraction": sum(x["pad_fraction"] for x in timed) / len(timed),
+         "model": a.model, "vocab": shape["vocab_size"],
          "head": ("full" if full_logits else "fused") if objective == "dpo" else "score",
          "last_loss": rows[-1]["loss"], "step_memory_gib": mem.peak / 2**30,
          "N_matmul": n_matmul, "seq": a.seq, "micro": a.micro,
@@ -217,12 +335,16 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     dist.print0(f"device {device} ({where}), peak {peak:.3f} TFLOP/s ({how}); "
                 f"command: python eval/bench_train.py {' '.join(argv)}")
+    if a.objective == "padding":
+        return padding_report(a)
+    if a.layout == "both" or a.objective in ("score", "all"):
+        return compare_layouts(a, device, peak)
     results = []
     heads = ("fused", "full") if a.head == "both" else (a.head,)
     runs = [(obj, h) for obj in (("dpo", "rm") if a.objective == "both" else (a.objective,))
             for h in (heads if obj == "dpo" else ("score",))]
     for obj, h in runs:
-        r = bench(obj, a, device, peak, full_logits=h == "full")
+        r = bench(obj, a, device, peak, full_logits=h == "full", packing=a.layout == "packed")
         results.append(r)
         mem = (f"{r['peak_memory_gib']:.1f} GiB peak" if "peak_memory_gib" in r
                else f"{r['max_rss_gib']:.2f} GiB max RSS")
@@ -242,6 +364,81 @@ def main(argv=None):
                     f"{fl['tokens_per_s']:,.0f} -> {fu['tokens_per_s']:,.0f} = "
                     f"{fu['tokens_per_s'] / fl['tokens_per_s']:.2f}x; last-step loss "
                     f"{fl['last_loss']:.6f} vs {fu['last_loss']:.6f}")
+    return results
+
+
+def padding_report(a) -> dict:
+    """Positions computed and the padding among them, padded vs packed, for the training steps
+    (pairs, a rank's micro-batches as mt/train.py forms them) and for scoring (the sequences), on
+    --steps global batches of the benchmark's pairs: host-side layouts only."""
+    ex = _data(a, a.batch * a.steps, SHAPES[a.model]["vocab_size"])
+    seqs = [Example("", "", e.chosen, len(e.chosen)) for e in ex] + [
+        Example("", "", e.rejected, len(e.rejected)) for e in ex]
+    stages = {
+        "training": (ex, T.Padded(ex, True, a.micro), Packing(ex, True, True, a.micro), a.batch),
+        "scoring": (seqs, None, Packing(seqs, False, False, 1, a.score_tokens), len(seqs))}
+    out = {}
+    for stage, (items, padded, packed, batch) in stages.items():
+        for name, layout in (("padded", padded), ("packed", packed)):
+            slots = tokens = 0
+            for s in range(0, len(items), batch):
+                idx = list(range(s, min(s + batch, len(items))))
+                if layout is None:  # scoring's padded batches: mt/scoring.py score_token_rows
+                    order = sorted(idx, key=lambda i: -len(items[i].chosen))
+                    j = 0
+                    while j < len(order):
+                        T_ = len(items[order[j]].chosen)
+                        n = max(1, min(64, a.score_tokens // T_, len(order) - j))
+                        slots += n * T_
+                        tokens += sum(len(items[i].chosen) for i in order[j:j + n])
+                        j += n
+                    continue
+                for m in layout.micro(idx, 0, 1):
+                    b = layout.batch([items[i] for i in m])
+                    slots, tokens = slots + b.slots, tokens + int(b.tokens)
+            out[stage, name] = (slots, 1 - tokens / slots)
+        (ps, pf), (qs, qf) = out[stage, "padded"], out[stage, "packed"]
+        dist.print0(f"{stage} ({a.lengths} lengths, seq {a.seq}, batch {batch}, micro {a.micro}): "
+                    f"positions computed {ps:,} padded -> {qs:,} packed ({ps / qs:.2f}x fewer); "
+                    f"padding {100 * pf:.1f}% -> {100 * qf:.1f}%")
+    return out
+
+
+def compare_layouts(a, device: torch.device, peak: float) -> list[dict]:
+    """Each objective in each layout, interleaved round by round (a loaded machine slows both
+    alike); per objective the median over rounds of packed tokens/s over padded tokens/s."""
+    objectives = {"both": ("dpo", "rm"), "all": ("dpo", "rm", "score")}.get(a.objective,
+                                                                            (a.objective,))
+    layouts = {"both": (False, True), "packed": (True,), "padded": (False,)}[a.layout]
+    results = []
+    for rnd in range(a.repeats):
+        for obj in objectives:
+            runs = [lambda p=p: (bench_score(a, device, p) if obj == "score"
+                                 else bench(obj, a, device, peak, packing=p)) for p in layouts]
+            if obj == "score":  # and the plain transformers forward, length-sorted
+                runs.append(lambda: bench_score_transformers(a, device))
+            for run in runs:
+                r = run()
+                r["round"] = rnd
+                results.append(r)
+                dist.print0(f"round {rnd} {obj:>5} {r['layout']:>12}: {r['tokens_per_s']:,.0f} "
+                            f"tokens/s, padding {100 * r['pad_fraction']:.1f}%")
+    for obj in objectives:
+        by = {(r["round"], r["layout"]): r for r in results if r["objective"] == obj}
+        ratios = sorted(by[k, "packed"]["tokens_per_s"] / by[k, "padded"]["tokens_per_s"]
+                        for k in range(a.repeats) if (k, "packed") in by and (k, "padded") in by)
+        pads = {lay: sum(r["pad_fraction"] for (_, l), r in by.items() if l == lay) / a.repeats
+                for lay in ("padded", "packed") if any(l == lay for _, l in by)}
+        line = ", ".join(f"{lay} padding {100 * v:.1f}%" for lay, v in pads.items())
+        if ratios:
+            line += (f"; packed / padded tokens/s: median {ratios[len(ratios) // 2]:.2f}x "
+                     f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+        hf = sorted(by[k, "packed"]["tokens_per_s"] / by[k, "transformers"]["tokens_per_s"]
+                    for k in range(a.repeats) if (k, "packed") in by and (k, "transformers") in by)
+        if hf:
+            line += (f"; packed / transformers (length-sorted) tokens/s: median "
+                     f"{hf[len(hf) // 2]:.2f}x (rounds: {', '.join(f'{x:.2f}' for x in hf)})")
+        dist.print0(f"{obj} ({a.lengths} lengths, seq {a.seq}, micro {a.micro}): {line}")
     return results
 
 

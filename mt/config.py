@@ -70,6 +70,13 @@ class TrainConfig:
     # recompute each block's activations in the backward (results unchanged); the paper presets
     # turn it on, as every 8B DPO / RM recipe does
     activation_checkpointing: bool = opt(False, scheduling=True)
+    # packed micro-batches (mt/packing.py): no padding, micro-batches by tokens; false = padded
+    # rows, the reference layout (results equal within float tolerance either way)
+    packing: bool = opt(True, scheduling=True)
+    # with packing, a pair's prompt once: chosen and rejected attend to the same prompt keys
+    share_prompt: bool = opt(True, scheduling=True)
+    # tokens per packed micro-batch per rank; 0 = micro_batch_size × the largest example's tokens
+    micro_batch_tokens: int = opt(0, min=0, scheduling=True)
     seed: int = 0
 
 

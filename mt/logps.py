@@ -179,8 +179,25 @@ def response_logps(model, ids, loss_mask, attention_mask=None, average=False,
                       loss_mask.new_zeros(B, 1, dtype=torch.bool)], 1)  # position t predicts t+1
     rows = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions whose target is a response
     targets = torch.cat([ids[:, 1:], ids.new_zeros(B, 1)], 1).reshape(-1)[rows].long()
-    hidden = model(ids, attention_mask=attention_mask, return_hidden=True)  # (B, T, C)
-    h = hidden.reshape(B * T, -1).index_select(0, rows)  # (N, C)
-    lp = _HeadTokenLogps.apply(h, _lm_head_weight(model), targets)  # (N,)
-    logps = lp.new_zeros(B).index_add(0, rows // T, lp)  # (B,)
-    return logps / mask.sum(-1).clamp(min=1) if average else logps
+    return packed_logps(model, ids, rows, targets, rows // T, B, average,
+                        attention_mask=attention_mask)
+
+
+def packed_logps(model, ids, pred, targets, owner, n, average=False, full_logits=False,
+                 **forward):
+    """Per sequence s (n,): the sum (or mean) over i with owner[i] = s of log p(targets[i]), read
+    from the model's output at flat position pred[i] of `model(ids, **forward)`. The layout-free
+    core of response_logps, and what a packed batch (mt/packing.py) reads: there a token's
+    predictor is not always the position before it (a rejected branch's first token is predicted
+    by the shared prompt's last one)."""
+    if full_logits:  # the reference: (R, W, V) logits, gathered
+        logits = model(ids, **forward)
+        lp = _TokenLogps.apply(logits.reshape(-1, logits.shape[-1]).index_select(0, pred), targets)
+    else:
+        hidden = model(ids, return_hidden=True, **forward)  # (B, T, C)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred)  # (N, C)
+        lp = _HeadTokenLogps.apply(h, _lm_head_weight(model), targets)  # (N,)
+    logps = lp.new_zeros(n).index_add(0, owner, lp)  # (n,)
+    if average:
+        return logps / torch.bincount(owner, minlength=n).clamp(min=1).to(logps.dtype)
+    return logps

@@ -6,15 +6,15 @@ detached per-pair vector (B,). Nothing is reduced here: the trainer sums over it
 divides by the GLOBAL number of pairs (all micro-batches, all ranks), so gradient accumulation and
 world size do not change the result (DESIGN.md Sec. 4). The losses take sequence log-probs
 (mt/logps.py); the objectives compute them with response_logps, whose one host sync per forward is
-the only one here; `.item()` happens at log time in the trainer.
+the only one here; `.item()` happens at log time in the trainer. An objective reads log-probs and
+rewards through its batch (`batch.logps`, `batch.rewards`), so the padded layout (mt/train.py
+Batch) and the packed one (mt/packing.py Packed) run the same step.
 """
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-from mt.logps import response_logps
 
 
 def _pair_metrics(loss, rewards_chosen, rewards_rejected, **extra):
@@ -144,9 +144,8 @@ def preference_objective(loss: str, full_logits: bool = False) -> Objective:
     spec = LOSSES[loss]
 
     def step(model, batch, cfg):
-        logps = response_logps(model, batch.ids, batch.loss_mask, batch.attention_mask,
-                               spec.average_logps, full_logits)  # (2b,) fp32
-        b = batch.ids.shape[0] // 2
+        logps = batch.logps(model, spec.average_logps, full_logits)  # (2b,) fp32
+        b = logps.shape[0] // 2
         return spec.fn(logps[:b], logps[b:], batch.ref_chosen, batch.ref_rejected, cfg)
     # the loss itself is in cfg.loss
     return Objective("dpo", step, uses_reference=spec.uses_reference)
@@ -157,17 +156,16 @@ def _bradley_terry_step(model, batch, cfg):
 
     No vocabulary projection here: the score head is (C, 1), its (2b, T) output is small, so the
     fused head of response_logps has nothing to save in the RM step."""
-    r = model.rewards(batch.ids, attention_mask=batch.attention_mask,
-                      lengths=batch.lengths)  # (2b,)
+    r = batch.rewards(model)  # (2b,)
     r = r.to(torch.promote_types(r.dtype, torch.float32))  # fp32 (fp64 for fp64 weights)
-    b = batch.ids.shape[0] // 2
+    b = r.shape[0] // 2
     return bradley_terry_loss(r[:b], r[b:], cfg.margin)
 
 
 def _sft_step(model, batch, cfg):
     """Next-token NLL summed over each row's response tokens;
     the loop divides by the global token count."""
-    return -response_logps(model, batch.ids, batch.loss_mask, batch.attention_mask), {}
+    return -batch.logps(model), {}
 
 
 BRADLEY_TERRY = Objective("rm", _bradley_terry_step)  # M-step, Eq. 5

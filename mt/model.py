@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from mt.errors import UserError
 
@@ -272,23 +272,26 @@ class PagedStep:
 @functools.cache
 def _flex_compiled():
     """FlexAttention compiled: on CUDA the fused Triton kernel that skips blocks outside the mask.
-    Uncompiled, flex_attention is a reference that materialises every score (what CPU runs)."""
+    Uncompiled, flex_attention is a reference that materialises every score (what CPU runs).
+    Default dynamic: a packed row's length and a decode step's rows change from call to call, and
+    after the first recompile dynamo marks them dynamic instead of compiling each one until its
+    cache limit sends the rest to the eager path."""
     return torch.compile(flex_attention)
 
 
 @functools.cache
 def flex_compiles(hq: int, hk: int, d: int, dtype, device) -> bool:
-    """Does compiled FlexAttention run here at this model's head shape? A one-block probe before a
-    pass relies on it: where it cannot (no Triton, an unsupported GPU), the paged cache gathers each
-    row's blocks and reads them through SDPA instead (the same tokens, more memory traffic), and
-    says so once, rather than a sampling stage failing at 8B."""
+    """Does compiled FlexAttention run here at this model's head shape, forward and backward? A
+    one-block probe before a stage relies on it: where it cannot (no Triton, an unsupported GPU),
+    the paged cache gathers each row's blocks and a packed batch takes the dense mask, both read
+    through SDPA instead (the same results, more memory traffic), and it says so once, rather than
+    a stage failing at 8B."""
     try:
-        q = torch.zeros(1, hq, 1, d, dtype=dtype, device=device)
-        kv = torch.zeros(1, hk, 128, d, dtype=dtype, device=device)
-        one = torch.ones(1, 1, 1, dtype=torch.int32, device=device)
-        mask = BlockMask.from_kv_blocks(one, one[..., None] * 0, BLOCK_SIZE=(QUERY_BLOCK, 128),
-                                        seq_lengths=(1, 128), compute_q_blocks=False)
-        paged_attention(q, kv, kv, mask)
+        with torch.enable_grad():
+            q = torch.zeros(1, hq, 128, d, dtype=dtype, device=device, requires_grad=True)
+            kv = torch.zeros(1, hk, 128, d, dtype=dtype, device=device, requires_grad=True)
+            mask = create_block_mask(lambda b, h, q, k: k <= q, 1, None, 128, 128, device=device)
+            flex_attend(q, kv, kv, mask).sum().backward()
         return True
     except Exception as e:  # noqa: BLE001 -- any failure of the compile stack means: do not use it
         print(f"warning: compiled FlexAttention does not run on {device} ({type(e).__name__}: "
@@ -297,9 +300,10 @@ def flex_compiles(hq: int, hk: int, d: int, dtype, device) -> bool:
         return False
 
 
-def paged_attention(q, k_pool, v_pool, mask: BlockMask) -> torch.Tensor:
+def flex_attend(q, k, v, mask: BlockMask) -> torch.Tensor:
+    """FlexAttention: compiled on CUDA (fused by construction), the reference elsewhere."""
     attend = _flex_compiled() if q.is_cuda else flex_attention
-    return attend(q, k_pool, v_pool, block_mask=mask, enable_gqa=q.shape[1] != k_pool.shape[1])
+    return attend(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attention_bias(allowed: torch.Tensor, rep: int, dtype: torch.dtype) -> torch.Tensor:
@@ -320,6 +324,33 @@ def attention_bias(allowed: torch.Tensor, rep: int, dtype: torch.dtype) -> torch
     bias = torch.zeros(B, 1, rows, Tk8, dtype=dtype, device=allowed.device)[..., :Tk]
     bias.masked_fill_(blocked, float("-inf"))
     return bias.expand(B, 1, rep, Tk) if rep > 1 and T == 1 else bias
+
+
+def segment_mask(doc: torch.Tensor, branch: torch.Tensor, rep: int, dtype: torch.dtype,
+                 flex: bool | None = None):
+    """The mask of a packed batch (mt/packing.py) from its document ids and branches (R, W): a
+    query sees the keys before it in its row that are in its document and either shared (branch 0,
+    a pair's prompt) or on its own branch (chosen or rejected). Padding is a document of its own
+    (id -1), so no query is fully masked.
+
+    The attention backend, decided here: on CUDA a FlexAttention block mask, so the kernel skips
+    the blocks between documents and takes grouped-query heads as they are (a dense mask would
+    send SDPA to the memory-efficient kernel at full (W, W) cost, or to the math kernel with GQA);
+    elsewhere SDPA's additive mask in q's dtype with the grouped heads folded into the queries
+    (attention_bias), the masked branch of Attention that tests/test_attention_contract.py holds
+    to a fused kernel; there mt/packing.py makes rows only as wide as the longest document, so the
+    dense mask costs rows × W², what a padded batch of those documents would cost. `flex` None =
+    on CUDA (Transformer.forward passes False where compiled FlexAttention cannot run)."""
+    if doc.is_cuda if flex is None else flex:
+        def mask_mod(b, h, q, k):
+            same = (doc[b, q] == doc[b, k]) & (k <= q)
+            return same & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
+        R, W = doc.shape
+        return create_block_mask(mask_mod, R, None, W, W, device=doc.device)
+    causal = torch.ones(doc.shape[1], doc.shape[1], dtype=torch.bool, device=doc.device).tril()
+    allowed = (causal[None] & (doc[:, :, None] == doc[:, None, :])
+               & ((branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])))
+    return attention_bias(allowed, rep, dtype)  # (R, 1, rep*W, W)
 
 
 # ---- the transformer
@@ -359,7 +390,7 @@ class Attention(nn.Module):
             k_pool[0][:, mask.write.flatten()] = k.transpose(0, 1).flatten(1, 2)  # (nkv, B*T, hd)
             v_pool[0][:, mask.write.flatten()] = v.transpose(0, 1).flatten(1, 2)
             if mask.read is None:
-                y = paged_attention(q, k_pool, v_pool, mask.mask)
+                y = flex_attend(q, k_pool, v_pool, mask.mask)
                 return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
             k, v, mask = k_pool[0][:, mask.read].transpose(0, 1), v_pool[0][:, mask.read].transpose(0, 1), mask.mask
         # write this step's keys at each row's own positions, attend over the slot
@@ -370,7 +401,9 @@ class Attention(nn.Module):
             k_cache[rows, :, positions] = k.transpose(1, 2)
             v_cache[rows, :, positions] = v.transpose(1, 2)
             k, v = (k_cache, v_cache) if slots is None else (k_cache[slots], v_cache[slots])
-        if mask is None:  # training, scoring, the reference pass: causal, right-padded, no mask;
+        if isinstance(mask, BlockMask):  # a packed batch on CUDA (segment_mask)
+            y = flex_attend(q, k, v, mask)
+        elif mask is None:  # training, scoring, the reference pass: causal, right-padded, no mask;
             # on CUDA flash takes it, grouped-query heads included (enable_gqa)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                enable_gqa=self.n_kv != self.n_heads)
@@ -468,14 +501,16 @@ class Transformer(nn.Module):
         self.inv_freq.copy_(rope_inv_freq(self.cfg))
 
     def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
-                slots=None, return_hidden: bool = False):
+                slots=None, return_hidden: bool = False, segments=None):
         """Logits (B, T, V) for the LM head, per-token scores (B, T) for the score head.
 
         attention_mask (B, T), 1 for real tokens, handles left and right padding (positions count
         real tokens only). With `cache`, `positions` (B, T) say where each row's tokens go in its
         slot (`slots` (B,) picks cache rows; None = all rows in order) and each query sees its
-        slot's keys up to its own position. Without either, the batch is causal from position 0
-        (right padding needs no mask: real tokens never attend to the pads after them).
+        slot's keys up to its own position. `segments` = (doc, branch) (B, T) is a packed batch
+        (mt/packing.py; its `positions` restart per document): attention stays inside a document's
+        branch (segment_mask). Without any of these, the batch is causal from position 0 (right
+        padding needs no mask: real tokens never attend to the pads after them).
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -498,8 +533,14 @@ class Transformer(nn.Module):
             # a pad query sees itself only, so no row is fully masked (which would give NaN)
             allowed = ((causal[None] & am[:, None, :])
                        | torch.eye(T, dtype=torch.bool, device=dev)[None])  # (B, T, T)
+        rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
         if allowed is not None:
             mask = attention_bias(allowed, rep, x.dtype)  # (B, 1, rep*T, Tk), built once
+        elif segments is not None:
+            c = self.cfg  # FlexAttention on CUDA where its compiled kernel runs (flex_compiles)
+            flex = dev.type == "cuda" and flex_compiles(c.num_attention_heads, c.num_key_value_heads,
+                                                        c.head_dim, x.dtype, dev)
+            mask = segment_mask(*segments, rep, x.dtype, flex)  # built once for every layer
         if positions is None:
             positions = torch.arange(T, device=dev)[None].expand(B, T)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)

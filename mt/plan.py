@@ -18,7 +18,6 @@ Exit status 3 when something does not fit (2 stays a bad input, mt/errors.py); t
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -39,7 +38,8 @@ from mt import chat, dist, em, sampler
 from mt import config as C
 from mt.checkpoint import read_config
 from mt.data import read_prompts, write_json
-from mt.losses import BRADLEY_TERRY, preference_objective, response_logps
+from mt.logps import response_logps
+from mt.losses import BRADLEY_TERRY, preference_objective
 from mt.model import KVCache, ModelConfig, Transformer
 from mt.train import collate, make_optimizer
 

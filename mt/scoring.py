@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from mt import dist
-from mt.chat import encode_conversation, load_tokenizer
+from mt.chat import Example, encode_conversation, load_tokenizer
 from mt.checkpoint import CheckpointError, load_model, read_config
 from mt.data import pad_sequences, read_samples, write_jsonl
+from mt.packing import Packing
 from mt.progress import progress as progress_bar
 
 
@@ -35,7 +36,7 @@ def load_rm(path, device=None, dtype="auto"):
 @torch.no_grad()
 def score_conversations(rm, items: list[tuple[list[dict], str]], tok=None, batch_size: int = 64,
                         max_tokens: int = 32768, device=None, dtype="auto", progress: bool = True,
-                        desc: str = "scoring") -> list[float]:
+                        desc: str = "scoring", packing: bool = True) -> list[float]:
     """r(x, y) for every (messages, response), on every rank, in input order.
 
     Each distinct (messages, response) is scored once and its score reused, so the same text always
@@ -44,7 +45,8 @@ def score_conversations(rm, items: list[tuple[list[dict], str]], tok=None, batch
     texts in one call (score_files). `rm` is a reward-model directory, or a loaded model with its
     `tok`. Rank r scores the distinct items [r::world]; within a rank, longest first into batches
     of <= max_tokens padded tokens and <= batch_size rows, right-padded, each score read at the
-    row's last real token (by length, never by pad id).
+    row's last real token (by length, never by pad id). With `packing` (the default), batches are
+    packed instead (mt/packing.py): <= max_tokens real tokens each, no padding, no row limit.
     """
     if isinstance(rm, (str, Path)):
         rm, tok = load_rm(rm, device, dtype)
@@ -58,19 +60,49 @@ def score_conversations(rm, items: list[tuple[list[dict], str]], tok=None, batch
     unique = [None] * len(first)
     for k, item in zip(keys, items):
         unique[first[k]] = item
-    scores = _score_distinct(rm, tok, unique, batch_size, max_tokens, progress, desc)
+    scores = _score_distinct(rm, tok, unique, batch_size, max_tokens, progress, desc, packing)
     return [scores[first[k]] for k in keys]
 
 
-def _score_distinct(rm, tok, items, batch_size, max_tokens, progress, desc) -> list[float]:
+def _score_distinct(rm, tok, items, batch_size, max_tokens, progress, desc,
+                    packing) -> list[float]:
     d = dist.get()
-    dev = next(rm.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     mine = list(range(len(items)))[d.rank::d.world_size]
-    seqs = {i: encode_conversation(tok, *items[i]) for i in mine}
-    order = sorted(mine, key=lambda i: -len(seqs[i]))
+    seqs = [encode_conversation(tok, *items[i]) for i in mine]
     bar = progress_bar(len(items), desc, progress and d.is_main, unit="resp")
-    local, pending = [], []
+    # the other ranks advance at about the same pace
+    pending = score_token_rows(rm, seqs, pad, batch_size, max_tokens, packing,
+                               lambda n: bar.update(n * d.world_size))
+    bar.close()
+    local = []
+    for idx, s in pending:  # host sync once, after every forward was queued
+        local += [(mine[i], v) for i, v in zip(idx, s.tolist())]
+    out = [0.0] * len(items)
+    for part in dist.gather_objects(local):
+        for i, s in part:
+            out[i] = s
+    return out
+
+
+def score_token_rows(rm, seqs: list[list[int]], pad: int, batch_size: int, max_tokens: int,
+                     packing: bool, done=lambda n: None) -> list[tuple[list[int], torch.Tensor]]:
+    """The RM's score at each token row's last token, as (indices into seqs, scores (n,)) per
+    forward, queued without a host sync. Longest first; packed batches of <= max_tokens real tokens,
+    or right-padded ones of <= max_tokens padded tokens and <= batch_size rows."""
+    dev = next(rm.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    pending = []
+    if packing:  # a start at the end: no log-prob targets, only the last token's score is read
+        examples = [Example("", "", tuple(seqs[i]), len(seqs[i])) for i in order]
+        layout = Packing(examples, False, False, 1, max_tokens, pad, dev)
+        for group in layout.micro(list(range(len(order))), 0, 1):
+            if not group:  # nothing to score (no collectives here: skip)
+                continue
+            batch = layout.batch([examples[g] for g in group])
+            pending.append(([order[g] for g in group], batch.rewards(rm).float()))  # (n,)
+            done(len(group))
+        return pending
     j = 0
     while j < len(order):
         T = len(seqs[order[j]])  # the longest remaining: it sets this batch's width
@@ -79,15 +111,8 @@ def _score_distinct(rm, tok, items, batch_size, max_tokens, progress, desc) -> l
         j += n
         ids, lengths = pad_sequences([seqs[i] for i in idx], pad)  # right-padded (n, T), (n,)
         pending.append((idx, rm.rewards(ids.to(dev), lengths=lengths.to(dev)).float()))  # (n,)
-        bar.update(n * d.world_size)  # the other ranks advance at about the same pace
-    bar.close()
-    for idx, s in pending:  # host sync once, after every forward was queued
-        local += list(zip(idx, s.tolist()))
-    out = [0.0] * len(items)
-    for part in dist.gather_objects(local):
-        for i, s in part:
-            out[i] = s
-    return out
+        done(n)
+    return pending
 
 
 def score_samples(rm, samples, tok=None, **kw) -> list[dict]:

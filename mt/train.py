@@ -9,6 +9,9 @@ M-step Eq. 5) and plain SFT (building the sandbox's base policy).
   the loop never tests a name.
 - FSDP2 and mixed precision are mt/dist.py's `prepare_model`; loading on rank 0 and saving Hugging
   Face directories are mt/checkpoint.py's; tokenising examples is mt/chat.py's.
+- Micro-batches are packed (mt/packing.py: rows of whole examples, formed by a token budget, the
+  prompt once per pair) unless `--dpo.packing false` (`--rm_train.*`), which pads rows (`collate`,
+  the reference layout); the objective's step reads either through the batch.
 - Global batch = micro × accumulation × world. Every loss is summed per example and divided by the
   GLOBAL count of the step (pairs, or response tokens for SFT), known on the host before the step,
   so accumulation and world size do not change the result (DESIGN.md §4).
@@ -43,7 +46,9 @@ from mt.checkpoint import recover_replaced, replace_dir, save_hf, save_tensors
 from mt.config import TrainConfig
 from mt.data import pad_sequences, read_json, read_jsonl_rows, write_json, write_jsonl
 from mt.errors import UserError
+from mt.logps import response_logps
 from mt.losses import Objective
+from mt.packing import Packing
 from mt.progress import progress as progress_bar
 
 
@@ -91,6 +96,9 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
     num_tokens = [e.num_tokens for e in examples]
     units = [loss_units(objective, e) for e in examples]
     refs = ref_logps if objective.uses_reference else None
+    layout = (Packing(examples, objective.pairwise, cfg.share_prompt, cfg.micro_batch_size,
+                      cfg.micro_batch_tokens, pad_id, dev, refs) if cfg.packing
+              else Padded(examples, objective.pairwise, cfg.micro_batch_size, pad_id, dev, refs))
     optimizer = make_optimizer(model, cfg)
     # nothing in the loop draws random numbers today; a fork adding dropout would
     torch.manual_seed(cfg.seed)
@@ -113,12 +121,11 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
         batch_idx = batches[step]
         # global count, known on the host: no communication
         denom = sum(units[i] for i in batch_idx)
-        micro = rank_micro_batches(batch_idx, num_tokens, d.rank, world, cfg.micro_batch_size)
+        micro = layout.micro(batch_idx, d.rank, world)
         sums: dict[str, torch.Tensor] = {}
         local_losses = []
         for idx in micro:
-            batch = collate([examples[i] for i in (idx or batch_idx[:1])], objective.pairwise,
-                            pad_id, dev, refs=refs)
+            batch = layout.batch([examples[i] for i in (idx or batch_idx[:1])])
             loss_vec, metrics = objective.step(model, batch, cfg)  # (b,), {name: (b,)}
             # FSDP averages gradients over ranks;
             # × world turns that back into the global sum / denom
@@ -130,13 +137,17 @@ def train(model, examples: list[Example], objective: Objective, cfg: TrainConfig
             for k, v in {"loss": loss_vec.detach(), **metrics}.items():
                 v = v.to(torch.promote_types(v.dtype, torch.float32))  # fp64 stays fp64
                 sums[k] = sums.get(k, 0) + v.sum() * real
+            # positions computed and the padding among them (log_row's pad_fraction)
+            sums[SLOTS] = sums.get(SLOTS, 0) + batch.slots * real
+            sums[PADS] = sums.get(PADS, 0) + (batch.slots - batch.tokens) * real
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         # the same on every rank: empty micro-batches report zero-weighted metrics
         names = sorted(sums)
-        local = torch.stack([sums[k] for k in names])
+        local = torch.stack([torch.as_tensor(sums[k], dtype=sums["loss"].dtype, device=dev)
+                             for k in names])
         bad = (~torch.isfinite(local).all() | ~torch.isfinite(grad_norm)).to(local.dtype)
         stats = dist.all_reduce_sum(torch.cat([local, bad[None], grad_norm[None].to(local.dtype)]))
         # the one host sync per optimizer step: the non-finite check must happen before the update
@@ -220,15 +231,20 @@ def log_row(step, steps_per_epoch, names, vals, denom, lr, world, batch_idx, num
     """One metrics.jsonl row: the step's loss (over `denom`)
     and per-example means of the metrics."""
     n_pairs = len(batch_idx)
-    means = {k: v / (denom if k == "loss" else n_pairs) for k, v in zip(names, vals)}
+    counts = dict(zip(names, vals))
+    slots, pads = counts.pop(SLOTS, 0), counts.pop(PADS, 0)
+    means = {k: v / (denom if k == "loss" else n_pairs) for k, v in counts.items()}
     row = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": means.pop("loss"),
            "lr": lr, "grad_norm": vals[-1] / world}  # every rank added the same (global) norm
     if "correct" in means:
         row["accuracy"] = means.pop("correct")
     row.update(means)
     tokens = sum(num_tokens[i] for i in batch_idx)
+    # tokens: the examples' own (no padding, a shared prompt counted in both sequences), global,
+    # over this step's time; pad_fraction: the share of computed positions that were padding
     row.update(examples=n_pairs, tokens=tokens, elapsed=round(elapsed, 3),
-               tokens_per_s=round(tokens / max(step_s, 1e-9), 1))  # global tokens over this step's time
+               tokens_per_s=round(tokens / max(step_s, 1e-9), 1),
+               pad_fraction=round(pads / max(slots, 1), 4))
     if device.type == "cuda":  # this rank's peak since the last row (the figure an 8B run is sized by)
         row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         torch.cuda.reset_peak_memory_stats(device)
@@ -244,6 +260,8 @@ def loss_units(objective: Objective, e: Example) -> int:
 
 # ---- batches
 
+SLOTS, PADS = "_slots", "_pads"  # per-step sums that are counts, not per-example metrics
+
 
 @dataclass
 class Batch:
@@ -253,6 +271,42 @@ class Batch:
     attention_mask: torch.Tensor | None  # (N, T) for left padding only; right padding needs none
     ref_chosen: torch.Tensor | None = None  # (b,) summed reference log-probs
     ref_rejected: torch.Tensor | None = None
+
+    @property
+    def slots(self) -> int:
+        """Positions computed, padding included."""
+        return self.ids.numel()
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """Real tokens, a device scalar (no host sync: read with the step's other sums)."""
+        return self.lengths.sum()
+
+    def logps(self, model, average: bool = False, full_logits: bool = False) -> torch.Tensor:
+        """Summed (or averaged) response log-probs per row (N,)."""
+        return response_logps(model, self.ids, self.loss_mask, self.attention_mask, average,
+                               full_logits)
+
+    def rewards(self, model) -> torch.Tensor:
+        """The score head at each row's last real token (N,)."""
+        return model.rewards(self.ids, attention_mask=self.attention_mask, lengths=self.lengths)
+
+
+class Padded:
+    """The padded layout of a stage (the reference): `micro_batch_size` examples per micro-batch,
+    rows right-padded to the longest."""
+
+    def __init__(self, examples: list[Example], pairwise: bool, micro_batch_size: int,
+                 pad_id: int = 0, device="cpu", refs=None):
+        self.pairwise, self.micro_batch_size, self.pad_id, self.device, self.refs = (
+            pairwise, micro_batch_size, pad_id, device, refs)
+        self.sizes = [e.num_tokens for e in examples]
+
+    def micro(self, batch: list[int], rank: int, world: int) -> list[list[int]]:
+        return rank_micro_batches(batch, self.sizes, rank, world, self.micro_batch_size)
+
+    def batch(self, examples: list[Example]) -> Batch:
+        return collate(examples, self.pairwise, self.pad_id, self.device, refs=self.refs)
 
 
 def collate(examples: list[Example], pairwise: bool, pad_id: int = 0, device="cpu",
@@ -491,7 +545,8 @@ def fingerprint(objective: Objective, cfg: TrainConfig, examples: list[Example])
     """What the weights depend on: objective, hyperparameters, the tokenized data
     (not micro-batching)."""
     h = hashlib.sha256()
-    skip = {"micro_batch_size", "activation_checkpointing", "save_every"}
+    skip = {"micro_batch_size", "activation_checkpointing", "save_every", "packing",
+            "share_prompt", "micro_batch_tokens"}
     h.update(json.dumps([objective.name,
                          {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}],
                         default=str).encode())

@@ -21,6 +21,7 @@ from mt import config as C
 from mt import model as M
 from mt.data import write_jsonl
 from mt.model import KVCache, PagedKVCache, Transformer
+from mt.scoring import score_file
 
 QUESTIONS = ["What is two plus two?", "Write a short poem about the sea.", "Explain why the sky is blue",
              "Hello world, how are you today?"]
@@ -123,10 +124,16 @@ def born(monkeypatch):
     return refs
 
 
+@pytest.mark.parametrize("packing", [True, False])
 def test_every_stage_attends_with_a_fused_cuda_kernel_and_frees_its_models(spy, born, tiny_llama_dir,
-                                                                          tiny_rm_dir, tmp_path):
+                                                                          tiny_rm_dir, tmp_path, packing):
+    """Packed (the default) and padded: the SDPA calls here are what CUDA runs when it takes SDPA; a packed
+    batch on CUDA goes to FlexAttention instead (mt/model.py segment_mask), whose mask is tested in
+    tests/test_packing.py."""
     rm_dir = tiny_rm_dir  # GQA, as the policy (4 query / 2 kv heads)
-    cfg = C.parse(["--preset", "tiny", "--device", "cpu"], C.StageConfig())
+    flag = str(packing).lower()
+    cfg = C.parse(["--preset", "tiny", "--device", "cpu", "--dpo.packing", flag, "--rm_train.packing", flag],
+                  C.StageConfig())
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt_id": f"q{i}", "prompt": q} for i, q in enumerate(QUESTIONS)])
     pairs = tmp_path / "pairs.jsonl"
     write_jsonl(pairs, [{"prompt_id": f"q{i}", "prompt": q, "chosen": f"{q} Yes, fine.", "rejected": "no"}
@@ -137,9 +144,9 @@ def test_every_stage_attends_with_a_fused_cuda_kernel_and_frees_its_models(spy, 
         # the paged cache off CUDA: each row's blocks gathered, read like the dense cache
         "sample_paged": lambda: train_policy.sample(tiny_llama_dir, tmp_path / "prompts.jsonl", tmp_path / "p.jsonl",
                                                     replace(cfg.sampling, kv_cache="paged"), n=3),
-        "score": lambda: train_policy.score(rm_dir, tmp_path / "s.jsonl", tmp_path / "scores.jsonl"),
+        "score": lambda: score_file(rm_dir, tmp_path / "s.jsonl", tmp_path / "scores.jsonl", packing=packing),
         "ref_logps": lambda: train_policy.ref_logps(tiny_llama_dir, pairs, tmp_path / "ref.jsonl",
-                                                    max_length=cfg.dpo.max_length),
+                                                    **train_policy.reference_args(cfg.dpo)),
         "dpo": lambda: train_policy.dpo(tiny_llama_dir, pairs, tmp_path / "ref.jsonl", tmp_path / "policy",
                                         cfg.dpo),
         "rm": lambda: train_rm.train(rm_dir, [pairs], tmp_path / "rm", cfg.rm_train),
@@ -155,15 +162,16 @@ def test_every_stage_attends_with_a_fused_cuda_kernel_and_frees_its_models(spy, 
         bad = [c for c in spy if not c[4]]
         assert not bad, f"{name}: calls CUDA would run on the math kernel: {bad[:3]}"
         seen[name] = {(masked, causal) for _, _, masked, causal, _ in spy}
-    # the sampler's cached forwards are masked (memory-efficient); the rest is causal without a mask (flash)
+    # the sampler's cached forwards are masked (memory-efficient); padded, the rest is causal without a mask
+    # (flash); packed, the rest is masked by documents with grouped heads folded (memory-efficient)
     assert seen["sample"] == seen["sample_paged"] == {(True, False)}
     for name in ("score", "ref_logps", "dpo", "rm"):
-        assert seen[name] == {(False, True)}, name
+        assert seen[name] == ({(True, False)} if packing else {(False, True)}), name
 
 
 def test_the_paged_cache_on_cuda_attends_through_flex_attention_only(spy, born, monkeypatch, tiny_llama_dir,
                                                                       tmp_path):
-    """On CUDA the paged cache reads the pool through FlexAttention (mt/model.py paged_attention, compiled
+    """On CUDA the paged cache reads the pool through FlexAttention (mt/model.py flex_attend, compiled
     there: a Triton kernel, fused by construction, visiting only each row's blocks) and never through
     SDPA. Here FlexAttention runs uncompiled (use_flex), and every prefill and decode of the slots goes
     through it."""

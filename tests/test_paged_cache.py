@@ -180,7 +180,7 @@ def test_where_compiled_flex_attention_cannot_run_the_pool_is_read_through_sdpa(
     each row's blocks gathered (the path every CPU test above checks)."""
     def broken(*a, **k):
         raise RuntimeError("triton: no kernel for this device\nmore detail")
-    monkeypatch.setattr(M, "paged_attention", broken)
+    monkeypatch.setattr(M, "flex_attend", broken)
     M.flex_compiles.cache_clear()
     try:
         assert not M.flex_compiles(4, 2, 16, torch.float32, torch.device("cpu"))

@@ -449,18 +449,19 @@ def test_fsdp_single_process_and_bf16_mixed_precision(tmp_path, dtype):
 def test_fsdp_fused_head_with_tied_embeddings(tmp_path):
     """The fused head reads lm_head.weight after the root forward (mt/logps.py _lm_head_weight):
     under FSDP2 with the head tied to the embeddings, training equals the plain run, and the full
-    logits path equals both."""
+    logits path and the padded layout equal both."""
     import torch.distributed as tdist
     ex = random_examples(8, seed=10)
     cfg = DPOConfig(lr=1e-2, beta=0.5, batch_size=4, micro_batch_size=2, **F64)
     refs = train_policy.reference_logps(tiny_model(tie=True, dtype=torch.float64), ex, 4, progress=False)
     runs = {}
     try:
-        for name, fsdp, full in (("plain", False, False), ("fsdp", True, False),
-                                 ("full", True, True)):
+        for name, fsdp, full, packing in (("plain", False, False, True), ("fsdp", True, False, True),
+                                          ("full", True, True, True), ("padded", True, False, False)):
             model = tiny_model(tie=True, dtype=torch.float64)
-            T.train(model, ex, preference_objective("dpo", full_logits=full), cfg,
-                    tmp_path / name, ref_logps=refs, fsdp=fsdp, progress=False)
+            T.train(model, ex, preference_objective("dpo", full_logits=full),
+                    dataclasses.replace(cfg, packing=packing), tmp_path / name, ref_logps=refs, fsdp=fsdp,
+                    progress=False)
             runs[name] = [r["loss"] for r in metrics(tmp_path / name)]
     finally:
         if tdist.is_initialized():
@@ -468,6 +469,7 @@ def test_fsdp_fused_head_with_tied_embeddings(tmp_path):
     assert len(runs["plain"]) == 2 and runs["plain"][1] != runs["plain"][0]
     assert runs["fsdp"] == pytest.approx(runs["plain"], abs=EXACT)
     assert runs["full"] == pytest.approx(runs["plain"], abs=EXACT)
+    assert runs["padded"] == pytest.approx(runs["plain"], abs=EXACT)  # FSDP padded == plain packed
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, monkeypatch):

@@ -50,15 +50,19 @@ def _entry(rank: int, job, out: str, port: int):
 N, CFG = 17, dict(lr=1e-3, batch_size=8, micro_batch_size=2, epochs=2, seed=5)
 
 
-def _config(objective):  # float64: these tests claim two computations are the same (test_train.F64)
-    return DPOConfig(beta=0.5, **CFG, **F64) if objective == "dpo" else RMConfig(**CFG, **F64)
+def _config(objective, packing=True):  # float64: these tests claim two computations are the same (test_train.F64)
+    cfg = dict(CFG, packing=packing, **F64)
+    return DPOConfig(beta=0.5, **cfg) if objective == "dpo" else RMConfig(**cfg)
 
 
-def _train(objective, out: Path):
+def _train(objective, out: Path, packing=True):
+    """Packed by default (mt/packing.py); packing=False is the padded reference layout."""
     ex = random_examples(N, seed=11)
     model = tiny_model("score" if objective == "rm" else "lm", seed=2, dtype=torch.float64)
-    refs = train_policy.reference_logps(model, ex, 3, progress=False) if objective == "dpo" else None
-    T.train(model, ex, OBJ[objective], _config(objective), out / objective, ref_logps=refs, progress=False)
+    refs = (train_policy.reference_logps(model, ex, 3, progress=False, packing=packing)
+            if objective == "dpo" else None)
+    T.train(model, ex, OBJ[objective], _config(objective, packing), out / objective, ref_logps=refs,
+            progress=False)
     return refs
 
 
@@ -70,20 +74,24 @@ def _equal_job(rank, out):
 
 
 def test_fsdp_two_processes_equal_one_process(tmp_path):
+    """Packed (the default) over 2 FSDP processes == packed in one == padded in one (the reference)."""
     _spawn(_equal_job, tmp_path / "fsdp")
     refs1 = _train("dpo", tmp_path / "one")
     _train("rm", tmp_path / "one")
+    refs_padded = _train("dpo", tmp_path / "padded", packing=False)
+    _train("rm", tmp_path / "padded", packing=False)
     refs2 = json.loads((tmp_path / "fsdp" / "refs.json").read_text())
-    assert refs2.keys() == refs1.keys()
+    assert refs2.keys() == refs1.keys() == refs_padded.keys()
     assert max(abs(a - b) for k in refs1 for a, b in zip(refs1[k], refs2[k])) <= EXACT
-    for objective in ("dpo", "rm"):
-        one, two = metrics(tmp_path / "one" / objective), metrics(tmp_path / "fsdp" / objective)
+    assert max(abs(a - b) for k in refs1 for a, b in zip(refs_padded[k], refs2[k])) <= EXACT
+    for objective, one_dir in [(o, d) for o in ("dpo", "rm") for d in ("one", "padded")]:
+        one, two = metrics(tmp_path / one_dir / objective), metrics(tmp_path / "fsdp" / objective)
         assert len(one) == len(two) == 6
         assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) <= EXACT
         assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(one, two)) <= EXACT
         assert [a["examples"] for a in two] == [8, 8, 1, 8, 8, 1]
         assert one[-1]["loss"] < one[0]["loss"]
-        p1 = load_state_dict(tmp_path / "one" / objective / "final")
+        p1 = load_state_dict(tmp_path / one_dir / objective / "final")
         p2 = load_state_dict(tmp_path / "fsdp" / objective / "final")
         assert p1.keys() == p2.keys()
         assert {v.dtype for v in p1.values()} == {torch.float64}
