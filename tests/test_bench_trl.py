@@ -1,7 +1,7 @@
 """eval/bench_trl.py without TRL installed (one user error naming the install), and its pure
-helpers (our pairs as TRL's tokenized columns, the tokens each pair puts through the model, the
-table) on hand values. The benchmark itself needs `pip install trl` and is run by hand; nothing
-here times."""
+helpers (our pairs as TRL's tokenized columns for DPO and the RM, the tokens each pair puts
+through the model, the order TRL takes them in, its padding, the table) on hand values. The
+benchmark itself needs `pip install trl` and is run by hand; nothing here times."""
 import subprocess
 import sys
 from pathlib import Path
@@ -11,18 +11,21 @@ import pytest
 from eval import bench_trl
 from eval.bench_train import examples
 from mt.chat import Example
+from mt.train import global_batches
 from mt.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_without_trl_one_user_error_before_any_work(monkeypatch, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--objective", "rm", "--lengths", "ultrafeedback",
+                                        "--layout", "padded"]])
+def test_without_trl_one_user_error_before_any_work(monkeypatch, tmp_path, flags):
     monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` now fails, installed or not
     monkeypatch.setattr(bench_trl, "build_model",
                         lambda *a: pytest.fail("built a model although TRL is missing"))
     out = tmp_path / "r.json"
     with pytest.raises(UserError, match=r"TRL is not importable.*Fix: pip install trl$"):
-        bench_trl.main(["--out", str(out)])
+        bench_trl.main(["--out", str(out), *flags])
     assert not out.exists()
 
 
@@ -74,3 +77,26 @@ def test_table_lists_each_repeat_then_the_medians():
     # medians per column: 200 and 50 tokens/s, 5 and 20 s/step, 0.5 and 1.5 GiB
     assert lines[-1] == "| median | 200 | 50 | 4.00 | 5.000 | 20.000 | 0.500 | 1.500 |"
     assert len(lines) == 6
+
+
+def test_rm_rows_are_whole_sequences_and_count_the_same_tokens():
+    e = Example("k0", "p0", (1, 2, 3, 4, 5), 3, (1, 2, 3, 6), 3)
+    rows = bench_trl.trl_rows([e], "rm")
+    assert rows == {"chosen_ids": [[1, 2, 3, 4, 5]], "rejected_ids": [[1, 2, 3, 6]]}
+    assert bench_trl.row_lengths(rows) == bench_trl.row_lengths(bench_trl.trl_rows([e])) == [(5, 4)]
+    assert bench_trl.pair_tokens(rows) == [9]
+
+
+def test_step_order_is_our_steps_longest_first_within_each():
+    tokens = [5, 9, 7, 3, 8, 6]
+    order = bench_trl.step_order(tokens, 2, 1)
+    steps = global_batches(6, 2, 1, 0)  # what mt/train.py's loop takes, step by step
+    assert [sorted(order[s:s + 2]) for s in (0, 2, 4)] == [sorted(b) for b in steps]
+    assert all(tokens[order[s]] >= tokens[order[s + 1]] for s in (0, 2, 4))
+
+
+def test_padded_fraction_pads_both_rows_of_a_micro_batch_to_its_longest():
+    lengths = [(4, 2), (3, 3), (1, 1)]
+    # micro 2 over pairs 0, 1: 4 rows of 4 = 16 positions for 12 tokens; then pair 2: 2 of 1
+    assert bench_trl.padded_fraction(lengths, [0, 1, 2], 2) == pytest.approx(1 - 14 / 18)
+    assert bench_trl.padded_fraction([(3, 3)], [0], 1) == 0.0
