@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mt import chat, flags, sandbox
+import train_policy
+from mt import chat, em, flags, sandbox
 from mt import config as C
+from mt.data import read_prompts, write_jsonl
 from mt.sandbox import gold_reward
 
 # ---- the gold reward
@@ -53,7 +55,6 @@ def test_corrupted_demonstrations_are_imperfect_but_close():
 
 
 def test_prompts_are_deterministic_and_readable(tmp_path):
-    from mt.data import read_prompts
     path = sandbox.write_prompts(tmp_path / "p.jsonl", 50, seed=3)
     rows = read_prompts(path)
     assert [p["prompt_id"] for p in rows] == [r["id"] for r in sandbox.make_prompts(50, seed=3)]
@@ -167,10 +168,6 @@ EXPLOIT_SHAPE = {"sampling.max_new_tokens": 16, "dpo.batch_size": 32, "dpo.micro
 def _fixed_rm_run(world, out: Path, seed: int) -> list[Path]:
     """Iterative DPO against the FIXED r0 for 2 iterations (the E-step of run_em, no M-step), with the
     sandbox preset on D_1 and D_2; returns [π0, π1, π2] and the D_MS prompts to measure on."""
-    import train_policy
-    from mt import config as C
-    from mt import em
-    from mt.data import read_prompts, write_jsonl
     prompts = read_prompts(world.prompts_path)
     preset = {**C.PRESETS["sandbox"], **EXPLOIT_SHAPE}
     parts = em.partition([p["prompt_id"] for p in prompts], 2, C.EMConfig().rm_fraction, preset["em.d_ms_size"], seed)
