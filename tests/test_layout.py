@@ -8,7 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 # optional packages imported only when asked for (each lazy import carries a comment saying so)
 LAZY_OK = {"pyarrow", "pyarrow.parquet", "matplotlib", "matplotlib.pyplot", "gguf", "gguf.quants", "tensorboard",
            "wandb", "torch.utils.tensorboard", "tiktoken",
-           "trl", "trl.trainer.dpo_trainer", "datasets", "accelerate",  # eval/bench_trl.py only
+           "trl", "trl.trainer.dpo_trainer", "trl.trainer.reward_trainer", "datasets", "accelerate",  # eval/bench_trl.py
            "torch._dynamo.config"}  # torch.compile's stack, for --sampling.compile only
 
 
