@@ -306,6 +306,12 @@ def flex_attend(q, k, v, mask: BlockMask) -> torch.Tensor:
     return attend(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def kv_bytes_per_position(cfg: ModelConfig, elem_bytes: int) -> int:
+    """K and V of one position in every layer: what any KV cache holds per token (the sampler's
+    caches and mt/plan.py size themselves by it)."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem_bytes
+
+
 def attention_bias(allowed: torch.Tensor, rep: int, dtype: torch.dtype) -> torch.Tensor:
     """The additive attention mask (B, 1, rep*T, Tk) in the queries' dtype for allowed (B, T, Tk):
     0 where a query may see a key, -inf elsewhere, repeated for the `rep` query heads that

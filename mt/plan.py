@@ -40,7 +40,7 @@ from mt.checkpoint import read_config
 from mt.data import read_prompts, write_json
 from mt.logps import response_logps
 from mt.losses import BRADLEY_TERRY, preference_objective
-from mt.model import KVCache, ModelConfig, Transformer
+from mt.model import KVCache, ModelConfig, Transformer, kv_bytes_per_position
 from mt.train import collate, make_optimizer
 
 GiB = 2**30
@@ -223,7 +223,7 @@ def paged_rows(mcfg: ModelConfig, s: C.SamplingConfig, gpu: int, mean_len: float
     positions (rows beyond wait their turn). `need` is what a pass needs at least: one row at the caps."""
     samp = sampling_bytes(mcfg, s, dtype=torch.bfloat16)
     rest = samp["Total"] - samp["kv_cache"]  # weights, per-row state, logits
-    per_pos = 2 * mcfg.num_hidden_layers * mcfg.num_key_value_heads * mcfg.head_dim * 2
+    per_pos = kv_bytes_per_position(mcfg, 2)  # bf16
     caps = s.max_prompt_tokens + s.max_new_tokens
     pool = max(0, min(s.slots * caps * per_pos, gpu - rest - sampler.HEADROOM))
     return {"rest": rest, "pool": pool, "Total": rest + pool + sampler.HEADROOM,

@@ -47,7 +47,7 @@ from mt import chat, checkpoint, dist, hub
 from mt.config import SamplingConfig, check_sampling
 from mt.data import read_prompts, write_jsonl
 from mt.flags import ConfigError, opt, parse
-from mt.model import KVCache, PagedKVCache, Transformer
+from mt.model import KVCache, PagedKVCache, Transformer, kv_bytes_per_position
 from mt.progress import progress as progress_bar
 from mt.token_rule import M32, draft_token, next_token, stream_key
 
@@ -163,8 +163,7 @@ def fit_slots(model_cfg, elem_bytes: int, slots: int, max_len: int, free_bytes: 
     """The most slots, up to `slots`, whose dense KV cache of max_len positions (and the two one-row
     prefix caches) fits in free_bytes less HEADROOM: at the paper's caps an 8B row takes 0.75 GiB, so
     128 slots (96 GiB) do not fit on an 80 GB GPU; fewer slots give the same tokens, more slowly."""
-    c = model_cfg
-    row = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * elem_bytes
+    row = kv_bytes_per_position(model_cfg, elem_bytes) * max_len
     return max(1, min(slots, (free_bytes - HEADROOM) // row - 2))
 
 
@@ -174,10 +173,10 @@ def pool_blocks(model_cfg, elem_bytes: int, slots: int, max_len: int, kv_blocks:
     row, on a GPU at most what free_bytes less HEADROOM holds. Rows then hold what they use: at the
     paper's caps an 8B row may grow to 6,144 positions, but most end far shorter, so 128 rows fit
     where 74 dense slots do; when they outgrow the pool the row started last waits."""
-    c, one = model_cfg, -(-max_len // PAGE)
+    one = -(-max_len // PAGE)
     n = kv_blocks or slots * one + 1
     if not kv_blocks and free_bytes is not None:
-        block = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * PAGE * elem_bytes
+        block = kv_bytes_per_position(model_cfg, elem_bytes) * PAGE
         n = min(n, (free_bytes - HEADROOM) // block)
     if n < one + 1:
         where = (f"--sampling.kv_blocks={kv_blocks}" if kv_blocks else
@@ -565,8 +564,7 @@ class _Engine:
     def kv_stats(self) -> dict:
         """Bytes of K and V: allocated for the slots, and held by rows at the pass's peak (paged:
         the blocks in use; dense: every slot's room for its longest row, used or not)."""
-        c, elem = self.model.cfg, self.cache.k.element_size()
-        per_pos = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem
+        per_pos = kv_bytes_per_position(self.model.cfg, self.cache.k.element_size())
         held = self.peak_blocks * PAGE if self.paged else self.S * self.max_len
         kind = ("paged, " + ("FlexAttention" if self.cache.flex else "gathered")) if self.paged else "dense"
         return {"kv_cache": kind, "slots": self.S, "bytes_per_position": per_pos,
