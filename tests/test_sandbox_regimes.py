@@ -280,3 +280,21 @@ def test_bad_inputs_name_the_file_and_the_fix(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert "no regimes-lr$lr.json for lr 5e-05. Fix: run the plan's commands" in err
+
+
+def test_r4_best_checkpoint_among_those_every_seed_reached():
+    """An E-step left with fewer pairs ends before ckpt-150 (as seed 26 at 5e-5 did): R4's best is
+    chosen among the checkpoints every seed has, the one left out is named with its seed."""
+    def curve(golds):
+        return {"curve": [{"checkpoint": k, "gold": g} for k, g in golds.items()]}
+    full = {"start": 0.80, "ckpt-50": 0.90, "ckpt-100": 0.86, "ckpt-150": 0.95, "final": 0.84}
+    short = {"start": 0.80, "ckpt-50": 0.88, "ckpt-100": 0.85, "final": 0.83}
+    recs = {R.NS: {"15": {"iters": [curve(full), curve(full)]},
+                   "16": {"iters": [curve(full), curve(short)]}}}
+    fall = R.within_fall(recs, ["15", "16"])
+    assert fall[1]["best"] == "ckpt-150" and fall[1]["left_out"] == {}
+    assert fall[2]["best"] == "ckpt-50"  # ckpt-150 has the higher gold but seed 16 lacks it
+    assert fall[2]["left_out"] == {"ckpt-150": ["16"]}
+    assert fall[2]["per_seed"] == {"15": pytest.approx(0.84 - 0.90, abs=1e-12),
+                                 "16": pytest.approx(0.83 - 0.88, abs=1e-12)}
+    assert "ckpt-150 left out: not reached by seed 16" in R._left_out(fall[2])
