@@ -222,10 +222,9 @@ def within_fall(recs: dict, seeds: list[str], v: str = NS) -> dict:
     for t in range(1, ITERS[v] + 1):
         its = {s: {p["checkpoint"]: p["gold"] for p in recs[v][s]["iters"][t - 1]["curve"]}
                for s in seeds}
-        seen = [k for c in its.values() for k in c if k != "start"]
-        every = [k for k in dict.fromkeys(seen) if all(k in c for c in its.values())]
-        left_out = {k: [s for s, c in its.items() if k not in c]
-                    for k in dict.fromkeys(seen) if k not in every}
+        names = dict.fromkeys(k for c in its.values() for k in c if k != "start")  # in order
+        every = [k for k in names if all(k in c for c in its.values())]
+        left_out = {k: [s for s, c in its.items() if k not in c] for k in names if k not in every}
         best = max(every, key=lambda k: statistics.mean(c[k] for c in its.values()), default=None)
         if best is not None:
             out[t] = {"best": best, "left_out": left_out,
